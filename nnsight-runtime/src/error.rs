@@ -1,0 +1,157 @@
+//! The one error type of the library.
+//!
+//! Every error names what a researcher needs to find the problem: the module path and hook
+//! point (`encoder.layer.3.output`), the call index, the invoke (batch group), the node, and the
+//! expected and actual shape/dtype where shapes are involved.
+
+use thiserror::Error;
+
+/// Errors returned by tracing, loading models and tokenizing.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A module list was indexed past its end (checked before the model runs).
+    #[error("index {index} is out of range for module list `{path}` of length {len}")]
+    IndexOutOfRange {
+        /// Module path of the list, e.g. `encoder.layer`.
+        path: String,
+        /// The index as written (may be negative, counted from the end).
+        index: i64,
+        /// Number of modules in the list.
+        len: usize,
+    },
+
+    /// A hook point that some node needed never received a value.
+    #[error("`{point}` (call {call}) was never provided: {reason}")]
+    NeverProvided {
+        /// Hook point, e.g. `encoder.layer.9.output`.
+        point: String,
+        /// Call index the node waited for.
+        call: usize,
+        /// Why, e.g. "the module did not run" or "the module ran 2 time(s)".
+        reason: String,
+    },
+
+    /// A swap or in-place edit at a hook point needed a value that was not computed yet when the
+    /// module ran (for example setting layer 0 from layer 3's output).
+    #[error(
+        "cannot change `{point}` (call {call}, invoke {invoke}): node {node} is not computed yet when the module runs; \
+         its value depends on an activation that comes later in the forward pass"
+    )]
+    NotReady {
+        /// Hook point being changed.
+        point: String,
+        /// Call index.
+        call: usize,
+        /// Invoke (batch group) index.
+        invoke: usize,
+        /// The node whose value was missing.
+        node: String,
+    },
+
+    /// A swap's new value does not have the layout of the value it replaces.
+    #[error(
+        "swap at `{point}` (call {call}, invoke {invoke}) has the wrong layout: expected {expected}, got {actual}"
+    )]
+    SwapMismatch {
+        /// Hook point being swapped.
+        point: String,
+        /// Call index.
+        call: usize,
+        /// Invoke (batch group) index.
+        invoke: usize,
+        /// Shape, dtype and device of the value being replaced (the invoke's rows).
+        expected: String,
+        /// Shape, dtype and device of the new value.
+        actual: String,
+    },
+
+    /// An intervention node failed (a tch error or a panic inside the user's code).
+    #[error("intervention node {node} failed: {message}")]
+    Node {
+        /// Node name with the source location of the code that built it.
+        node: String,
+        /// The panic message or error text.
+        message: String,
+    },
+
+    /// A saved value was asked for but never computed (its inputs were never provided, the run
+    /// stopped early before it, or a condition skipped it).
+    #[error("saved node {node} has no value: {reason}")]
+    NotComputed {
+        /// Node name.
+        node: String,
+        /// Why.
+        reason: String,
+    },
+
+    /// The model itself failed or panicked during the traced forward pass.
+    #[error("the model's forward pass failed: {0}")]
+    Model(String),
+
+    /// Bad input to a trace, an invoke or a model.
+    #[error("{0}")]
+    Input(String),
+
+    /// Reading a file failed.
+    #[error("cannot read `{path}`: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A model's config.json is missing a field, has a bad value or describes another architecture.
+    #[error("bad config `{path}`: {message}")]
+    Config {
+        /// The config file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// A checkpoint lacks a weight the architecture needs.
+    #[error("checkpoint `{file}` has no tensor `{key}`")]
+    MissingWeight {
+        /// The safetensors file.
+        file: String,
+        /// The missing key, e.g. `encoder.layer.0.attention.self.query.weight`.
+        key: String,
+    },
+
+    /// A checkpoint tensor has another shape than the architecture expects.
+    #[error("checkpoint `{file}`: tensor `{key}` has shape {actual:?}, expected {expected:?}")]
+    WeightShape {
+        /// The safetensors file.
+        file: String,
+        /// The key.
+        key: String,
+        /// Shape the config implies.
+        expected: Vec<i64>,
+        /// Shape in the file.
+        actual: Vec<i64>,
+    },
+
+    /// The tokenizer failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// An error from libtorch outside any node.
+    #[error(transparent)]
+    Tch(#[from] tch::TchError),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Text of a panic payload (`&str` or `String`), for turning panics into errors.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}

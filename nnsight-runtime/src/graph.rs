@@ -1,0 +1,218 @@
+//! The intervention graph: nodes, their arguments and listeners, and the effects attached to
+//! hook points (the reference design's `Graph`, `Node` and `InterventionProtocol` attachment).
+//!
+//! A node is either a hook-point read (its value comes from a module's input or output at a
+//! given call index, narrowed to one invoke's rows) or an apply node (a Rust closure over the
+//! values of its argument nodes). Swaps and in-place edits are effects registered at a hook
+//! point, processed in the order they were created when the module runs.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::panic::Location;
+use std::rc::Rc;
+
+use crate::proxy::NodeId;
+
+/// A node's value while the run lasts.
+pub(crate) type Value = Rc<dyn Any>;
+
+/// The type-erased body of an apply node: argument values in, result or error text out.
+pub(crate) type NodeFn<'env> = Box<dyn FnMut(&[&dyn Any]) -> Result<Box<dyn Any>, String> + 'env>;
+
+/// Which side of a module call a hook point is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Io {
+    /// The module's arguments (`.input` / `.inputs`).
+    Input,
+    /// The module's result (`.output`).
+    Output,
+}
+
+impl Io {
+    fn word(self) -> &'static str {
+        match self {
+            Io::Input => "input",
+            Io::Output => "output",
+        }
+    }
+}
+
+/// Whole value (`.output`, `.inputs`) or first element (`.input`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Part {
+    Whole,
+    First,
+}
+
+/// What happens at a hook point when the module runs with a given call index.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum EffectKind {
+    /// Hand the (narrowed) value to a hook node.
+    Read(NodeId, Part),
+    /// Replace the invoke's rows with the value of a node.
+    Swap(NodeId, Part),
+    /// An in-place edit node that must have run before the module returns.
+    Require(NodeId),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Effect {
+    pub call: usize,
+    pub group: usize,
+    pub kind: EffectKind,
+}
+
+/// The hook points of one module that the graph uses.
+#[derive(Default)]
+pub(crate) struct ModuleEffects {
+    pub path: String,
+    pub input: Vec<Effect>,
+    pub output: Vec<Effect>,
+}
+
+impl ModuleEffects {
+    pub fn side(&self, io: Io) -> &[Effect] {
+        match io {
+            Io::Input => &self.input,
+            Io::Output => &self.output,
+        }
+    }
+}
+
+pub(crate) enum NodeKind<'env> {
+    /// Value provided by the interleaver from a hook point.
+    Hook { module: usize, io: Io, call: usize, group: usize },
+    /// Value computed by a closure from the argument values.
+    Apply(Option<NodeFn<'env>>),
+    /// Placeholder for a node whose construction failed (the trace will not run).
+    Poison,
+}
+
+/// One node of the intervention graph.
+pub(crate) struct Node<'env> {
+    pub label: String,
+    pub location: &'static Location<'static>,
+    pub kind: NodeKind<'env>,
+    /// Value arguments, in order.
+    pub args: Vec<NodeId>,
+    /// Condition nodes (`bool`): the node is skipped unless all are true.
+    pub gates: Vec<NodeId>,
+    /// Nodes that have this node as argument or gate (one entry per occurrence).
+    pub listeners: Vec<NodeId>,
+    /// Swaps that consume this node's value.
+    pub swap_uses: usize,
+    pub saved: bool,
+    pub stop: bool,
+}
+
+impl Node<'_> {
+    /// Display name used in errors: `%3 encoder.layer.2.output (src/main.rs:12)`.
+    pub fn name(&self, id: NodeId) -> String {
+        format!("%{id} {} (at {}:{})", self.label, self.location.file(), self.location.line())
+    }
+}
+
+/// All nodes and hook-point effects built by one trace.
+#[derive(Default)]
+pub(crate) struct Graph<'env> {
+    pub nodes: Vec<Node<'env>>,
+    /// Effects per module (keyed by the module's identity).
+    pub modules: HashMap<usize, ModuleEffects>,
+}
+
+impl<'env> Graph<'env> {
+    pub fn add(
+        &mut self,
+        label: String,
+        location: &'static Location<'static>,
+        kind: NodeKind<'env>,
+        args: Vec<NodeId>,
+        gates: Vec<NodeId>,
+    ) -> NodeId {
+        let id = self.nodes.len();
+        for &a in args.iter().chain(gates.iter()) {
+            self.nodes[a].listeners.push(id);
+        }
+        self.nodes.push(Node {
+            label,
+            location,
+            kind,
+            args,
+            gates,
+            listeners: Vec::new(),
+            swap_uses: 0,
+            saved: false,
+            stop: false,
+        });
+        id
+    }
+
+    pub fn module_mut(&mut self, key: usize, path: &str) -> &mut ModuleEffects {
+        self.modules.entry(key).or_insert_with(|| ModuleEffects { path: path.to_string(), ..Default::default() })
+    }
+
+    pub fn add_effect(&mut self, key: usize, path: &str, io: Io, effect: Effect) {
+        let m = self.module_mut(key, path);
+        match io {
+            Io::Input => m.input.push(effect),
+            Io::Output => m.output.push(effect),
+        }
+    }
+
+    /// `encoder.layer.3.output` for a hook node's module and side.
+    pub fn point_name(&self, module: usize, io: Io) -> String {
+        let path = self.modules.get(&module).map(|m| m.path.as_str()).unwrap_or("?");
+        if path.is_empty() {
+            io.word().to_string()
+        } else {
+            format!("{path}.{}", io.word())
+        }
+    }
+
+    /// The graph in Graphviz DOT: hook reads as green boxes, apply nodes as ellipses, saved
+    /// nodes bold, swaps and edits as red edges into the hook point they change.
+    pub fn to_dot(&self) -> String {
+        let mut s = String::from("digraph intervention {\n  rankdir=TB;\n  node [fontname=\"monospace\"];\n");
+        for (id, n) in self.nodes.iter().enumerate() {
+            let (shape, color) = match n.kind {
+                NodeKind::Hook { .. } => ("box", "green4"),
+                NodeKind::Apply(_) => ("ellipse", "black"),
+                NodeKind::Poison => ("octagon", "red"),
+            };
+            let style = if n.saved { ",style=bold" } else { "" };
+            let label = n.label.replace('"', "\\\"");
+            let stop = if n.stop { "\\n(stop)" } else { "" };
+            let _ = writeln!(s, "  n{id} [label=\"%{id} {label}{stop}\",shape={shape},color={color}{style}];");
+            for a in &n.args {
+                let _ = writeln!(s, "  n{a} -> n{id};");
+            }
+            for g in &n.gates {
+                let _ = writeln!(s, "  n{g} -> n{id} [style=dashed,label=\"if\"];");
+            }
+        }
+        let mut modules: Vec<_> = self.modules.iter().collect();
+        modules.sort_by_key(|(_, m)| m.path.clone());
+        for (k, m) in modules {
+            for io in [Io::Input, Io::Output] {
+                for e in m.side(io) {
+                    let (from, what) = match e.kind {
+                        EffectKind::Swap(v, _) => (v, "swap"),
+                        EffectKind::Require(v) => (v, "edit"),
+                        EffectKind::Read(..) => continue,
+                    };
+                    let point = format!("p{k}_{}_{}_{}", io.word(), e.call, e.group);
+                    let _ = writeln!(
+                        s,
+                        "  {point} [label=\"{} (call {}, invoke {})\",shape=cds,color=red];\n  n{from} -> {point} [color=red,label=\"{what}\"];",
+                        self.point_name(*k, io),
+                        e.call,
+                        e.group
+                    );
+                }
+            }
+        }
+        s.push_str("}\n");
+        s
+    }
+}

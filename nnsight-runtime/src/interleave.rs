@@ -1,0 +1,466 @@
+//! The interleaver: runs an intervention graph alongside the model's forward pass.
+//!
+//! While a run is active, a thread-local points at the [`Interleaver`]. Every
+//! [`Hooked::call`](crate::Hooked::call) asks it whether its module is traced (one hash lookup,
+//! nothing else for modules nobody asked for). For traced modules it counts the call (counters
+//! are per module) and processes the effects registered for that hook point and call index, in
+//! creation order: reads hand the invoke's rows to hook nodes, which then run every node whose
+//! inputs are all there; swaps splice a node's value back into the invoke's rows; edits must have
+//! run before the module returns. A node's value is freed as soon as its last listener has run,
+//! unless it is saved.
+//!
+//! Errors and `.stop()` end the forward pass by unwinding to [`run`] with a private payload;
+//! the thread-local is reset by a guard, so nothing stays hooked whatever happens.
+
+use std::any::Any;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::panic::{self, AssertUnwindSafe};
+use std::rc::Rc;
+
+use crate::activation::Activation;
+use crate::error::{panic_message, Error, Result};
+use crate::graph::{Effect, EffectKind, Graph, Io, NodeKind, Part, Value};
+use crate::proxy::NodeId;
+
+thread_local! {
+    static ACTIVE: Cell<*const ()> = const { Cell::new(std::ptr::null()) };
+}
+
+/// Payload of the unwind that ends a forward pass early (error or `.stop()`).
+struct Interrupt;
+
+/// State of a node's value during a run.
+pub(crate) enum Slot {
+    Empty,
+    Ready(Value),
+    Skipped,
+    Freed,
+}
+
+struct RunState {
+    slots: Vec<Slot>,
+    waiting: Vec<usize>,
+    uses_left: Vec<usize>,
+    /// Calls seen so far, per traced module.
+    counters: HashMap<usize, usize>,
+    error: Option<Error>,
+    stop_requested: Option<NodeId>,
+}
+
+/// Batch layout of a run: each invoke's `(start, rows)` and the total batch size.
+#[derive(Clone, Debug)]
+pub(crate) struct Batch {
+    pub groups: Vec<(i64, i64)>,
+    pub total: i64,
+}
+
+pub(crate) struct Interleaver<'env> {
+    graph: RefCell<Graph<'env>>,
+    state: RefCell<RunState>,
+    batch: Batch,
+}
+
+/// Values left after a run: the saved nodes' values, by node id.
+pub struct Outcome {
+    slots: Vec<Slot>,
+    names: Vec<String>,
+    stopped_at: Option<String>,
+}
+
+impl Outcome {
+    /// Takes the value of a saved node. Errors with [`Error::NotComputed`] when it has none.
+    pub(crate) fn take<T: 'static>(&mut self, id: NodeId) -> Result<T> {
+        let slot = std::mem::replace(&mut self.slots[id], Slot::Freed);
+        match slot {
+            Slot::Ready(v) => value_as::<T>(v, &self.names[id]),
+            Slot::Skipped => Err(Error::NotComputed {
+                node: self.names[id].clone(),
+                reason: "a condition it depends on was false".into(),
+            }),
+            Slot::Empty => Err(Error::NotComputed {
+                node: self.names[id].clone(),
+                reason: match &self.stopped_at {
+                    Some(s) => format!("the run stopped early at {s} before it was computed"),
+                    None => "its inputs were never provided".into(),
+                },
+            }),
+            Slot::Freed => Err(Error::NotComputed {
+                node: self.names[id].clone(),
+                reason: "its value was already taken".into(),
+            }),
+        }
+    }
+}
+
+/// Unwraps a node value into `T` (shares tensor storage if others still hold it).
+pub(crate) fn value_as<T: 'static>(v: Value, node: &str) -> Result<T> {
+    let rc = v.downcast::<T>().map_err(|_| Error::Node {
+        node: node.to_string(),
+        message: format!("internal: value is not a {}", std::any::type_name::<T>()),
+    })?;
+    match Rc::try_unwrap(rc) {
+        Ok(t) => Ok(t),
+        Err(rc) => shallow_any::<T>(&rc).ok_or_else(|| Error::Node {
+            node: node.to_string(),
+            message: format!("value of type {} is still in use", std::any::type_name::<T>()),
+        }),
+    }
+}
+
+/// Shares a value that several holders need owned. Works for tensors and activations.
+fn shallow_any<T: 'static>(v: &T) -> Option<T> {
+    let any: &dyn Any = v;
+    // Tensors are the common case; other activation types go through `Activation::shallow`
+    // where the caller knows the bound.
+    any.downcast_ref::<tch::Tensor>().map(|t| {
+        let t: Box<dyn Any> = Box::new(t.shallow_clone());
+        *t.downcast::<T>().expect("checked type")
+    })
+}
+
+fn activation_from<T: Activation>(v: Value, node: &str) -> Result<T> {
+    let rc = v.downcast::<T>().map_err(|_| Error::Node {
+        node: node.to_string(),
+        message: format!("internal: value is not a {}", std::any::type_name::<T>()),
+    })?;
+    Ok(Rc::try_unwrap(rc).unwrap_or_else(|rc| rc.shallow()))
+}
+
+/// Resets the thread-local pointer when dropped, also while unwinding.
+struct ActiveGuard(*const ());
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        ACTIVE.with(|a| a.set(self.0));
+    }
+}
+
+/// True while a traced forward pass runs on this thread (and not inside an intervention).
+pub fn is_tracing() -> bool {
+    ACTIVE.with(|a| !a.get().is_null())
+}
+
+/// Entry point of every hooked module call. See the module docs.
+pub(crate) fn module_call<I: Activation, O: Activation>(key: usize, input: I, f: impl FnOnce(I) -> O) -> O {
+    let p = ACTIVE.with(Cell::get);
+    if p.is_null() {
+        return f(input);
+    }
+    // SAFETY: `ACTIVE` is only non-null while `Interleaver::run` is on this thread's stack with
+    // the interleaver alive; the guard resets it before the interleaver is dropped.
+    let il = unsafe { &*(p as *const Interleaver<'static>) };
+    match il.enter(key) {
+        None => f(input),
+        Some(call) => {
+            let input = il.hook(key, Io::Input, call, input);
+            let out = f(input);
+            il.hook(key, Io::Output, call, out)
+        }
+    }
+}
+
+impl<'env> Interleaver<'env> {
+    fn new(graph: Graph<'env>, batch: Batch) -> Self {
+        let n = graph.nodes.len();
+        let waiting = graph.nodes.iter().map(|n| n.args.len() + n.gates.len()).collect();
+        let uses_left = graph.nodes.iter().map(|n| n.listeners.len() + n.swap_uses).collect();
+        let counters = graph.modules.keys().map(|&k| (k, 0)).collect();
+        let state = RunState {
+            slots: (0..n).map(|_| Slot::Empty).collect(),
+            waiting,
+            uses_left,
+            counters,
+            error: None,
+            stop_requested: None,
+        };
+        Interleaver { graph: RefCell::new(graph), state: RefCell::new(state), batch }
+    }
+
+    /// Runs `forward` with this graph interleaved. `grad`: keep autograd on (traces that call
+    /// `.backward()` or read `.grad`); otherwise the forward runs under `no_grad`.
+    pub(crate) fn run(graph: Graph<'env>, batch: Batch, grad: bool, forward: impl FnOnce() -> Result<()>) -> Result<Outcome> {
+        let il = Interleaver::new(graph, batch);
+        // Nodes that need no hook value (constants, closures over outside values) run first.
+        let roots: Vec<NodeId> = {
+            let g = il.graph.borrow();
+            (0..g.nodes.len())
+                .filter(|&i| matches!(g.nodes[i].kind, NodeKind::Apply(_)) && g.nodes[i].args.is_empty() && g.nodes[i].gates.is_empty())
+                .collect()
+        };
+        for r in roots {
+            il.execute(r)?;
+            il.settle(r)?;
+        }
+
+        let result = {
+            let prev = ACTIVE.with(|a| a.replace(&il as *const Interleaver<'env> as *const ()));
+            let _guard = ActiveGuard(prev);
+            panic::catch_unwind(AssertUnwindSafe(|| {
+                if grad {
+                    forward()
+                } else {
+                    tch::no_grad(forward)
+                }
+            }))
+        };
+
+        let mut state = il.state.into_inner();
+        let graph = il.graph.into_inner();
+        if let Some(e) = state.error.take() {
+            return Err(e);
+        }
+        let stopped_at = state.stop_requested.map(|id| graph.nodes[id].name(id));
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(payload) => {
+                if payload.downcast_ref::<Interrupt>().is_none() {
+                    return Err(Error::Model(panic_message(&*payload)));
+                }
+            }
+        }
+        if stopped_at.is_none() {
+            for (id, n) in graph.nodes.iter().enumerate() {
+                if let (NodeKind::Hook { module, io, call, .. }, Slot::Empty) = (&n.kind, &state.slots[id]) {
+                    let ran = state.counters.get(module).copied().unwrap_or(0);
+                    let reason = if ran == 0 {
+                        "the module did not run".to_string()
+                    } else {
+                        format!("the module ran only {ran} time(s) in this forward pass")
+                    };
+                    return Err(Error::NeverProvided { point: graph.point_name(*module, *io), call: *call, reason });
+                }
+            }
+        }
+        let names = graph.nodes.iter().enumerate().map(|(i, n)| n.name(i)).collect();
+        drop(graph); // intervention closures and their borrows end here
+        Ok(Outcome { slots: state.slots, names, stopped_at })
+    }
+
+    /// Counts a call of a traced module; `None` for modules the graph does not use.
+    fn enter(&self, key: usize) -> Option<usize> {
+        let mut st = self.state.borrow_mut();
+        let c = st.counters.get_mut(&key)?;
+        let call = *c;
+        *c += 1;
+        Some(call)
+    }
+
+    fn interrupt(&self, err: Error) -> ! {
+        {
+            let mut st = self.state.borrow_mut();
+            if st.error.is_none() {
+                st.error = Some(err);
+            }
+        }
+        panic::resume_unwind(Box::new(Interrupt))
+    }
+
+    fn hook<A: Activation>(&self, key: usize, io: Io, call: usize, mut act: A) -> A {
+        let effects: Vec<Effect> = {
+            let g = self.graph.borrow();
+            match g.modules.get(&key) {
+                Some(m) => m.side(io).iter().filter(|e| e.call == call).copied().collect(),
+                None => return act,
+            }
+        };
+        if effects.is_empty() {
+            return act;
+        }
+        let total = self.batch.total;
+        let mut requires = Vec::new();
+        for e in effects {
+            let (start, len) = self.batch.groups[e.group];
+            let r = match e.kind {
+                EffectKind::Read(node, Part::Whole) => self.provide(node, Rc::new(act.narrow_batch(start, len, total))),
+                EffectKind::Read(node, Part::First) => {
+                    self.provide(node, Rc::new(act.first().narrow_batch(start, len, total)))
+                }
+                EffectKind::Swap(node, part) => match self.swap_value(node, key, io, &e) {
+                    Ok(None) => Ok(()),
+                    Err(err) => Err(err),
+                    Ok(Some(v)) => {
+                        let spliced = match part {
+                            Part::Whole => activation_from::<A>(v, &self.node_name(node))
+                                .and_then(|new| self.splice(act.shallow(), new, key, io, &e)),
+                            Part::First => activation_from::<A::First>(v, &self.node_name(node))
+                                .and_then(|new| self.splice(act.first().shallow(), new, key, io, &e))
+                                .map(|first| act.shallow().with_first(first)),
+                        };
+                        spliced.map(|new_act| act = new_act)
+                    }
+                },
+                EffectKind::Require(node) => {
+                    requires.push((node, e));
+                    Ok(())
+                }
+            };
+            if let Err(err) = r {
+                self.interrupt(err);
+            }
+        }
+        for (node, e) in requires {
+            let missing = matches!(self.state.borrow().slots[node], Slot::Empty);
+            if missing {
+                let err = self.not_ready(node, key, io, &e);
+                self.interrupt(err);
+            }
+        }
+        if self.state.borrow().stop_requested.is_some() {
+            panic::resume_unwind(Box::new(Interrupt));
+        }
+        act
+    }
+
+    fn splice<T: Activation>(&self, old: T, new: T, key: usize, io: Io, e: &Effect) -> Result<T> {
+        let (start, len) = self.batch.groups[e.group];
+        old.splice_batch(new, start, len, self.batch.total).map_err(|(expected, actual)| Error::SwapMismatch {
+            point: self.graph.borrow().point_name(key, io),
+            call: e.call,
+            invoke: e.group,
+            expected,
+            actual,
+        })
+    }
+
+    fn node_name(&self, id: NodeId) -> String {
+        self.graph.borrow().nodes[id].name(id)
+    }
+
+    fn not_ready(&self, node: NodeId, key: usize, io: Io, e: &Effect) -> Error {
+        let g = self.graph.borrow();
+        Error::NotReady { point: g.point_name(key, io), call: e.call, invoke: e.group, node: g.nodes[node].name(node) }
+    }
+
+    /// The value a swap puts in: `None` when a condition skipped it.
+    fn swap_value(&self, node: NodeId, key: usize, io: Io, e: &Effect) -> Result<Option<Value>> {
+        let v = {
+            let st = self.state.borrow();
+            match &st.slots[node] {
+                Slot::Ready(v) => Some(v.clone()),
+                Slot::Skipped => None,
+                Slot::Empty | Slot::Freed => {
+                    drop(st);
+                    return Err(self.not_ready(node, key, io, e));
+                }
+            }
+        };
+        self.release(node);
+        Ok(v)
+    }
+
+    /// One use of `id`'s value is done; frees it after the last one unless saved.
+    fn release(&self, id: NodeId) {
+        let saved = self.graph.borrow().nodes[id].saved;
+        let mut st = self.state.borrow_mut();
+        st.uses_left[id] = st.uses_left[id].saturating_sub(1);
+        if st.uses_left[id] == 0 && !saved {
+            if let Slot::Ready(_) = st.slots[id] {
+                st.slots[id] = Slot::Freed;
+            }
+        }
+    }
+
+    fn provide(&self, id: NodeId, v: Value) -> Result<()> {
+        self.state.borrow_mut().slots[id] = Slot::Ready(v);
+        self.settle(id)
+    }
+
+    /// `first` has just got a value (or was skipped): run every listener that is now ready.
+    fn settle(&self, first: NodeId) -> Result<()> {
+        let mut queue = VecDeque::from([first]);
+        while let Some(done) = queue.pop_front() {
+            let (listeners, stop, unused, saved) = {
+                let g = self.graph.borrow();
+                let n = &g.nodes[done];
+                (n.listeners.clone(), n.stop, n.listeners.is_empty() && n.swap_uses == 0, n.saved)
+            };
+            {
+                let mut st = self.state.borrow_mut();
+                if stop && st.stop_requested.is_none() {
+                    st.stop_requested = Some(done);
+                }
+                if unused && !saved {
+                    if let Slot::Ready(_) = st.slots[done] {
+                        st.slots[done] = Slot::Freed;
+                    }
+                }
+            }
+            for l in listeners {
+                let ready = {
+                    let mut st = self.state.borrow_mut();
+                    st.waiting[l] -= 1;
+                    st.waiting[l] == 0
+                };
+                if ready {
+                    self.execute(l)?;
+                    queue.push_back(l);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs apply node `id` on its argument values (or marks it skipped), then releases them.
+    fn execute(&self, id: NodeId) -> Result<()> {
+        let (args, gates, mut f) = {
+            let mut g = self.graph.borrow_mut();
+            let n = &mut g.nodes[id];
+            let f = match &mut n.kind {
+                NodeKind::Apply(f) => f.take(),
+                _ => None,
+            };
+            (n.args.clone(), n.gates.clone(), f)
+        };
+        let skip = {
+            let st = self.state.borrow();
+            let arg_skipped = args.iter().chain(gates.iter()).any(|&a| matches!(st.slots[a], Slot::Skipped));
+            let gate_false = gates.iter().any(|&gt| match &st.slots[gt] {
+                Slot::Ready(v) => v.downcast_ref::<bool>().map(|b| !*b).unwrap_or(true),
+                _ => false,
+            });
+            arg_skipped || gate_false
+        };
+        let outcome = if skip {
+            Ok(Slot::Skipped)
+        } else {
+            let values: Result<Vec<Value>> = {
+                let st = self.state.borrow();
+                args.iter()
+                    .map(|&a| match &st.slots[a] {
+                        Slot::Ready(v) => Ok(v.clone()),
+                        _ => Err(Error::Node {
+                            node: self.node_name(id),
+                            message: format!("internal: argument %{a} has no value"),
+                        }),
+                    })
+                    .collect()
+            };
+            match (values, f.as_mut()) {
+                (Err(e), _) => Err(e),
+                (Ok(_), None) => Err(Error::Node { node: self.node_name(id), message: "node has no body".into() }),
+                (Ok(values), Some(f)) => {
+                    let refs: Vec<&dyn Any> = values.iter().map(|v| &**v).collect();
+                    // Modules called inside an intervention run untraced.
+                    let prev = ACTIVE.with(|a| a.replace(std::ptr::null()));
+                    let _guard = ActiveGuard(prev);
+                    match panic::catch_unwind(AssertUnwindSafe(|| f(&refs))) {
+                        Ok(Ok(v)) => Ok(Slot::Ready(Rc::from(v))),
+                        Ok(Err(message)) => Err(Error::Node { node: self.node_name(id), message }),
+                        Err(p) => Err(Error::Node { node: self.node_name(id), message: panic_message(&*p) }),
+                    }
+                }
+            }
+        };
+        if let NodeKind::Apply(slot) = &mut self.graph.borrow_mut().nodes[id].kind {
+            *slot = f;
+        }
+        let slot = outcome?;
+        self.state.borrow_mut().slots[id] = slot;
+        for a in args.iter().chain(gates.iter()) {
+            self.release(*a);
+        }
+        Ok(())
+    }
+}

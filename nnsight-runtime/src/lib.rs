@@ -1,0 +1,23 @@
+//! Runtime of nnsight-rs: the intervention graph, the interleaver that runs it alongside a tch
+//! model's forward pass, hook points for tch modules, and the bundled models.
+//!
+//! The design follows nnsight's intervention module (deferred, data-driven execution of an
+//! intervention graph; counter-based injection per module and call; batch narrowing across
+//! invokes): see `DESIGN` notes in the repository README.
+
+pub mod activation;
+pub mod error;
+pub mod graph;
+pub mod hook;
+pub mod interleave;
+pub mod proxy;
+pub mod tracer;
+
+pub use activation::Activation;
+pub use error::{Error, Result};
+pub use graph::Io;
+pub use hook::{AsModule, HookModule, Hooked, Leaf, ModuleList};
+pub use interleave::{is_tracing, Outcome};
+pub use proxy::{NodeId, Proxy, ProxyRef, Saved};
+pub use tracer::{Group, IntoInvoke, Resolve, Traced, Tracer};
+pub use tch;

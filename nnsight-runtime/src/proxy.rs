@@ -1,0 +1,86 @@
+//! Typed handles to intervention graph nodes.
+//!
+//! A [`Proxy<T>`] stands for a value of type `T` that will exist while the model runs (an
+//! activation, or something computed from activations). A [`Saved<T>`] is a proxy whose value
+//! is kept after the run and handed back as a plain `T` when the trace ends.
+
+use std::marker::PhantomData;
+
+/// Index of a node in an intervention graph.
+pub type NodeId = usize;
+
+/// A value of type `T` that the intervention graph will compute during the run.
+///
+/// `Copy`: passing it around only copies the node id. Use it in `trace!` expressions, which
+/// become graph nodes that rustc type-checks against the real `T`.
+pub struct Proxy<T> {
+    pub(crate) id: NodeId,
+    pub(crate) _t: PhantomData<fn() -> T>,
+}
+
+impl<T> Proxy<T> {
+    pub(crate) fn new(id: NodeId) -> Self {
+        Proxy { id, _t: PhantomData }
+    }
+}
+
+impl<T> Clone for Proxy<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Proxy<T> {}
+
+impl<T> std::fmt::Debug for Proxy<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Proxy(node {}: {})", self.id, std::any::type_name::<T>())
+    }
+}
+
+/// A proxy marked with `.save()`: its value outlives the run and comes out of the trace.
+pub struct Saved<T> {
+    pub(crate) id: NodeId,
+    pub(crate) _t: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Saved<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Saved<T> {}
+
+impl<T> std::fmt::Debug for Saved<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Saved(node {}: {})", self.id, std::any::type_name::<T>())
+    }
+}
+
+/// Anything that refers to a graph node of value type `Value`: [`Proxy`] and [`Saved`].
+pub trait ProxyRef: Copy {
+    /// The type of the node's value.
+    type Value: 'static;
+    /// The node.
+    fn node(&self) -> NodeId;
+}
+
+impl<T: 'static> ProxyRef for Proxy<T> {
+    type Value = T;
+    fn node(&self) -> NodeId {
+        self.id
+    }
+}
+
+impl<T: 'static> ProxyRef for Saved<T> {
+    type Value = T;
+    fn node(&self) -> NodeId {
+        self.id
+    }
+}
+
+impl<T> Saved<T> {
+    /// The same node as an ordinary proxy.
+    pub fn proxy(self) -> Proxy<T> {
+        Proxy::new(self.id)
+    }
+}

@@ -1,0 +1,450 @@
+//! Building an intervention graph and running it: the API `trace!` expands to, usable by hand.
+//!
+//! ```ignore
+//! let mut tr = Tracer::new(&model);
+//! let g = tr.invoke(input);                                   // batch group 0
+//! let h = tr.output(g, 0, || Ok(&model.layers[1]));          // Proxy<Tensor>: layer 1's output
+//! let doubled = tr.apply1(h, |h: &Tensor| h * 2.0);          // a node over the real value
+//! tr.swap_output(g, 0, || Ok(&model.layers[1]), doubled);    // layer 1's output := doubled
+//! let out = tr.output(g, 0, || Ok(&model.layers[2]));
+//! let saved = tr.save(out);
+//! let value: Tensor = tr.finish(saved)?;                      // runs the model once
+//! ```
+//!
+//! Construction never fails on the spot: a bad module index or invoke input is recorded and
+//! returned by [`Tracer::finish`] before the model runs, so building code has no early returns.
+
+use std::panic::Location;
+
+use tch::Tensor;
+
+use crate::activation::Activation;
+use crate::error::{Error, Result};
+use crate::graph::{Effect, EffectKind, Graph, Io, NodeKind, Part};
+use crate::hook::{AsModule, HookModule, Hooked};
+use crate::interleave::{Batch, Interleaver, Outcome};
+use crate::proxy::{NodeId, Proxy, ProxyRef, Saved};
+
+/// A model that `trace!` can run: it batches the invokes' inputs and runs its forward pass.
+pub trait Traced {
+    /// One invoke's input in the model's own form (token ids, a tensor, ...).
+    type Invoke;
+    /// The number of batch rows this invoke contributes.
+    fn invoke_rows(&self, invoke: &Self::Invoke) -> Result<i64>;
+    /// Runs one forward pass on all invokes batched along dim 0, in order. Hooked modules called
+    /// inside are seen by the active trace.
+    fn forward_invokes(&self, invokes: &[Self::Invoke]) -> Result<()>;
+}
+
+/// What can be given to `trace!`/`invoke` as an input for model `M`.
+pub trait IntoInvoke<M: ?Sized + Traced> {
+    /// Converts (e.g. tokenizes) the input.
+    fn into_invoke(self, model: &M) -> Result<M::Invoke>;
+}
+
+/// Tensor models: one invoke is a tensor whose dim 0 is its batch rows.
+impl<M: HookModule<Input = Tensor>> Traced for Hooked<M> {
+    type Invoke = Tensor;
+    fn invoke_rows(&self, invoke: &Tensor) -> Result<i64> {
+        if invoke.dim() == 0 {
+            return Err(Error::Input(format!(
+                "input to `{}` must have a batch dimension, got a scalar tensor",
+                display_path(self.path())
+            )));
+        }
+        Ok(invoke.size()[0])
+    }
+    fn forward_invokes(&self, invokes: &[Tensor]) -> Result<()> {
+        let x = if invokes.len() == 1 { invokes[0].shallow_clone() } else { Tensor::f_cat(invokes, 0)? };
+        self.call(x);
+        Ok(())
+    }
+}
+
+impl<M: HookModule<Input = Tensor>> IntoInvoke<Hooked<M>> for Tensor {
+    fn into_invoke(self, _: &Hooked<M>) -> Result<Tensor> {
+        Ok(self)
+    }
+}
+
+impl<M: HookModule<Input = Tensor>> IntoInvoke<Hooked<M>> for &Tensor {
+    fn into_invoke(self, _: &Hooked<M>) -> Result<Tensor> {
+        Ok(self.shallow_clone())
+    }
+}
+
+fn display_path(p: &str) -> &str {
+    if p.is_empty() {
+        "<root>"
+    } else {
+        p
+    }
+}
+
+/// A batch group: the rows of one invoke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Group(pub usize);
+
+/// Builds one trace's intervention graph, then runs it with the model.
+pub struct Tracer<'env, M: ?Sized + Traced> {
+    model: &'env M,
+    graph: Graph<'env>,
+    invokes: Vec<M::Invoke>,
+    error: Option<Error>,
+    gates: Vec<NodeId>,
+    cursors: std::collections::HashMap<usize, usize>,
+    grad: bool,
+}
+
+impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
+    /// A tracer for `model` with no invokes yet.
+    pub fn new(model: &'env M) -> Self {
+        Tracer {
+            model,
+            graph: Graph::default(),
+            invokes: Vec::new(),
+            error: None,
+            gates: Vec::new(),
+            cursors: Default::default(),
+            grad: false,
+        }
+    }
+
+    fn fail(&mut self, e: Error) {
+        if self.error.is_none() {
+            self.error = Some(e);
+        }
+    }
+
+    /// Adds an invoke (its rows are appended to the batch) and returns its batch group.
+    pub fn invoke<I: IntoInvoke<M>>(&mut self, input: I) -> Group {
+        let g = Group(self.invokes.len());
+        match input.into_invoke(self.model) {
+            Ok(inv) => self.invokes.push(inv),
+            Err(e) => self.fail(e),
+        }
+        g
+    }
+
+    /// Keeps autograd on during the run (needed for `.backward()` and `.grad`). Off by default:
+    /// traces that only read and patch run under `no_grad`.
+    pub fn enable_grad(&mut self) {
+        self.grad = true;
+    }
+
+    /// Resolves a module path (recording its error) and the call index after `nexts` calls of
+    /// `.next()` on it.
+    fn module<Mo: AsModule + 'env>(
+        &mut self,
+        nexts: usize,
+        path: impl FnOnce() -> Result<&'env Mo>,
+    ) -> Option<(&'env Hooked<Mo::Module>, usize)> {
+        match path() {
+            Ok(m) => {
+                let h = m.as_module();
+                let c = self.cursors.entry(h.key()).or_insert(0);
+                *c += nexts;
+                Some((h, *c))
+            }
+            Err(e) => {
+                self.fail(e);
+                None
+            }
+        }
+    }
+
+    fn poison<T>(&mut self, label: &str) -> Proxy<T> {
+        Proxy::new(self.graph.add(label.into(), Location::caller(), NodeKind::Poison, vec![], vec![]))
+    }
+
+    #[track_caller]
+    fn read<Mo: AsModule + 'env, T>(
+        &mut self,
+        group: Group,
+        nexts: usize,
+        io: Io,
+        part: Part,
+        path: impl FnOnce() -> Result<&'env Mo>,
+    ) -> Proxy<T> {
+        let Some((h, call)) = self.module(nexts, path) else { return self.poison("<bad module path>") };
+        let word = match (io, part) {
+            (Io::Output, _) => "output",
+            (Io::Input, Part::First) => "input",
+            (Io::Input, Part::Whole) => "inputs",
+        };
+        let label = if h.path().is_empty() { word.to_string() } else { format!("{}.{word}", h.path()) };
+        let label = if self.invokes.len() > 1 || group.0 > 0 { format!("{label} [invoke {}]", group.0) } else { label };
+        let label = if call > 0 { format!("{label} [call {call}]") } else { label };
+        let id = self.graph.add(
+            label,
+            Location::caller(),
+            NodeKind::Hook { module: h.key(), io, call, group: group.0 },
+            vec![],
+            vec![],
+        );
+        self.graph.add_effect(h.key(), h.path(), io, Effect { call, group: group.0, kind: EffectKind::Read(id, part) });
+        Proxy::new(id)
+    }
+
+    /// The module's output at its current call (`model.x.output`). `nexts`: how many `.next()`
+    /// calls the path made on this module (each moves its call index one further).
+    #[track_caller]
+    pub fn output<Mo: AsModule + 'env>(
+        &mut self,
+        group: Group,
+        nexts: usize,
+        path: impl FnOnce() -> Result<&'env Mo>,
+    ) -> Proxy<<Mo::Module as HookModule>::Output> {
+        self.read(group, nexts, Io::Output, Part::Whole, path)
+    }
+
+    /// The module's whole input (`model.x.inputs`), e.g. `(hidden_states, attention_mask)`.
+    #[track_caller]
+    pub fn inputs<Mo: AsModule + 'env>(
+        &mut self,
+        group: Group,
+        nexts: usize,
+        path: impl FnOnce() -> Result<&'env Mo>,
+    ) -> Proxy<<Mo::Module as HookModule>::Input> {
+        self.read(group, nexts, Io::Input, Part::Whole, path)
+    }
+
+    /// The module's first input (`model.x.input`).
+    #[track_caller]
+    pub fn input<Mo: AsModule + 'env>(
+        &mut self,
+        group: Group,
+        nexts: usize,
+        path: impl FnOnce() -> Result<&'env Mo>,
+    ) -> Proxy<<<Mo::Module as HookModule>::Input as Activation>::First> {
+        self.read(group, nexts, Io::Input, Part::First, path)
+    }
+
+    fn swap<Mo: AsModule + 'env>(
+        &mut self,
+        group: Group,
+        nexts: usize,
+        io: Io,
+        part: Part,
+        path: impl FnOnce() -> Result<&'env Mo>,
+        value: NodeId,
+    ) {
+        let Some((h, call)) = self.module(nexts, path) else { return };
+        self.graph.nodes[value].swap_uses += 1;
+        self.graph.add_effect(h.key(), h.path(), io, Effect { call, group: group.0, kind: EffectKind::Swap(value, part) });
+    }
+
+    /// Replaces the invoke's rows of the module's output with `value` (`model.x.output = v`).
+    /// At run time a value whose shape, dtype or device differs from what it replaces is
+    /// [`Error::SwapMismatch`]; a value not yet computed when the module runs is [`Error::NotReady`].
+    pub fn swap_output<Mo: AsModule + 'env, P>(
+        &mut self,
+        group: Group,
+        nexts: usize,
+        path: impl FnOnce() -> Result<&'env Mo>,
+        value: P,
+    ) where
+        P: ProxyRef<Value = <Mo::Module as HookModule>::Output>,
+    {
+        self.swap(group, nexts, Io::Output, Part::Whole, path, value.node())
+    }
+
+    /// Replaces the module's whole input (`model.x.inputs = v`).
+    pub fn swap_inputs<Mo: AsModule + 'env, P>(
+        &mut self,
+        group: Group,
+        nexts: usize,
+        path: impl FnOnce() -> Result<&'env Mo>,
+        value: P,
+    ) where
+        P: ProxyRef<Value = <Mo::Module as HookModule>::Input>,
+    {
+        self.swap(group, nexts, Io::Input, Part::Whole, path, value.node())
+    }
+
+    /// Replaces the module's first input (`model.x.input = v`).
+    pub fn swap_input<Mo: AsModule + 'env, P>(
+        &mut self,
+        group: Group,
+        nexts: usize,
+        path: impl FnOnce() -> Result<&'env Mo>,
+        value: P,
+    ) where
+        P: ProxyRef<Value = <<Mo::Module as HookModule>::Input as Activation>::First>,
+    {
+        self.swap(group, nexts, Io::Input, Part::First, path, value.node())
+    }
+
+    /// Declares `edit` (a node that changes `target`'s value in place, e.g. `h[.., 0] = 0.0`) as
+    /// an edit of the hook point `target` was read from: it must run before that module returns,
+    /// else the run fails with [`Error::NotReady`]. No-op when `target` is not a hook read.
+    pub fn edits<P: ProxyRef, E: ProxyRef>(&mut self, target: P, edit: E) {
+        if let NodeKind::Hook { module, io, call, group, .. } = self.graph.nodes[target.node()].kind {
+            let path = self.graph.modules.get(&module).map(|m| m.path.clone()).unwrap_or_default();
+            self.graph.add_effect(module, &path, io, Effect { call, group, kind: EffectKind::Require(edit.node()) });
+        }
+    }
+
+    /// Keeps the value after the run; `finish` hands it back.
+    pub fn save<P: ProxyRef>(&mut self, p: P) -> Saved<P::Value> {
+        self.graph.nodes[p.node()].saved = true;
+        Saved { id: p.node(), _t: std::marker::PhantomData }
+    }
+
+    /// Ends the forward pass as soon as this node has its value (early stop); values already
+    /// computed stay valid.
+    pub fn stop<P: ProxyRef>(&mut self, p: P) -> P {
+        self.graph.nodes[p.node()].stop = true;
+        p
+    }
+
+    /// Nodes created until [`Tracer::end_if`] run only when `cond` is true (`if` on a proxy).
+    pub fn begin_if<P: ProxyRef<Value = bool>>(&mut self, cond: P) {
+        self.gates.push(cond.node());
+    }
+
+    /// Ends the innermost [`Tracer::begin_if`].
+    pub fn end_if(&mut self) {
+        self.gates.pop();
+    }
+
+    /// Renders the graph built so far in Graphviz DOT.
+    pub fn to_dot(&self) -> String {
+        self.graph.to_dot()
+    }
+
+    /// Number of nodes built so far.
+    pub fn node_count(&self) -> usize {
+        self.graph.nodes.len()
+    }
+
+    #[track_caller]
+    fn add_apply(&mut self, label: &str, args: Vec<NodeId>, f: crate::graph::NodeFn<'env>) -> NodeId {
+        let gates = self.gates.clone();
+        self.graph.add(label.to_string(), Location::caller(), NodeKind::Apply(Some(f)), args, gates)
+    }
+
+    /// Runs the model once with the graph interleaved, then resolves `value` (saved proxies
+    /// become their values). Errors recorded while building come out first, before the model
+    /// runs; then run-time errors (see [`Error`]).
+    pub fn finish<R: Resolve>(self, value: R) -> Result<R::Output> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        if self.invokes.is_empty() {
+            return Err(Error::Input("a trace needs at least one input (invoke)".into()));
+        }
+        let mut groups = Vec::with_capacity(self.invokes.len());
+        let mut total = 0;
+        for inv in &self.invokes {
+            let rows = self.model.invoke_rows(inv)?;
+            groups.push((total, rows));
+            total += rows;
+        }
+        let model = self.model;
+        let invokes = self.invokes;
+        let mut outcome =
+            Interleaver::run(self.graph, Batch { groups, total }, self.grad, || model.forward_invokes(&invokes))?;
+        value.resolve(&mut outcome)
+    }
+}
+
+macro_rules! applies {
+    ($($name:ident: $($P:ident $p:ident $i:tt),*;)*) => {$(
+        impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
+            /// A node computing `f` over the proxies' real values once they exist.
+            #[track_caller]
+            #[allow(unused_variables, unused_mut)]
+            pub fn $name<$($P: ProxyRef,)* R: 'static>(
+                &mut self,
+                $($p: $P,)*
+                mut f: impl FnMut($(&$P::Value),*) -> R + 'env,
+            ) -> Proxy<R> {
+                let args = vec![$($p.node()),*];
+                let body = move |vals: &[&dyn std::any::Any]| -> std::result::Result<Box<dyn std::any::Any>, String> {
+                    $(let $p = vals[$i].downcast_ref::<$P::Value>().ok_or_else(|| {
+                        format!("internal: argument {} is not a {}", $i, std::any::type_name::<$P::Value>())
+                    })?;)*
+                    Ok(Box::new(f($($p),*)))
+                };
+                Proxy::new(self.add_apply("apply", args, Box::new(body)))
+            }
+        }
+    )*};
+}
+applies! {
+    apply0: ;
+    apply1: P0 p0 0;
+    apply2: P0 p0 0, P1 p1 1;
+    apply3: P0 p0 0, P1 p1 1, P2 p2 2;
+    apply4: P0 p0 0, P1 p1 1, P2 p2 2, P3 p3 3;
+    apply5: P0 p0 0, P1 p1 1, P2 p2 2, P3 p3 3, P4 p4 4;
+    apply6: P0 p0 0, P1 p1 1, P2 p2 2, P3 p3 3, P4 p4 4, P5 p5 5;
+    apply7: P0 p0 0, P1 p1 1, P2 p2 2, P3 p3 3, P4 p4 4, P5 p5 5, P6 p6 6;
+    apply8: P0 p0 0, P1 p1 1, P2 p2 2, P3 p3 3, P4 p4 4, P5 p5 5, P6 p6 6, P7 p7 7;
+}
+
+/// Turns what a trace block returns into plain values after the run: [`Saved<T>`] becomes `T`;
+/// tuples, `Vec`, `Option` and plain values are converted element by element.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot come out of a trace",
+    label = "the trace block returns this",
+    note = "a proxy's value is freed after its last use: call `.save()` on it to get its value after the trace"
+)]
+pub trait Resolve {
+    /// The plain value.
+    type Output;
+    /// Takes the saved values out of a finished run.
+    fn resolve(self, run: &mut Outcome) -> Result<Self::Output>;
+}
+
+impl<T: 'static> Resolve for Saved<T> {
+    type Output = T;
+    fn resolve(self, run: &mut Outcome) -> Result<T> {
+        run.take(self.id)
+    }
+}
+
+macro_rules! plain_resolve {
+    ($($t:ty),*) => {$(
+        impl Resolve for $t {
+            type Output = $t;
+            fn resolve(self, _: &mut Outcome) -> Result<$t> { Ok(self) }
+        }
+    )*};
+}
+plain_resolve!((), bool, i32, i64, u32, u64, usize, f32, f64, String, &'static str, Tensor);
+
+impl<R: Resolve> Resolve for Vec<R> {
+    type Output = Vec<R::Output>;
+    fn resolve(self, run: &mut Outcome) -> Result<Self::Output> {
+        self.into_iter().map(|r| r.resolve(run)).collect()
+    }
+}
+
+impl<R: Resolve> Resolve for Option<R> {
+    type Output = Option<R::Output>;
+    fn resolve(self, run: &mut Outcome) -> Result<Self::Output> {
+        self.map(|r| r.resolve(run)).transpose()
+    }
+}
+
+macro_rules! tuple_resolve {
+    ($($T:ident $t:ident),*) => {
+        impl<$($T: Resolve),*> Resolve for ($($T,)*) {
+            type Output = ($($T::Output,)*);
+            fn resolve(self, run: &mut Outcome) -> Result<Self::Output> {
+                let ($($t,)*) = self;
+                Ok(($($t.resolve(run)?,)*))
+            }
+        }
+    };
+}
+tuple_resolve!(A a);
+tuple_resolve!(A a, B b);
+tuple_resolve!(A a, B b, C c);
+tuple_resolve!(A a, B b, C c, D d);
+tuple_resolve!(A a, B b, C c, D d, E e);
+tuple_resolve!(A a, B b, C c, D d, E e, F f);
+tuple_resolve!(A a, B b, C c, D d, E e, F f, G g);
+tuple_resolve!(A a, B b, C c, D d, E e, F f, G g, H h);
