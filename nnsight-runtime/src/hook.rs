@@ -64,10 +64,11 @@ impl<M> Hooked<M> {
         &self.inner
     }
 
-    /// Identity of this module during a trace (its address; the model is borrowed for the whole
-    /// trace, so it cannot move).
+    /// Identity of this module during a trace: the address of its `path` field. (The module's
+    /// own address is not enough: a parent and its first child can share it. Two `path` fields
+    /// never overlap.) The model is borrowed for the whole trace, so it cannot move.
     pub(crate) fn key(&self) -> usize {
-        self as *const Self as *const () as usize
+        &self.path as *const String as usize
     }
 }
 
