@@ -1,0 +1,266 @@
+//! Developer tasks for nnsight-rs, run as `cargo xtask <task>` (alias in `.cargo/config.toml`).
+//!
+//! * `setup`  — downloads libtorch 2.13.0 (from the PyPI `torch` wheel) and the
+//!   all-MiniLM-L6-v2 model into a cache folder outside the repository, unpacks and verifies
+//!   them, and links them into the repository as `.nnsight/libtorch` and `.nnsight/minilm`.
+//!   Running it again only checks the trees and refreshes the links.
+//! * `doctor` — prints what is where: cache folder, wheels, trees, links, environment.
+//!
+//! The cache folder is `$NNSIGHT_CACHE`, else `$XDG_CACHE_HOME/nnsight-rs`, else
+//! `$HOME/.cache/nnsight-rs`; it is shared by every clone on the machine. This crate must not
+//! depend on `tch`: it has to build before libtorch exists.
+
+mod links;
+mod spec;
+mod unpack;
+mod wheels;
+
+use std::collections::HashMap;
+use std::fs::{self, File, TryLockError};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+
+const USAGE: &str = "\
+usage: cargo xtask <task>
+
+tasks:
+  setup    download libtorch 2.13.0 and the MiniLM model into the cache folder and link them
+           as .nnsight/libtorch and .nnsight/minilm (safe to re-run; does nothing when set up)
+  doctor   print where the cache, wheels, trees and links are, and whether they are complete
+
+cache folder: $NNSIGHT_CACHE, else $XDG_CACHE_HOME/nnsight-rs, else $HOME/.cache/nnsight-rs";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The error and its causes, without anyhow's backtrace (noise for a setup tool).
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["setup"] => setup(),
+        ["doctor"] => doctor(),
+        [] | ["help" | "-h" | "--help"] => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => bail!("unknown arguments {args:?}\n\n{USAGE}"),
+    }
+}
+
+/// `cargo xtask setup`: see the crate docs.
+fn setup() -> Result<()> {
+    if std::env::consts::OS != "linux" || std::env::consts::ARCH != "x86_64" {
+        bail!(
+            "setup downloads x86_64 Linux builds and this is {}/{}; install libtorch {} yourself \
+             and set LIBTORCH and LD_LIBRARY_PATH (and NNSIGHT_MINILM_DIR for the model)",
+            std::env::consts::OS,
+            std::env::consts::ARCH,
+            spec::LIBTORCH_VERSION
+        );
+    }
+    let (cache, _) = cache_dir()?;
+    fs::create_dir_all(&cache)
+        .with_context(|| format!("cannot create the cache folder {}", cache.display()))?;
+    let _lock = lock_cache(&cache)?;
+    remove_leftovers(&cache)?;
+
+    let wheels_dir = cache.join("wheels");
+    let mut python = wheels::Python::from_env();
+    for tree in spec::TREES {
+        let dir = cache.join(tree.dir_name);
+        match unpack::verify(&dir, tree) {
+            Ok(n) => println!(
+                "{}: already set up ({n} files in {})",
+                tree.title,
+                dir.display()
+            ),
+            Err(why) => {
+                if dir.exists() {
+                    println!("{}: {why:#}; unpacking again", tree.title);
+                }
+                fs::create_dir_all(&wheels_dir)
+                    .with_context(|| format!("cannot create {}", wheels_dir.display()))?;
+                let mut paths = HashMap::new();
+                for wheel in tree.wheels() {
+                    paths.insert(
+                        wheel.requirement,
+                        wheels::ensure(&wheels_dir, wheel, &mut python)?,
+                    );
+                }
+                unpack::build(&cache, tree, &paths)?;
+            }
+        }
+    }
+
+    let repo = repo_root();
+    for tree in spec::TREES {
+        let link = repo.join(".nnsight").join(tree.link_name);
+        let target = cache.join(tree.dir_name);
+        if links::point(&link, &target)? {
+            println!("linked {} -> {}", link.display(), target.display());
+        } else {
+            println!("{} -> {} (unchanged)", link.display(), target.display());
+        }
+    }
+    println!("setup done; builds use .nnsight/libtorch via .cargo/config.toml");
+    Ok(())
+}
+
+/// `cargo xtask doctor`: prints what is where; changes nothing.
+fn doctor() -> Result<()> {
+    let repo = repo_root();
+    println!(
+        "platform:     {}/{}",
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    );
+    println!("repository:   {}", repo.display());
+    match cache_dir() {
+        Ok((cache, why)) => {
+            println!("cache folder: {} ({why})", cache.display());
+            let wheels_dir = cache.join("wheels");
+            for wheel in spec::WHEELS {
+                let state = match wheels::find_cached(&wheels_dir, wheel) {
+                    None => "not downloaded".to_string(),
+                    Some(p) => match wheels::check(&p, wheel) {
+                        Ok(()) => format!("{}", p.display()),
+                        Err(e) => format!("{} (unusable: {e:#})", p.display()),
+                    },
+                };
+                println!("  wheel {:<28} {state}", wheel.requirement);
+            }
+            for tree in spec::TREES {
+                let dir = cache.join(tree.dir_name);
+                match unpack::verify(&dir, tree) {
+                    Ok(n) => println!(
+                        "  {:<34} complete, {n} files in {}",
+                        tree.title,
+                        dir.display()
+                    ),
+                    Err(e) => println!("  {:<34} NOT READY: {e:#}", tree.title),
+                }
+            }
+        }
+        Err(e) => println!("cache folder: {e:#}"),
+    }
+    for tree in spec::TREES {
+        let link = repo.join(".nnsight").join(tree.link_name);
+        let state = match fs::read_link(&link) {
+            Ok(t) if t.exists() => format!("-> {}", t.display()),
+            Ok(t) => format!("-> {} (DANGLING)", t.display()),
+            Err(_) if link.exists() => "a real folder, not a link".to_string(),
+            Err(_) => "missing (run `cargo xtask setup`)".to_string(),
+        };
+        println!("link .nnsight/{:<8} {state}", tree.link_name);
+    }
+    // Under `cargo xtask` these include the defaults from .cargo/config.toml; a value set in
+    // the shell overrides those defaults for every cargo command. (LD_LIBRARY_PATH is not shown:
+    // cargo replaces it for the programs it runs; the crates embed $LIBTORCH/lib as an rpath.)
+    for var in [
+        "LIBTORCH",
+        "NNSIGHT_MINILM_DIR",
+        "NNSIGHT_CACHE",
+        "NNSIGHT_PYTHON",
+    ] {
+        println!(
+            "env {var:<19} {}",
+            std::env::var(var).unwrap_or_else(|_| "(unset)".into())
+        );
+    }
+    match wheels::Python::from_env().pip_version() {
+        Ok(v) => println!("pip:          {v}"),
+        Err(e) => println!("pip:          {e:#}"),
+    }
+    Ok(())
+}
+
+/// The cache folder (absolute) and which rule chose it.
+fn cache_dir() -> Result<(PathBuf, &'static str)> {
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    let (dir, why) = if let Some(d) = var("NNSIGHT_CACHE") {
+        (PathBuf::from(d), "from $NNSIGHT_CACHE")
+    } else if let Some(x) = var("XDG_CACHE_HOME") {
+        (Path::new(&x).join("nnsight-rs"), "from $XDG_CACHE_HOME")
+    } else if let Some(h) = var("HOME") {
+        (
+            Path::new(&h).join(".cache").join("nnsight-rs"),
+            "from $HOME",
+        )
+    } else {
+        bail!("cannot choose a cache folder: set NNSIGHT_CACHE (or HOME)");
+    };
+    let dir =
+        std::path::absolute(&dir).with_context(|| format!("bad cache folder {}", dir.display()))?;
+    Ok((dir, why))
+}
+
+/// The repository root: the folder above this crate.
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits inside the repository")
+        .to_path_buf()
+}
+
+/// Takes an exclusive lock on `<cache>/.lock`, waiting for another setup using the same cache
+/// (another clone, a parallel CI job) to finish. Released when the file is dropped.
+fn lock_cache(cache: &Path) -> Result<File> {
+    let path = cache.join(".lock");
+    let file = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            println!(
+                "waiting for another `cargo xtask setup` using {} ...",
+                cache.display()
+            );
+            file.lock()
+                .with_context(|| format!("cannot lock {}", path.display()))?;
+        }
+        Err(TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    Ok(file)
+}
+
+/// Removes scratch folders left by an interrupted run. Only called while holding the cache
+/// lock, so nothing else can be using them.
+fn remove_leftovers(cache: &Path) -> Result<()> {
+    let spots = [
+        (cache.to_path_buf(), unpack::TMP_PREFIX),
+        (cache.to_path_buf(), unpack::OLD_PREFIX),
+        (cache.join("wheels"), wheels::DOWNLOAD_PREFIX),
+    ];
+    for (dir, prefix) in spots {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.filter_map(|e| e.ok()) {
+            if entry.file_name().to_string_lossy().starts_with(prefix) {
+                let path = entry.path();
+                println!("removing {} (left by an interrupted run)", path.display());
+                fs::remove_dir_all(&path)
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
