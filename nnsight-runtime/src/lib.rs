@@ -10,6 +10,8 @@ pub mod error;
 pub mod graph;
 pub mod hook;
 pub mod interleave;
+pub mod language_model;
+pub mod models;
 pub mod proxy;
 pub mod tracer;
 
@@ -18,6 +20,12 @@ pub use error::{Error, Result};
 pub use graph::Io;
 pub use hook::{AsModule, HookModule, Hooked, Leaf, ModuleList};
 pub use interleave::{is_tracing, Outcome};
+pub use language_model::{LanguageModel, TextBatch, TextModel};
+pub use models::bert::{Bert, BertConfig};
 pub use proxy::{NodeId, Proxy, ProxyRef, Saved};
 pub use tracer::{Group, IntoInvoke, Resolve, Traced, Tracer};
 pub use tch;
+#[doc(hidden)]
+pub mod private;
+#[doc(hidden)]
+pub use private as __private;

@@ -1,0 +1,74 @@
+//! Code generation for `trace!`: one block that builds the graph, runs the model once and
+//! returns the block's value with saved proxies turned into their values.
+//!
+//! ```text
+//! {
+//!     let mut __nn_tr = ManuallyDrop::new(Tracer::new(&model));
+//!     let __nn_g0 = __nn_tr.invoke(input);
+//!     ...translated statements...
+//!     let __nn_value = <tail>;
+//!     Tracer::finish(ManuallyDrop::into_inner(__nn_tr), __nn_value)
+//! }
+//! ```
+//! The tracer sits in a `ManuallyDrop` so closures may borrow variables the block declares
+//! after it: it is consumed by `finish` at the end, so it never outlives them. (If the block
+//! unwinds while building, the graph leaks instead of being dropped; nothing is hooked then.)
+
+use proc_macro2::TokenStream;
+use quote::{format_ident, quote};
+
+use crate::ast::TraceInput;
+use crate::lower::Ctx;
+
+pub fn trace(input: TraceInput) -> TokenStream {
+    let mut ctx = Ctx::new(input.model.clone());
+    let tr = ctx.tr.clone();
+    let model = &input.model;
+    for (name, _) in &input.options {
+        ctx.errors.push(syn::Error::new(name.span(), format!("unknown option `{name}` for `trace!`")));
+    }
+    let mut body = TokenStream::new();
+    let mut value = quote!(());
+    let n = input.segments.len();
+    let mut invokes = 0usize;
+    for (i, seg) in input.segments.iter().enumerate() {
+        match &seg.invoke {
+            Some(inp) => {
+                let g = format_ident!("__nn_g{}", invokes);
+                invokes += 1;
+                body.extend(quote!(let #g = #tr.invoke(#inp);));
+                ctx.group = Some(g);
+            }
+            None => ctx.group = None,
+        }
+        let (stmts, tail) = ctx.stmts(&seg.stmts);
+        body.extend(stmts);
+        if let Some(t) = tail {
+            if i + 1 == n {
+                value = t;
+            } else {
+                body.extend(quote!(let _ = #t;));
+            }
+        }
+    }
+    if invokes == 0 {
+        ctx.errors.push(syn::Error::new(
+            input.model.span(),
+            "a trace needs an input: `trace!(model, input, { .. })` or `invoke(input) { .. }` blocks",
+        ));
+    }
+    let grad = ctx.grad.then(|| quote!(#tr.enable_grad();));
+    let errors: Vec<TokenStream> = ctx.errors.iter().map(syn::Error::to_compile_error).collect();
+    if !errors.is_empty() {
+        // Fail soft: only the real errors, and an expression of a plausible type.
+        return quote!({ #(#errors)* ::core::result::Result::<(), ::nnsight::Error>::Ok(()) });
+    }
+    quote! {{
+        #[allow(unused_mut)]
+        let mut #tr = ::core::mem::ManuallyDrop::new(::nnsight::Tracer::new(&#model));
+        #grad
+        #body
+        let __nn_value = #value;
+        ::nnsight::Tracer::finish(::core::mem::ManuallyDrop::into_inner(#tr), __nn_value)
+    }}
+}

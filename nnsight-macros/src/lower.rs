@@ -1,0 +1,526 @@
+//! Translating the block's statements into graph-building calls on the runtime's `Tracer`.
+//!
+//! - A hook point (`model.x.output`) becomes a hook node: `tracer.output(group, nexts, || path)`.
+//! - `.save()` / `.stop()` on a proxy become `tracer.save(p)` / `tracer.stop(p)`.
+//! - Any other expression that mentions a proxy is lifted whole into one apply node: its proxies
+//!   become the closure's arguments (real values at run time), so rustc checks every method and
+//!   operator against the real types (see [`Ctx::lift`]).
+//! - `model.x.output = e` swaps; `p[idx] = e` and `p op= e` edit in place.
+//! - `if` on a proxy gates the nodes built in its branches; loops over plain values just run.
+
+use std::collections::HashSet;
+
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned, ToTokens};
+use syn::spanned::Spanned;
+use syn::visit_mut::{self, VisitMut};
+use syn::{Expr, Ident, Stmt};
+
+use crate::paths::{hook_path, module_chain, HookPath, Point, Seg};
+use crate::scan::{calls_backward, free_idents, mentions_proxy, pat_idents, vec_macro_items, Names};
+
+/// Methods that, called on a plain value with proxy arguments, run while building (they store
+/// proxies in a collection) rather than becoming graph nodes.
+const BUILD_TIME_METHODS: &[&str] = &["push", "insert", "extend", "push_back", "push_front", "append"];
+
+/// Most proxies one lifted expression may use (the runtime has `apply0` .. `apply8`).
+const MAX_ARGS: usize = 8;
+
+pub struct Ctx {
+    pub model: Ident,
+    pub tr: Ident,
+    /// The current invoke's batch-group variable; `None` outside invokes.
+    pub group: Option<Ident>,
+    pub proxies: HashSet<String>,
+    pub errors: Vec<syn::Error>,
+    pub grad: bool,
+    fresh: usize,
+}
+
+impl Ctx {
+    pub fn new(model: Ident) -> Self {
+        Ctx {
+            model,
+            tr: Ident::new("__nn_tr", Span::call_site()),
+            group: None,
+            proxies: HashSet::new(),
+            errors: Vec::new(),
+            grad: false,
+            fresh: 0,
+        }
+    }
+
+    fn fresh(&mut self, base: &str, span: Span) -> Ident {
+        self.fresh += 1;
+        Ident::new(&format!("__nn_{base}{}", self.fresh), span)
+    }
+
+    fn mentions(&self, e: &Expr) -> bool {
+        mentions_proxy(e, &Names { model: &self.model, proxies: &self.proxies })
+    }
+
+    fn error(&mut self, span: Span, msg: impl std::fmt::Display) -> TokenStream {
+        self.errors.push(syn::Error::new(span, msg));
+        quote!(())
+    }
+
+    // ----- statements -------------------------------------------------------------------
+
+    /// Translates statements; returns the statements and the tail expression (the value of the
+    /// last statement when it has no semicolon).
+    pub fn stmts(&mut self, stmts: &[Stmt]) -> (TokenStream, Option<TokenStream>) {
+        let mut out = TokenStream::new();
+        let mut tail = None;
+        for (i, s) in stmts.iter().enumerate() {
+            let last = i + 1 == stmts.len();
+            match s {
+                Stmt::Expr(e, None) if last => tail = Some(self.tail_expr(e)),
+                _ => out.extend(self.stmt(s)),
+            }
+        }
+        (out, tail)
+    }
+
+    fn stmt(&mut self, s: &Stmt) -> TokenStream {
+        match s {
+            Stmt::Local(l) => self.local(l),
+            Stmt::Expr(e, semi) => {
+                let t = self.expr_stmt(e);
+                match semi {
+                    Some(_) => quote!(#t;),
+                    None => t,
+                }
+            }
+            Stmt::Macro(m) => {
+                let e = Expr::Macro(syn::ExprMacro { attrs: m.attrs.clone(), mac: m.mac.clone() });
+                let t = if self.mentions(&e) { self.value(&e).0 } else { m.mac.to_token_stream() };
+                quote!(#t;)
+            }
+            Stmt::Item(it) => it.to_token_stream(),
+        }
+    }
+
+    fn local(&mut self, l: &syn::Local) -> TokenStream {
+        let mut names = Vec::new();
+        pat_idents(&l.pat, &mut names);
+        let attrs = &l.attrs;
+        let pat = &l.pat;
+        let Some(init) = &l.init else {
+            for n in &names {
+                self.proxies.remove(&n.to_string());
+            }
+            return quote!(#(#attrs)* let #pat;);
+        };
+        if init.diverge.is_some() || !self.mentions(&init.expr) {
+            for n in &names {
+                self.proxies.remove(&n.to_string());
+            }
+            return l.to_token_stream();
+        }
+        let (value, is_proxy) = self.value(&init.expr);
+        let simple = matches!(&l.pat, syn::Pat::Ident(_)) || matches!(&l.pat, syn::Pat::Type(t) if matches!(*t.pat, syn::Pat::Ident(_)));
+        for n in &names {
+            if is_proxy && simple {
+                self.proxies.insert(n.to_string());
+            } else {
+                self.proxies.remove(&n.to_string());
+            }
+        }
+        if is_proxy && !simple {
+            return self.error(l.pat.span(), "bind a proxy to one name (`let h = ...;`); destructure it inside an expression instead");
+        }
+        quote!(#(#attrs)* let #pat = #value;)
+    }
+
+    fn expr_stmt(&mut self, e: &Expr) -> TokenStream {
+        match e {
+            Expr::Assign(a) => self.assign(a),
+            Expr::Binary(b) if is_compound(&b.op) && self.mentions(&b.left) => self.compound(b),
+            Expr::ForLoop(f) => {
+                if self.mentions(&f.expr) {
+                    return self.error(f.expr.span(), "cannot loop over a proxy: its value exists only while the model runs; loop over plain values (e.g. `for l in 0..6`)");
+                }
+                let saved = self.proxies.clone();
+                let mut names = Vec::new();
+                pat_idents(&f.pat, &mut names);
+                for n in &names {
+                    self.proxies.remove(&n.to_string());
+                }
+                let body = self.block(&f.body);
+                self.proxies = saved;
+                let (label, pat, iter) = (&f.label, &f.pat, &f.expr);
+                quote!(#label for #pat in #iter #body)
+            }
+            Expr::While(w) => {
+                if self.mentions(&w.cond) {
+                    return self.error(w.cond.span(), "`while` on a proxy is not supported: use `if` on the proxy, or a loop over plain values");
+                }
+                let body = self.block(&w.body);
+                let (label, cond) = (&w.label, &w.cond);
+                quote!(#label while #cond #body)
+            }
+            Expr::Loop(lp) => {
+                let body = self.block(&lp.body);
+                let label = &lp.label;
+                quote!(#label loop #body)
+            }
+            Expr::Block(b) if b.label.is_none() && b.attrs.is_empty() => self.block(&b.block),
+            Expr::If(i) => self.if_expr(i),
+            _ if self.mentions(e) => self.value(e).0,
+            _ => e.to_token_stream(),
+        }
+    }
+
+    fn tail_expr(&mut self, e: &Expr) -> TokenStream {
+        match e {
+            Expr::ForLoop(_) | Expr::While(_) | Expr::Loop(_) | Expr::If(_) | Expr::Assign(_) => {
+                let t = self.expr_stmt(e);
+                quote!({ #t; })
+            }
+            _ if self.mentions(e) => self.value(e).0,
+            _ => e.to_token_stream(),
+        }
+    }
+
+    /// A nested block: its own scope for proxy names.
+    fn block(&mut self, b: &syn::Block) -> TokenStream {
+        let saved = self.proxies.clone();
+        let (stmts, tail) = self.stmts(&b.stmts);
+        self.proxies = saved;
+        quote!({ #stmts #tail })
+    }
+
+    fn if_expr(&mut self, i: &syn::ExprIf) -> TokenStream {
+        if !self.mentions(&i.cond) {
+            let cond = &i.cond;
+            let then = self.block(&i.then_branch);
+            let els = i.else_branch.as_ref().map(|(_, e)| {
+                let t = self.expr_stmt(e);
+                quote!(else { #t })
+            });
+            return quote!(if #cond #then #els);
+        }
+        let tr = self.tr.clone();
+        let c = self.fresh("cond", i.cond.span());
+        let (cond, _) = self.value(&i.cond);
+        let then = self.block(&i.then_branch);
+        let els = i.else_branch.as_ref().map(|(_, e)| {
+            let nc = self.fresh("not", e.span());
+            let t = self.expr_stmt(e);
+            quote! {
+                let #nc = #tr.apply1(#c, |c: &bool| !*c);
+                #tr.begin_if(#nc);
+                #t;
+                #tr.end_if();
+            }
+        });
+        quote_spanned! {i.cond.span()=> {
+            let #c: ::nnsight::Proxy<bool> = #cond;
+            #tr.begin_if(#c);
+            #then;
+            #tr.end_if();
+            #els
+        }}
+    }
+
+    // ----- assignments ------------------------------------------------------------------
+
+    fn assign(&mut self, a: &syn::ExprAssign) -> TokenStream {
+        let tr = self.tr.clone();
+        if let Some(hp) = hook_path(&a.left, &self.model) {
+            // The new value first (so `x.next().output = x.output * 2` reads call 0).
+            let value = self.swap_value(&a.right);
+            let Some((call, nexts)) = self.module_access(&hp) else { return quote!(()) };
+            let Some(group) = self.group.clone() else { return self.outside_invoke(hp.full_span) };
+            let method = match hp.point {
+                Point::Output => format_ident!("swap_output", span = hp.span),
+                Point::Input => format_ident!("swap_input", span = hp.span),
+                Point::Inputs => format_ident!("swap_inputs", span = hp.span),
+            };
+            let v = self.fresh("swap", a.right.span());
+            return quote_spanned! {a.span()=> {
+                let #v = #value;
+                #tr.#method(#group, #nexts, #call, #v);
+            }};
+        }
+        if let Expr::Field(f) = &*a.left {
+            if f.member == syn::Member::Named(Ident::new("grad", Span::call_site())) && self.mentions(&f.base) {
+                return self.error(f.member.span(), "assigning `.grad` is not supported yet");
+            }
+        }
+        if let Expr::Index(ix) = &*a.left {
+            if self.mentions(&ix.expr) {
+                let (idx, rhs) = (&ix.index, &a.right);
+                return self.edit(&ix.expr, a.span(), |t| syn::parse_quote!(::nnsight::__private::assign(&#t[#idx], #rhs)));
+            }
+        }
+        if let Expr::Path(p) = &*a.left {
+            if p.path.get_ident().is_some_and(|id| self.proxies.contains(&id.to_string())) {
+                // Rebinding a proxy name to another proxy.
+                let (v, _) = self.value(&a.right);
+                let left = &a.left;
+                return quote!(#left = #v);
+            }
+        }
+        if self.mentions(&a.left) {
+            return self.error(a.left.span(), "cannot assign to this: assign to a hook point (`model.x.output = ..`) or to an indexed proxy (`h[.., 0] = ..`)");
+        }
+        let (left, (right, _)) = (&a.left, self.value(&a.right));
+        quote!(#left = #right)
+    }
+
+    /// `target op= rhs` on a proxy (or an indexed proxy): an in-place edit.
+    fn compound(&mut self, b: &syn::ExprBinary) -> TokenStream {
+        let (op, rhs) = (&b.op, &b.right);
+        let (target, idx) = match &*b.left {
+            Expr::Index(ix) => (&*ix.expr, Some(&ix.index)),
+            other => (other, None),
+        };
+        self.edit(target, b.span(), |t| match idx {
+            Some(idx) => syn::parse_quote!({ let mut __nn_view = ::nnsight::__private::view(&#t[#idx]); __nn_view #op #rhs; }),
+            None => syn::parse_quote!({ let mut __nn_view = ::nnsight::__private::view(#t); __nn_view #op #rhs; }),
+        })
+    }
+
+    /// An edit node over `target` whose body `make_body(target_name)` changes it in place.
+    fn edit(&mut self, target: &Expr, span: Span, make_body: impl FnOnce(&Ident) -> Expr) -> TokenStream {
+        let tr = self.tr.clone();
+        let (t_val, t_is_proxy) = self.value(target);
+        if !t_is_proxy {
+            return self.error(target.span(), "only a hook point or a proxy can be edited in place here");
+        }
+        let t = self.fresh("target", target.span());
+        let body = make_body(&t);
+        self.proxies.insert(t.to_string());
+        let lifted = self.lift(&body, None);
+        self.proxies.remove(&t.to_string());
+        let e = self.fresh("edit", span);
+        quote_spanned! {span=> {
+            let #t = #t_val;
+            let #e = #lifted;
+            #tr.edits(#t, #e);
+        }}
+    }
+
+    fn swap_value(&mut self, rhs: &Expr) -> TokenStream {
+        let direct = hook_path(rhs, &self.model).is_some()
+            || matches!(rhs, Expr::Path(p) if p.path.get_ident().is_some_and(|i| self.proxies.contains(&i.to_string())));
+        if direct {
+            self.value(rhs).0
+        } else {
+            self.lift(rhs, Some(quote_spanned!(rhs.span()=> ::nnsight::__private::into_value)))
+        }
+    }
+
+    fn outside_invoke(&mut self, span: Span) -> TokenStream {
+        self.error(span, "hook points are only available inside an invoke: put this in `invoke(<input>) { .. }`")
+    }
+
+    // ----- values -----------------------------------------------------------------------
+
+    /// Build-time code for `e`, and whether it evaluates to a proxy.
+    pub fn value(&mut self, e: &Expr) -> (TokenStream, bool) {
+        if !self.mentions(e) {
+            return (e.to_token_stream(), false);
+        }
+        if let Some(hp) = hook_path(e, &self.model) {
+            return (self.hook_read(&hp), true);
+        }
+        let tr = self.tr.clone();
+        match e {
+            Expr::Path(p) if p.path.get_ident().is_some() => (e.to_token_stream(), true),
+            Expr::Paren(p) => self.value(&p.expr),
+            Expr::MethodCall(m) if (m.method == "save" || m.method == "stop") && m.args.is_empty() => {
+                let (r, is_proxy) = self.value(&m.receiver);
+                if !is_proxy {
+                    return (self.error(m.method.span(), format!("`.{}()` needs a proxy", m.method)), false);
+                }
+                let method = &m.method;
+                (quote_spanned!(m.method.span()=> { let __nn_recv = #r; #tr.#method(__nn_recv) }), true)
+            }
+            Expr::MethodCall(m) if m.method == "backward" => {
+                self.grad = true;
+                (self.lift(e, None), true)
+            }
+            Expr::MethodCall(m)
+                if BUILD_TIME_METHODS.contains(&m.method.to_string().as_str())
+                    && !self.mentions(&m.receiver)
+                    && module_chain(&m.receiver, &self.model).is_none() =>
+            {
+                let args: Vec<TokenStream> = m.args.iter().map(|a| self.value(a).0).collect();
+                let (recv, method, turbofish) = (&m.receiver, &m.method, &m.turbofish);
+                (quote!(#recv.#method #turbofish (#(#args),*)), false)
+            }
+            Expr::Tuple(t) => {
+                let elems: Vec<TokenStream> = t.elems.iter().map(|x| self.value(x).0).collect();
+                (quote!((#(#elems,)*)), false)
+            }
+            Expr::Array(a) => {
+                let elems: Vec<TokenStream> = a.elems.iter().map(|x| self.value(x).0).collect();
+                (quote!([#(#elems),*]), false)
+            }
+            Expr::Block(b) if b.label.is_none() => (self.block(&b.block), false),
+            Expr::Macro(_) if vec_macro_items(e).is_some() => {
+                let items = vec_macro_items(e).unwrap();
+                let elems: Vec<TokenStream> = items.iter().map(|x| self.value(x).0).collect();
+                (quote!(::std::vec![#(#elems),*]), false)
+            }
+            _ => {
+                if calls_backward(e) {
+                    self.grad = true;
+                }
+                (self.lift(e, None), true)
+            }
+        }
+    }
+
+    /// `(path closure, nexts)` for a hook path's module.
+    fn module_access(&mut self, hp: &HookPath) -> Option<(TokenStream, usize)> {
+        let mut expr = hp.root.to_token_stream();
+        let mut nexts = 0;
+        let n = hp.segs.len();
+        for (i, s) in hp.segs.iter().enumerate() {
+            match s {
+                Seg::Field(id) => expr = quote!(#expr.#id),
+                Seg::Index(ix) => {
+                    let sp = ix.span();
+                    expr = quote_spanned!(sp=> (*::nnsight::__private::module_at(&#expr, #ix)?));
+                }
+                Seg::Next(sp) => {
+                    if hp.segs[i + 1..n].iter().any(|s| !matches!(s, Seg::Next(_))) {
+                        self.errors.push(syn::Error::new(*sp, "`.next()` goes right before the hook point: `model.x.next().output`"));
+                        return None;
+                    }
+                    nexts += 1;
+                }
+            }
+        }
+        Some((quote_spanned!(hp.full_span=> || ::core::result::Result::Ok(&#expr)), nexts))
+    }
+
+    fn hook_read(&mut self, hp: &HookPath) -> TokenStream {
+        let Some(group) = self.group.clone() else { return self.outside_invoke(hp.full_span) };
+        let Some((call, nexts)) = self.module_access(hp) else { return quote!(()) };
+        let tr = &self.tr;
+        let method = match hp.point {
+            Point::Output => format_ident!("output", span = hp.span),
+            Point::Input => format_ident!("input", span = hp.span),
+            Point::Inputs => format_ident!("inputs", span = hp.span),
+        };
+        quote_spanned!(hp.span=> #tr.#method(#group, #nexts, #call))
+    }
+
+    // ----- lifting ----------------------------------------------------------------------
+
+    /// Lifts `e` into one apply node. Every hook point, proxy name and `.save()`d proxy in it
+    /// becomes a closure argument holding the real value (`&T`); indexing on those values
+    /// becomes tch's `.i(..)`; other free variables are captured (copied when `Copy`, borrowed
+    /// otherwise). `convert` wraps the body (used to turn a swap's value into the hook point's
+    /// type).
+    fn lift(&mut self, e: &Expr, convert: Option<TokenStream>) -> TokenStream {
+        let tr = self.tr.clone();
+        let span = e.span();
+        let mut body = e.clone();
+        let mut r = Replacer { ctx: self, leaves: Vec::new(), params: HashSet::new() };
+        r.visit_expr_mut(&mut body);
+        let Replacer { leaves, params, .. } = r;
+        if leaves.len() > MAX_ARGS {
+            return self.error(span, format!("this expression uses {} proxies; at most {MAX_ARGS} fit in one node: split it with `let`", leaves.len()));
+        }
+        if calls_backward(&body) {
+            self.grad = true;
+        }
+        let mut skip: HashSet<String> = params.clone();
+        skip.extend(self.proxies.iter().cloned());
+        let captures = free_idents(&body, &skip);
+        let apply = format_ident!("apply{}", leaves.len());
+        let arg_names: Vec<&Ident> = leaves.iter().map(|(p, _)| p).collect();
+        let arg_vals: Vec<Ident> = (0..leaves.len()).map(|i| format_ident!("__nn_arg{}", i)).collect();
+        let bindings = leaves.iter().zip(&arg_vals).map(|((_, v), a)| quote!(let #a = #v;));
+        let body = match convert {
+            Some(c) => quote_spanned!(span=> #c(#body)),
+            None => body.to_token_stream(),
+        };
+        quote_spanned! {span=> {
+            #(#bindings)*
+            #[allow(unused_imports)]
+            use ::nnsight::__private::{CapByCopy as _, CapByRef as _};
+            #(let #captures = (&::nnsight::__private::Cap(&#captures)).__nn_cap();)*
+            #tr.#apply(#(#arg_vals,)* move |#(#arg_names),*| {
+                #[allow(unused_imports)]
+                use ::nnsight::tch::IndexOp as _;
+                #body
+            })
+        }}
+    }
+}
+
+fn is_compound(op: &syn::BinOp) -> bool {
+    use syn::BinOp::*;
+    matches!(op, AddAssign(_) | SubAssign(_) | MulAssign(_) | DivAssign(_))
+}
+
+/// Replaces proxy leaves in a lifted expression by closure parameters.
+struct Replacer<'a> {
+    ctx: &'a mut Ctx,
+    /// `(parameter, build-time proxy expression)`, in order.
+    leaves: Vec<(Ident, TokenStream)>,
+    params: HashSet<String>,
+}
+
+impl Replacer<'_> {
+    fn leaf(&mut self, e: &mut Expr, value: TokenStream, name: Ident) {
+        if self.params.insert(name.to_string()) {
+            self.leaves.push((name.clone(), value));
+        }
+        *e = Expr::Path(syn::ExprPath { attrs: vec![], qself: None, path: name.into() });
+    }
+
+    fn mentions_param(&self, e: &Expr) -> bool {
+        let names = Names { model: &self.ctx.model, proxies: &self.params };
+        mentions_proxy(e, &names)
+    }
+}
+
+impl VisitMut for Replacer<'_> {
+    fn visit_expr_mut(&mut self, e: &mut Expr) {
+        if let Some(hp) = hook_path(e, &self.ctx.model) {
+            let v = self.ctx.hook_read(&hp);
+            let name = self.ctx.fresh("p", hp.span);
+            return self.leaf(e, v, name);
+        }
+        if let Expr::Path(p) = e {
+            if let Some(id) = p.path.get_ident() {
+                if self.ctx.proxies.contains(&id.to_string()) {
+                    let id = id.clone();
+                    return self.leaf(e, id.to_token_stream(), id);
+                }
+            }
+            return;
+        }
+        if let Expr::MethodCall(m) = e {
+            if (m.method == "save" || m.method == "stop") && m.args.is_empty() && self.ctx.mentions(&m.receiver) {
+                let (v, _) = self.ctx.value(e);
+                let name = self.ctx.fresh("p", e.span());
+                return self.leaf(e, v, name);
+            }
+        }
+        if let Expr::Macro(_) = e {
+            if let Some(mut items) = vec_macro_items(e) {
+                for it in items.iter_mut() {
+                    self.visit_expr_mut(it);
+                }
+                *e = syn::parse_quote!(::std::vec![#(#items),*]);
+            }
+            return;
+        }
+        visit_mut::visit_expr_mut(self, e);
+        // Indexing a real value that came from a proxy is tensor indexing (tch's IndexOp).
+        if let Expr::Index(ix) = e {
+            if self.mentions_param(&ix.expr) {
+                let (base, idx) = (&ix.expr, &ix.index);
+                *e = syn::parse_quote_spanned!(ix.bracket_token.span.join()=> (#base).i(#idx));
+            }
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Recognising module paths and hook points in expressions.
+//!
+//! A module path starts at the traced model's name and goes through fields, list indices and
+//! `.next()`: `model.encoder.layer[3]`, `model.lm_head.next()`. A hook point is a module path
+//! followed by `.output`, `.input` or `.inputs` — these words always mean hook points (a child
+//! module with such a name is spelled `output_`).
+
+use proc_macro2::Span;
+use syn::spanned::Spanned;
+use syn::{Expr, Ident, Member};
+
+/// One step of a module path.
+#[derive(Clone)]
+pub enum Seg {
+    Field(Ident),
+    Index(Expr),
+    Next(Span),
+}
+
+/// Which hook point.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Point {
+    Output,
+    Input,
+    Inputs,
+}
+
+/// `model.<segs>.<point>`.
+#[derive(Clone)]
+pub struct HookPath {
+    pub root: Ident,
+    pub segs: Vec<Seg>,
+    pub point: Point,
+    /// Span of the `.output`/`.input`/`.inputs` word.
+    pub span: Span,
+    /// Span of the whole expression.
+    pub full_span: Span,
+}
+
+pub fn point_of(m: &Member) -> Option<Point> {
+    match m {
+        Member::Named(id) if id == "output" => Some(Point::Output),
+        Member::Named(id) if id == "input" => Some(Point::Input),
+        Member::Named(id) if id == "inputs" => Some(Point::Inputs),
+        _ => None,
+    }
+}
+
+/// The module path in `e`, if `e` is one rooted at `model` (no hook point in it).
+pub fn module_chain(e: &Expr, model: &Ident) -> Option<(Ident, Vec<Seg>)> {
+    match e {
+        Expr::Path(p) if p.qself.is_none() && p.path.get_ident() == Some(model) => {
+            Some((p.path.get_ident().unwrap().clone(), Vec::new()))
+        }
+        Expr::Paren(p) => module_chain(&p.expr, model),
+        Expr::Field(f) => {
+            if point_of(&f.member).is_some() {
+                return None;
+            }
+            let Member::Named(id) = &f.member else { return None };
+            let (root, mut segs) = module_chain(&f.base, model)?;
+            segs.push(Seg::Field(id.clone()));
+            Some((root, segs))
+        }
+        Expr::Index(i) => {
+            let (root, mut segs) = module_chain(&i.expr, model)?;
+            segs.push(Seg::Index((*i.index).clone()));
+            Some((root, segs))
+        }
+        Expr::MethodCall(m) if m.method == "next" && m.args.is_empty() && m.turbofish.is_none() => {
+            let (root, mut segs) = module_chain(&m.receiver, model)?;
+            segs.push(Seg::Next(m.method.span()));
+            Some((root, segs))
+        }
+        _ => None,
+    }
+}
+
+/// `e` as a hook point (`model.<module path>.output`), if it is one.
+pub fn hook_path(e: &Expr, model: &Ident) -> Option<HookPath> {
+    let Expr::Field(f) = e else { return None };
+    let point = point_of(&f.member)?;
+    let (root, segs) = module_chain(&f.base, model)?;
+    Some(HookPath { root, segs, point, span: f.member.span(), full_span: e.span() })
+}

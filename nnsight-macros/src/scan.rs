@@ -1,0 +1,141 @@
+//! Read-only questions about expressions: does it mention a proxy, which names does it use or
+//! bind, does it call `.backward()`.
+
+use std::collections::HashSet;
+
+use syn::visit::{self, Visit};
+use syn::{Expr, Ident, Pat};
+
+use crate::paths::hook_path;
+
+/// Names the block bound to proxies, and the traced model's name.
+pub struct Names<'a> {
+    pub model: &'a Ident,
+    pub proxies: &'a HashSet<String>,
+}
+
+/// True when `e` contains a hook point or a proxy name (also inside `vec![..]`).
+pub fn mentions_proxy(e: &Expr, names: &Names) -> bool {
+    struct V<'a, 'b> {
+        names: &'a Names<'b>,
+        found: bool,
+    }
+    impl<'ast> Visit<'ast> for V<'_, '_> {
+        fn visit_expr(&mut self, e: &'ast Expr) {
+            if self.found {
+                return;
+            }
+            if hook_path(e, self.names.model).is_some() {
+                self.found = true;
+                return;
+            }
+            if let Expr::Path(p) = e {
+                if let Some(id) = p.path.get_ident() {
+                    if self.names.proxies.contains(&id.to_string()) {
+                        self.found = true;
+                        return;
+                    }
+                }
+            }
+            if let Some(items) = vec_macro_items(e) {
+                for it in &items {
+                    self.visit_expr(it);
+                }
+                return;
+            }
+            visit::visit_expr(self, e);
+        }
+    }
+    let mut v = V { names, found: false };
+    v.visit_expr(e);
+    v.found
+}
+
+/// The elements of a `vec![a, b, ..]` expression.
+pub fn vec_macro_items(e: &Expr) -> Option<Vec<Expr>> {
+    let Expr::Macro(m) = e else { return None };
+    if !m.mac.path.is_ident("vec") {
+        return None;
+    }
+    let parsed = m
+        .mac
+        .parse_body_with(syn::punctuated::Punctuated::<Expr, syn::Token![,]>::parse_terminated)
+        .ok()?;
+    Some(parsed.into_iter().collect())
+}
+
+/// True when `e` calls a method named `backward` anywhere.
+pub fn calls_backward(e: &Expr) -> bool {
+    struct V(bool);
+    impl<'ast> Visit<'ast> for V {
+        fn visit_expr_method_call(&mut self, m: &'ast syn::ExprMethodCall) {
+            if m.method == "backward" || m.method == "run_backward" {
+                self.0 = true;
+            }
+            visit::visit_expr_method_call(self, m);
+        }
+    }
+    let mut v = V(false);
+    v.visit_expr(e);
+    v.0
+}
+
+/// Identifiers bound by a pattern.
+pub fn pat_idents(p: &Pat, out: &mut Vec<Ident>) {
+    struct V<'a>(&'a mut Vec<Ident>);
+    impl<'ast> Visit<'ast> for V<'_> {
+        fn visit_pat_ident(&mut self, i: &'ast syn::PatIdent) {
+            self.0.push(i.ident.clone());
+            visit::visit_pat_ident(self, i);
+        }
+    }
+    V(out).visit_pat(p);
+}
+
+/// Free variables an expression uses that a `move` closure would capture: single lowercase
+/// identifiers in value position, minus names bound inside the expression and minus `skip`.
+pub fn free_idents(e: &Expr, skip: &HashSet<String>) -> Vec<Ident> {
+    struct V<'a> {
+        bound: HashSet<String>,
+        skip: &'a HashSet<String>,
+        seen: HashSet<String>,
+        out: Vec<Ident>,
+    }
+    impl<'ast> Visit<'ast> for V<'_> {
+        fn visit_pat(&mut self, p: &'ast Pat) {
+            let mut ids = Vec::new();
+            pat_idents(p, &mut ids);
+            self.bound.extend(ids.into_iter().map(|i| i.to_string()));
+            visit::visit_pat(self, p);
+        }
+        fn visit_expr_path(&mut self, p: &'ast syn::ExprPath) {
+            if let Some(id) = p.path.get_ident() {
+                let s = id.to_string();
+                let lower = s.chars().next().is_some_and(|c| c.is_lowercase() || c == '_');
+                if lower && s != "self" && !self.bound.contains(&s) && !self.skip.contains(&s) && self.seen.insert(s) {
+                    self.out.push(id.clone());
+                }
+            }
+        }
+        fn visit_expr_macro(&mut self, m: &'ast syn::ExprMacro) {
+            if let Some(items) = vec_macro_items(&Expr::Macro(m.clone())) {
+                for it in &items {
+                    self.visit_expr(it);
+                }
+            }
+        }
+    }
+    let mut v = V { bound: HashSet::new(), skip, seen: HashSet::new(), out: Vec::new() };
+    // Names bound anywhere inside (closure parameters, lets, loop and match patterns) first.
+    struct B<'a>(&'a mut HashSet<String>);
+    impl<'ast> Visit<'ast> for B<'_> {
+        fn visit_pat(&mut self, p: &'ast Pat) {
+            let mut ids = Vec::new();
+            pat_idents(p, &mut ids);
+            self.0.extend(ids.into_iter().map(|i| i.to_string()));
+        }
+    }
+    B(&mut v.bound).visit_expr(e);
+    v.visit_expr(e);
+    v.out
+}

@@ -1,0 +1,150 @@
+//! `trace!` on tiny tch models; right values from plain tch (the same math without hooks).
+
+mod common;
+
+use common::tiny::{input, stack, twice};
+use nnsight::prelude::*;
+use nnsight::tch::nn;
+
+fn layer(model: &Hooked<common::tiny::Stack>, i: usize, x: &Tensor) -> Tensor {
+    nn::Module::forward(model.layers[i].inner(), x)
+}
+
+#[test]
+fn save_and_compute_on_proxies() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = stack(&vs, 3);
+    let x = input(2, 11);
+    let (h0, s) = trace!(model, &x, {
+        let h0 = model.layers[0].output.save();
+        let s = (model.layers[1].output.sum(Kind::Float) * 2.0).save();
+        (h0, s)
+    })
+    .unwrap();
+    let e0 = tch::no_grad(|| layer(&model, 0, &x));
+    let e1 = tch::no_grad(|| layer(&model, 1, &e0.tanh()));
+    assert!(h0.equal(&e0));
+    assert!(s.allclose(&(e1.sum(Kind::Float) * 2.0), 1e-6, 1e-6, false));
+}
+
+#[test]
+fn swap_and_inplace_edit() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = stack(&vs, 3);
+    let x = input(2, 12);
+    let scale = 3.0;
+    let out = trace!(model, &x, {
+        model.layers[0].output = model.layers[0].output * scale;
+        model.layers[1].output[.., 0] = 0.0;
+        model.layers[2].output.save()
+    })
+    .unwrap();
+    let expected = tch::no_grad(|| {
+        let h = (layer(&model, 0, &x) * scale).tanh();
+        let h1 = layer(&model, 1, &h);
+        let _ = h1.i((.., 0)).fill_(0.0);
+        layer(&model, 2, &h1.tanh())
+    });
+    assert!(out.equal(&expected));
+}
+
+#[test]
+fn two_invokes_patch_and_loops() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = stack(&vs, 3);
+    let (a, b) = (input(1, 1), input(1, 2));
+    let (outs, patched) = trace!(model, {
+        invoke(&a) {
+            let clean = model.layers[1].output;
+            let mut outs = Vec::new();
+            for l in 0..3 {
+                outs.push(model.layers[l].output.save());
+            }
+        }
+        invoke(&b) {
+            model.layers[1].output[.., 1] = clean[.., 1];
+            (outs, model.layers[2].output.save())
+        }
+    })
+    .unwrap();
+    let x = Tensor::cat(&[&a, &b], 0);
+    let clean: Vec<Tensor> = tch::no_grad(|| {
+        let mut h = x.shallow_clone();
+        (0..3).map(|i| { let o = layer(&model, i, &h); h = o.tanh(); o }).collect()
+    });
+    for (l, o) in outs.iter().enumerate() {
+        assert!(o.equal(&clean[l].narrow(0, 0, 1)), "layer {l}");
+    }
+    let expected = tch::no_grad(|| {
+        let h1 = clean[1].copy();
+        let src = h1.i((0..1, 1)).copy();
+        let _ = h1.i((1..2, 1)).copy_(&src);
+        layer(&model, 2, &h1.tanh()).narrow(0, 1, 1)
+    });
+    assert!(patched.equal(&expected));
+}
+
+#[test]
+fn next_addresses_later_calls_and_stop_ends_early() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = twice(&vs);
+    let x = input(1, 3);
+    let (c0, c1) = trace!(model, &x, {
+        let c0 = model.lin.output.save();
+        let c1 = model.lin.next().output.save();
+        c1.stop();
+        (c0, c1)
+    })
+    .unwrap();
+    let lin = model.lin.inner();
+    let e0 = tch::no_grad(|| nn::Module::forward(lin, &x));
+    let e1 = tch::no_grad(|| nn::Module::forward(lin, &e0.relu()));
+    assert!(c0.equal(&e0) && c1.equal(&e1));
+    // After the stop, `post` never ran: asking for its output is a clear error.
+    let err = trace!(model, &x, {
+        model.lin.output.stop();
+        model.post.output.save()
+    })
+    .unwrap_err();
+    assert!(matches!(err, nnsight::Error::NotComputed { .. }), "{err}");
+    assert!(err.to_string().contains("stopped early"), "{err}");
+}
+
+#[test]
+fn conditional_runs_only_when_true() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = stack(&vs, 2);
+    let x = input(1, 4);
+    let out = trace!(model, &x, {
+        if model.layers[0].output.sum(Kind::Float).double_value(&[]) > 1e9 {
+            model.layers[0].output[..] = 0.0;
+        }
+        model.layers[1].output.save()
+    })
+    .unwrap();
+    let plain = tch::no_grad(|| layer(&model, 1, &layer(&model, 0, &x).tanh()));
+    assert!(out.equal(&plain));
+    // The same edit under a condition that holds: layer 1 then sees tanh(0) = 0.
+    let out = trace!(model, &x, {
+        if model.layers[0].output.sum(Kind::Float).double_value(&[]) > -1e9 {
+            model.layers[0].output[..] = 0.0;
+        } else {
+            model.layers[0].output[..] = 1.0;
+        }
+        model.layers[1].output.save()
+    })
+    .unwrap();
+    let zeroed = tch::no_grad(|| layer(&model, 1, &x.zeros_like()));
+    assert!(out.equal(&zeroed));
+}
+
+#[test]
+fn index_past_end_is_an_error_before_the_run() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = stack(&vs, 2);
+    let err = trace!(model, input(1, 1), {
+        model.layers[-3].output.save()
+    })
+    .unwrap_err();
+    assert_eq!(err.to_string(), "index -3 is out of range for module list `layers` of length 2");
+}
