@@ -1,0 +1,287 @@
+//! Text models with their tokenizer: what `trace!` runs on sentences (nnsight's `LanguageModel`).
+//!
+//! ```ignore
+//! let lm = LanguageModel::<Bert>::from_pretrained(&dir)?;         // config, weights, tokenizer
+//! let hidden = lm.forward(&["The Eiffel Tower is in the city of Paris."])?;
+//! let h2 = trace!(lm, "The Colosseum is in the city of Rome.", {
+//!     lm.encoder.layer[2].output.save()                          // Deref reaches the modules
+//! })?;
+//! ```
+//!
+//! Tokenization follows transformers' `tokenizer(texts, padding=True)`: special tokens added,
+//! right padding to the longest sentence of the batch with the tokenizer's pad token, no
+//! truncation. A `tokenizer.json` may carry its own padding (all-MiniLM-L6-v2's pads every
+//! sentence to a fixed 128 tokens) and truncation settings; both are replaced on load.
+
+use std::fmt;
+use std::ops::Deref;
+use std::panic::{self, AssertUnwindSafe};
+use std::path::Path;
+
+use tch::{Device, Tensor};
+use tokenizers::{PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer};
+
+use crate::error::{panic_message, Error, Result};
+use crate::hook::{AsModule, HookModule, Hooked};
+use crate::interleave::is_tracing;
+use crate::tracer::{IntoInvoke, Traced};
+
+/// A tokenized batch: every tensor is `[batch, seq]` i64 on the model's device, padded on the
+/// right to the longest sentence.
+#[derive(Debug)]
+pub struct TextBatch {
+    /// Token ids `[batch, seq]` (padding positions hold the pad id, `[PAD]` = 0 for BERT).
+    pub input_ids: Tensor,
+    /// `[batch, seq]`: 1 for real tokens, 0 for padding.
+    pub attention_mask: Tensor,
+    /// Segment ids `[batch, seq]` (all 0 for single sentences).
+    pub token_type_ids: Tensor,
+    /// The tokens as strings, one `Vec` of length `seq` per row (`"[CLS]"`, `"the"`, ..., `"[PAD]"`).
+    pub tokens: Vec<Vec<String>>,
+}
+
+impl TextBatch {
+    /// Number of rows.
+    pub fn batch_size(&self) -> i64 {
+        self.input_ids.size()[0]
+    }
+
+    /// Number of positions (the longest sentence, in tokens).
+    pub fn seq_len(&self) -> i64 {
+        self.input_ids.size()[1]
+    }
+}
+
+/// A model that runs on tokenized text and can be loaded from a Hugging Face folder.
+pub trait TextModel: HookModule + Sized {
+    /// Loads config and weights from the checkpoint folder `dir` onto `device`.
+    fn load(dir: &Path, device: Device) -> Result<Self>;
+
+    /// The forward's input built from a tokenized batch (tensors already on the model's device).
+    fn text_input(&self, batch: &TextBatch) -> Self::Input;
+
+    /// Longest input, in tokens, the model accepts (e.g. `max_position_embeddings`); `None`
+    /// for no limit. Longer inputs are an [`Error::Input`] before the model runs.
+    fn max_positions(&self) -> Option<i64> {
+        None
+    }
+}
+
+/// A text model with its tokenizer, traceable with `trace!` on strings.
+///
+/// Holds the model as the root hooked module (module path `""`, so `model.output` is the
+/// model's own output) and dereferences to it: `lm.encoder.layer[3]` reaches the modules.
+/// Each invoke takes one or more sentences (`&str`, `String`, `&[&str]`, `Vec<String>`,
+/// `[&str; N]`, ...); all sentences of a trace are tokenized together and padded on the right
+/// to the longest of the whole batch, so a row's real tokens compute the same values as when
+/// run alone.
+pub struct LanguageModel<M> {
+    root: Hooked<M>,
+    tokenizer: Tokenizer,
+    device: Device,
+}
+
+impl<M: TextModel> LanguageModel<M> {
+    /// Loads the model (see [`TextModel::load`]) and `tokenizer.json` from the folder `dir`,
+    /// on the CPU.
+    ///
+    /// Errors name the file: [`Error::Io`] for a missing folder or file, [`Error::Config`],
+    /// [`Error::MissingWeight`], [`Error::WeightShape`] from the model, [`Error::Tokenizer`] for
+    /// a `tokenizer.json` the tokenizers crate cannot read.
+    pub fn from_pretrained(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::from_pretrained_on(dir, Device::Cpu)
+    }
+
+    /// [`LanguageModel::from_pretrained`] with the weights (and token tensors) on `device`.
+    pub fn from_pretrained_on(dir: impl AsRef<Path>, device: Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        crate::models::check_model_dir(dir)?;
+        let model = M::load(dir, device)?;
+        let tokenizer = load_tokenizer(&dir.join("tokenizer.json"))?;
+        Self::from_parts(model, tokenizer, device)
+    }
+
+    /// Wraps an already built model and tokenizer. The tokenizer's padding is set to
+    /// "longest in batch, right side" with its own pad token (from its padding settings, else
+    /// `[PAD]`), and truncation is switched off.
+    pub fn from_parts(model: M, mut tokenizer: Tokenizer, device: Device) -> Result<Self> {
+        let pad = match tokenizer.get_padding() {
+            Some(p) => Some((p.pad_id, p.pad_type_id, p.pad_token.clone())),
+            None => tokenizer.token_to_id("[PAD]").map(|id| (id, 0, "[PAD]".to_string())),
+        };
+        tokenizer.with_padding(pad.map(|(pad_id, pad_type_id, pad_token)| PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            direction: PaddingDirection::Right,
+            pad_to_multiple_of: None,
+            pad_id,
+            pad_type_id,
+            pad_token,
+        }));
+        tokenizer.with_truncation(None).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(LanguageModel { root: Hooked::with_path("", model), tokenizer, device })
+    }
+
+    /// The tokenizer (padding and truncation already set as described on the type).
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The root hooked module (module path `""`).
+    pub fn root(&self) -> &Hooked<M> {
+        &self.root
+    }
+
+    /// The device of the model and of the token tensors.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Tokenizes `texts` into one batch: `[batch, seq]` tensors, `batch = texts.len()`,
+    /// `seq` = the longest sentence in tokens (special tokens included), right padding.
+    ///
+    /// Errors: [`Error::Input`] for an empty list or a sentence longer than the model accepts;
+    /// [`Error::Tokenizer`] when tokenization fails.
+    pub fn tokenize(&self, texts: &[&str]) -> Result<TextBatch> {
+        if texts.is_empty() {
+            return Err(Error::Input("nothing to tokenize: give at least one sentence".into()));
+        }
+        let encodings =
+            self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let seq = encodings.iter().map(|e| e.len()).max().unwrap_or(0);
+        if let Some((i, e)) = encodings.iter().enumerate().find(|(_, e)| e.len() != seq) {
+            return Err(Error::Tokenizer(format!(
+                "sentence {i} has {} tokens and the longest has {seq}, but the tokenizer has no padding token",
+                e.len()
+            )));
+        }
+        if let Some(max) = self.root.max_positions() {
+            if seq as i64 > max {
+                return Err(Error::Input(format!(
+                    "the longest sentence has {seq} tokens; the model accepts at most {max} (max_position_embeddings)"
+                )));
+            }
+        }
+        let flat = |f: fn(&tokenizers::Encoding) -> &[u32]| -> Tensor {
+            let v: Vec<i64> = encodings.iter().flat_map(|e| f(e).iter().map(|&x| x as i64)).collect();
+            Tensor::from_slice(&v).view([encodings.len() as i64, seq as i64]).to_device(self.device)
+        };
+        Ok(TextBatch {
+            input_ids: flat(|e| e.get_ids()),
+            attention_mask: flat(|e| e.get_attention_mask()),
+            token_type_ids: flat(|e| e.get_type_ids()),
+            tokens: encodings.iter().map(|e| e.get_tokens().to_vec()).collect(),
+        })
+    }
+
+    /// Plain forward pass (no trace) on `texts` batched as in [`LanguageModel::tokenize`], for
+    /// inference: it runs under `no_grad` (for gradients, trace with `.backward()`). For BERT
+    /// the result is `last_hidden_state [batch, seq, hidden]`. A panic inside the model becomes
+    /// [`Error::Model`].
+    pub fn forward(&self, texts: &[&str]) -> Result<M::Output> {
+        let batch = self.tokenize(texts)?;
+        let input = self.root.text_input(&batch);
+        if is_tracing() {
+            return Ok(self.root.call(input));
+        }
+        tch::no_grad(|| panic::catch_unwind(AssertUnwindSafe(|| self.root.call(input))))
+            .map_err(|p| Error::Model(panic_message(&*p)))
+    }
+}
+
+/// Reads a `tokenizer.json` ([`Error::Io`] if missing, [`Error::Tokenizer`] if unreadable).
+fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let p = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: p.clone(), source })?;
+    text.parse::<Tokenizer>().map_err(|e| Error::Tokenizer(format!("cannot load `{p}`: {e}")))
+}
+
+impl<M> Deref for LanguageModel<M> {
+    type Target = Hooked<M>;
+    fn deref(&self) -> &Hooked<M> {
+        &self.root
+    }
+}
+
+impl<M: fmt::Debug> fmt::Debug for LanguageModel<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LanguageModel").field("root", &self.root).field("device", &self.device).finish_non_exhaustive()
+    }
+}
+
+impl<M: TextModel> AsModule for LanguageModel<M> {
+    type Module = M;
+    fn as_module(&self) -> &Hooked<M> {
+        &self.root
+    }
+}
+
+/// One invoke is one or more sentences; they become that many batch rows.
+impl<M: TextModel> Traced for LanguageModel<M> {
+    type Invoke = Vec<String>;
+
+    fn invoke_rows(&self, invoke: &Vec<String>) -> Result<i64> {
+        if invoke.is_empty() {
+            return Err(Error::Input("an invoke needs at least one sentence, got an empty list".into()));
+        }
+        Ok(invoke.len() as i64)
+    }
+
+    fn forward_invokes(&self, invokes: &[Vec<String>]) -> Result<()> {
+        let texts: Vec<&str> = invokes.iter().flatten().map(String::as_str).collect();
+        let batch = self.tokenize(&texts)?;
+        self.root.call(self.root.text_input(&batch));
+        Ok(())
+    }
+}
+
+fn sentences<S: AsRef<str>>(texts: impl IntoIterator<Item = S>) -> Result<Vec<String>> {
+    let v: Vec<String> = texts.into_iter().map(|s| s.as_ref().to_string()).collect();
+    if v.is_empty() {
+        return Err(Error::Input("an invoke needs at least one sentence, got an empty list".into()));
+    }
+    Ok(v)
+}
+
+macro_rules! text_invokes {
+    ($($(#[$doc:meta])* [$($lt:lifetime),*] $t:ty => |$x:ident| $e:expr;)*) => {$(
+        $(#[$doc])*
+        impl<$($lt,)* M: TextModel> IntoInvoke<LanguageModel<M>> for $t {
+            fn into_invoke(self, _: &LanguageModel<M>) -> Result<Vec<String>> {
+                let $x = self;
+                $e
+            }
+        }
+    )*};
+}
+text_invokes! {
+    /// One sentence.
+    ['a] &'a str => |s| Ok(vec![s.to_string()]);
+    /// One sentence.
+    [] String => |s| Ok(vec![s]);
+    /// One sentence.
+    ['a] &'a String => |s| Ok(vec![s.clone()]);
+    /// Several sentences, one row each.
+    ['a, 'b] &'a [&'b str] => |v| sentences(v);
+    /// Several sentences, one row each.
+    ['a] &'a [String] => |v| sentences(v);
+    /// Several sentences, one row each.
+    ['a] Vec<&'a str> => |v| sentences(v);
+    /// Several sentences, one row each.
+    [] Vec<String> => |v| sentences(v);
+    /// Several sentences, one row each.
+    ['a] &'a Vec<String> => |v| sentences(v);
+}
+
+/// Several sentences, one row each.
+impl<M: TextModel, const N: usize> IntoInvoke<LanguageModel<M>> for [&str; N] {
+    fn into_invoke(self, _: &LanguageModel<M>) -> Result<Vec<String>> {
+        sentences(self)
+    }
+}
+
+/// Several sentences, one row each.
+impl<M: TextModel, const N: usize> IntoInvoke<LanguageModel<M>> for &[&str; N] {
+    fn into_invoke(self, _: &LanguageModel<M>) -> Result<Vec<String>> {
+        sentences(self)
+    }
+}
