@@ -15,7 +15,7 @@
 //! unwinds while building, the graph leaks instead of being dropped; nothing is hooked then.)
 
 use proc_macro2::TokenStream;
-use quote::{format_ident, quote};
+use quote::{format_ident, quote, quote_spanned};
 
 use crate::ast::TraceInput;
 use crate::lower::Ctx;
@@ -29,6 +29,7 @@ pub fn trace(input: TraceInput) -> TokenStream {
     }
     let mut body = TokenStream::new();
     let mut value = quote!(());
+    let mut value_span = proc_macro2::Span::call_site();
     let n = input.segments.len();
     let mut invokes = 0usize;
     for (i, seg) in input.segments.iter().enumerate() {
@@ -45,6 +46,7 @@ pub fn trace(input: TraceInput) -> TokenStream {
         body.extend(stmts);
         if let Some(t) = tail {
             if i + 1 == n {
+                value_span = seg.stmts.last().map(syn::spanned::Spanned::span).unwrap_or(value_span);
                 value = t;
             } else {
                 body.extend(quote!(let _ = #t;));
@@ -63,12 +65,13 @@ pub fn trace(input: TraceInput) -> TokenStream {
         // Fail soft: only the real errors, and an expression of a plausible type.
         return quote!({ #(#errors)* ::core::result::Result::<(), ::nnsight::Error>::Ok(()) });
     }
+    let finish = quote_spanned!(value_span=> ::nnsight::Tracer::finish(::core::mem::ManuallyDrop::into_inner(#tr), __nn_value));
     quote! {{
         #[allow(unused_mut)]
         let mut #tr = ::core::mem::ManuallyDrop::new(::nnsight::Tracer::new(&#model));
         #grad
         #body
         let __nn_value = #value;
-        ::nnsight::Tracer::finish(::core::mem::ManuallyDrop::into_inner(#tr), __nn_value)
+        #finish
     }}
 }

@@ -228,20 +228,18 @@ impl Ctx {
     fn assign(&mut self, a: &syn::ExprAssign) -> TokenStream {
         let tr = self.tr.clone();
         if let Some(hp) = hook_path(&a.left, &self.model) {
-            // The new value first (so `x.next().output = x.output * 2` reads call 0).
             let value = self.swap_value(&a.right);
             let Some((call, nexts)) = self.module_access(&hp) else { return quote!(()) };
             let Some(group) = self.group.clone() else { return self.outside_invoke(hp.full_span) };
             let method = match hp.point {
-                Point::Output => format_ident!("swap_output", span = hp.span),
-                Point::Input => format_ident!("swap_input", span = hp.span),
-                Point::Inputs => format_ident!("swap_inputs", span = hp.span),
+                Point::Output => format_ident!("swap_output_with", span = hp.span),
+                Point::Input => format_ident!("swap_input_with", span = hp.span),
+                Point::Inputs => format_ident!("swap_inputs_with", span = hp.span),
             };
-            let v = self.fresh("swap", a.right.span());
-            return quote_spanned! {a.span()=> {
-                let #v = #value;
-                #tr.#method(#group, #nexts, #call, #v);
-            }};
+            // The value is built first, inside a closure whose return type the hook point fixes.
+            return quote_spanned! {a.span()=>
+                #tr.#method(#group, #nexts, #call, |#tr| #value)
+            };
         }
         if let Expr::Field(f) = &*a.left {
             if f.member == syn::Member::Named(Ident::new("grad", Span::call_site())) && self.mentions(&f.base) {
@@ -306,7 +304,8 @@ impl Ctx {
         let direct = hook_path(rhs, &self.model).is_some()
             || matches!(rhs, Expr::Path(p) if p.path.get_ident().is_some_and(|i| self.proxies.contains(&i.to_string())));
         if direct {
-            self.value(rhs).0
+            let (v, _) = self.value(rhs);
+            quote_spanned!(rhs.span()=> ::nnsight::__private::as_proxy(#v))
         } else {
             self.lift(rhs, Some(quote_spanned!(rhs.span()=> ::nnsight::__private::into_value)))
         }

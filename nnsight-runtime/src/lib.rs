@@ -23,7 +23,7 @@ pub use interleave::{is_tracing, Outcome};
 pub use language_model::{LanguageModel, TextBatch, TextModel};
 pub use models::bert::{Bert, BertConfig};
 pub use proxy::{NodeId, Proxy, ProxyRef, Saved};
-pub use tracer::{Group, IntoInvoke, Resolve, Traced, Tracer};
+pub use tracer::{Group, IntoInvoke, Resolve, SwapValue, Traced, Tracer};
 pub use tch;
 #[doc(hidden)]
 pub mod private;

@@ -52,12 +52,8 @@ impl<'a, T: ?Sized> CapByRef for &Cap<'a, T> {
     }
 }
 
-/// The new value of a hook point holding `T`, from what a swap's right-hand side computed.
-#[diagnostic::on_unimplemented(
-    message = "cannot use `{Self}` as the new value of a hook point that holds `{T}`",
-    label = "this value is assigned to the hook point",
-    note = "a swap replaces the whole value; to set elements in place, index the hook point: `model.x.output[.., 0] = 0.0`"
-)]
+/// An owned value from what a swap's right-hand side computed (a borrowed tensor captured from
+/// outside the trace is shared with `shallow_clone`).
 pub trait IntoValue<T> {
     /// Convert.
     fn into_value(self) -> T;
@@ -124,4 +120,9 @@ pub fn assign(dst: &Tensor, value: impl AssignValue) {
 /// A tensor handle sharing `t`'s storage, for in-place compound assignment (`h += x`).
 pub fn view(t: &Tensor) -> Tensor {
     t.shallow_clone()
+}
+
+/// The node of a proxy or saved proxy as a plain [`crate::Proxy`].
+pub fn as_proxy<P: crate::ProxyRef>(p: P) -> crate::Proxy<P::Value> {
+    crate::Proxy::new(p.node())
 }

@@ -19,7 +19,8 @@ pub struct Proxy<T> {
 }
 
 impl<T> Proxy<T> {
-    pub(crate) fn new(id: NodeId) -> Self {
+    #[doc(hidden)]
+    pub fn new(id: NodeId) -> Self {
         Proxy { id, _t: PhantomData }
     }
 }

@@ -275,6 +275,44 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         self.swap(group, nexts, Io::Input, Part::First, path, value.node())
     }
 
+    /// Like [`Tracer::swap_output`], with the new value built by `value` (called first, so a
+    /// value read from this module's current call is taken before `.next()` moves on). The
+    /// value's type is fixed by the module, which lets rustc check what is assigned.
+    pub fn swap_output_with<Mo: AsModule + 'env, V: SwapValue<<Mo::Module as HookModule>::Output>>(
+        &mut self,
+        group: Group,
+        nexts: usize,
+        path: impl FnOnce() -> Result<&'env Mo>,
+        value: impl FnOnce(&mut Self) -> Proxy<V>,
+    ) {
+        let v = value(self);
+        self.swap(group, nexts, Io::Output, Part::Whole, path, v.id)
+    }
+
+    /// [`Tracer::swap_inputs`] with the value built by `value` (see [`Tracer::swap_output_with`]).
+    pub fn swap_inputs_with<Mo: AsModule + 'env, V: SwapValue<<Mo::Module as HookModule>::Input>>(
+        &mut self,
+        group: Group,
+        nexts: usize,
+        path: impl FnOnce() -> Result<&'env Mo>,
+        value: impl FnOnce(&mut Self) -> Proxy<V>,
+    ) {
+        let v = value(self);
+        self.swap(group, nexts, Io::Input, Part::Whole, path, v.id)
+    }
+
+    /// [`Tracer::swap_input`] with the value built by `value` (see [`Tracer::swap_output_with`]).
+    pub fn swap_input_with<Mo: AsModule + 'env, V: SwapValue<<<Mo::Module as HookModule>::Input as Activation>::First>>(
+        &mut self,
+        group: Group,
+        nexts: usize,
+        path: impl FnOnce() -> Result<&'env Mo>,
+        value: impl FnOnce(&mut Self) -> Proxy<V>,
+    ) {
+        let v = value(self);
+        self.swap(group, nexts, Io::Input, Part::First, path, v.id)
+    }
+
     /// Declares `edit` (a node that changes `target`'s value in place, e.g. `h[.., 0] = 0.0`) as
     /// an edit of the hook point `target` was read from: it must run before that module returns,
     /// else the run fails with [`Error::NotReady`]. No-op when `target` is not a hook read.
@@ -383,6 +421,16 @@ applies! {
     apply7: P0 p0 0, P1 p1 1, P2 p2 2, P3 p3 3, P4 p4 4, P5 p5 5, P6 p6 6;
     apply8: P0 p0 0, P1 p1 1, P2 p2 2, P3 p3 3, P4 p4 4, P5 p5 5, P6 p6 6, P7 p7 7;
 }
+
+/// What a hook point holding `T` can be set to: `T` itself (checked by rustc at the
+/// assignment in `trace!`).
+#[diagnostic::on_unimplemented(
+    message = "cannot assign a `{Self}` to a hook point that holds `{T}`",
+    label = "the new value is a `{Self}`, the hook point holds `{T}`",
+    note = "a swap replaces the whole value; to set elements in place, index the hook point: `model.x.output[.., 0] = 0.0`"
+)]
+pub trait SwapValue<T> {}
+impl<T> SwapValue<T> for T {}
 
 /// Turns what a trace block returns into plain values after the run: [`Saved<T>`] becomes `T`;
 /// tuples, `Vec`, `Option` and plain values are converted element by element.
