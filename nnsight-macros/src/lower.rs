@@ -413,7 +413,7 @@ impl Ctx {
 
     /// Lifts `e` into one apply node. Every hook point, proxy name and `.save()`d proxy in it
     /// becomes a closure argument holding the real value (`&T`); indexing on those values
-    /// becomes tch's `.i(..)`; other free variables are captured (copied when `Copy`, borrowed
+    /// becomes tch's `.i(..)` for tensors (element copy for `Vec`s); other free variables are captured (copied when `Copy`, borrowed
     /// otherwise). `convert` wraps the body (used to turn a swap's value into the hook point's
     /// type).
     fn lift(&mut self, e: &Expr, convert: Option<TokenStream>) -> TokenStream {
@@ -447,7 +447,7 @@ impl Ctx {
             #(let #captures = (&::nnsight::__private::Cap(&#captures)).__nn_cap();)*
             #tr.#apply(#(#arg_vals,)* move |#(#arg_names),*| {
                 #[allow(unused_imports)]
-                use ::nnsight::tch::IndexOp as _;
+                use ::nnsight::__private::At as _;
                 #body
             })
         }}
@@ -518,7 +518,7 @@ impl VisitMut for Replacer<'_> {
         if let Expr::Index(ix) = e {
             if self.mentions_param(&ix.expr) {
                 let (base, idx) = (&ix.expr, &ix.index);
-                *e = syn::parse_quote_spanned!(ix.bracket_token.span.join()=> (#base).i(#idx));
+                *e = syn::parse_quote_spanned!(ix.bracket_token.span.join()=> (#base).__nn_at(#idx));
             }
         }
     }

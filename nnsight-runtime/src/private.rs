@@ -126,3 +126,34 @@ pub fn view(t: &Tensor) -> Tensor {
 pub fn as_proxy<P: crate::ProxyRef>(p: P) -> crate::Proxy<P::Value> {
     crate::Proxy::new(p.node())
 }
+
+/// Indexing inside lifted expressions: `x[i]` on a value that came from a proxy. Tensors use
+/// tch's `IndexOp` (`h[.., 0]` → `h.i((.., 0))`, a view); `Vec`s and slices give a copy of the
+/// element (`h.size()[0]`).
+pub trait At<I> {
+    /// The element or view.
+    type Output;
+    /// `self[i]`.
+    fn __nn_at(&self, i: I) -> Self::Output;
+}
+impl<I> At<I> for Tensor
+where
+    Tensor: tch::IndexOp<I>,
+{
+    type Output = Tensor;
+    fn __nn_at(&self, i: I) -> Tensor {
+        tch::IndexOp::i(self, i)
+    }
+}
+impl<T: Clone> At<usize> for Vec<T> {
+    type Output = T;
+    fn __nn_at(&self, i: usize) -> T {
+        self[i].clone()
+    }
+}
+impl<T: Clone> At<usize> for [T] {
+    type Output = T;
+    fn __nn_at(&self, i: usize) -> T {
+        self[i].clone()
+    }
+}

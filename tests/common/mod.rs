@@ -1,1 +1,2 @@
+pub mod minilm;
 pub mod tiny;
