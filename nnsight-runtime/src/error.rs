@@ -137,6 +137,11 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
+    /// Registering, running or removing a tensor gradient hook failed (see `tensor_hook`): the
+    /// message names where the hook was registered.
+    #[error("gradient hook: {0}")]
+    GradHook(String),
+
     /// An error from libtorch outside any node.
     #[error(transparent)]
     Tch(#[from] tch::TchError),

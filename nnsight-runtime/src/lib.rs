@@ -13,6 +13,7 @@ pub mod interleave;
 pub mod language_model;
 pub mod models;
 pub mod proxy;
+pub mod tensor_hook;
 pub mod tracer;
 
 pub use activation::Activation;
@@ -23,6 +24,7 @@ pub use interleave::{is_tracing, Outcome};
 pub use language_model::{LanguageModel, TextBatch, TextModel};
 pub use models::bert::{Bert, BertConfig};
 pub use proxy::{NodeId, Proxy, ProxyRef, Saved};
+pub use tensor_hook::{register_grad_hook, retain_grad, retains_grad, GradHook, GradHooks};
 pub use tracer::{Group, IntoInvoke, Resolve, SwapValue, Traced, Tracer};
 pub use tch;
 #[doc(hidden)]
