@@ -157,3 +157,25 @@ fn module_that_never_runs_is_reported_and_the_next_trace_works() {
     let traced = trace!(model, PARIS, { model.encoder.layer[5].output.save() }).unwrap();
     assert!(traced.equal(&plain));
 }
+
+#[test]
+fn module_tree_lists_every_hook_point_by_checkpoint_name() {
+    use nnsight::ModuleTree;
+    let model = minilm();
+    let modules = model.modules();
+    // Hand count: root, embeddings (+4 children), encoder, and per layer: the layer, attention,
+    // attention.self (+query, key, value), attention.output (+dense, LayerNorm), intermediate
+    // (+dense, intermediate_act_fn), output (+dense, LayerNorm) = 15 per layer.
+    assert_eq!(modules.len(), 1 + 5 + 1 + 6 * 15);
+    assert_eq!(modules[0], ("".to_string(), "Bert"));
+    assert!(modules.contains(&("encoder.layer.5.attention.self".to_string(), "BertSelfAttention")));
+    assert!(modules.contains(&("encoder.layer.0.output.LayerNorm".to_string(), "LayerNorm")));
+    // Every leaf module path is the prefix of a checkpoint key (`<path>.weight`).
+    let vars = nnsight::tch::Tensor::read_safetensors(common::minilm::minilm_dir().join("model.safetensors")).unwrap();
+    let keys: Vec<String> = vars.into_iter().map(|(k, _)| k).collect();
+    for (path, ty) in &modules {
+        if ["Linear", "LayerNorm", "Embedding"].contains(ty) {
+            assert!(keys.contains(&format!("{path}.weight")), "{path} has no weight in the checkpoint");
+        }
+    }
+}

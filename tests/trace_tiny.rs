@@ -148,3 +148,13 @@ fn index_past_end_is_an_error_before_the_run() {
     .unwrap_err();
     assert_eq!(err.to_string(), "index -3 is out of range for module list `layers` of length 2");
 }
+
+#[test]
+fn derived_module_tree_lists_paths() {
+    use nnsight::ModuleTree;
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = stack(&vs, 3);
+    let paths: Vec<String> = model.modules().into_iter().map(|(p, _)| p).collect();
+    assert_eq!(paths, vec!["", "layers.0", "layers.1", "layers.2"]);
+    assert_eq!(model.module_tree(), "<root>: Stack  []\n  0: Linear  [layers.0]\n  1: Linear  [layers.1]\n  2: Linear  [layers.2]\n");
+}

@@ -9,6 +9,7 @@
 use proc_macro::TokenStream;
 
 mod ast;
+mod derive;
 mod expand;
 mod lower;
 mod paths;
@@ -22,4 +23,15 @@ mod scan;
 pub fn trace(input: TokenStream) -> TokenStream {
     let input = syn::parse_macro_input!(input as ast::TraceInput);
     expand::trace(input).into()
+}
+
+/// Derives `ModuleTree` for a model struct: the walk over its `Hooked` fields (also inside
+/// `Vec`/`Option`), used to list module paths and print the module tree. A module field may not
+/// be named `output`, `input` or `inputs` (those are hook points in `trace!`): name it `output_`.
+/// Fields that are not modules are skipped; `#[module(skip)]` skips one explicitly;
+/// `#[module(crate = "path")]` names the runtime crate when it is not `::nnsight`.
+#[proc_macro_derive(ModuleTree, attributes(module))]
+pub fn derive_module_tree(input: TokenStream) -> TokenStream {
+    let input = syn::parse_macro_input!(input as syn::DeriveInput);
+    derive::derive(&input).unwrap_or_else(syn::Error::into_compile_error).into()
 }

@@ -208,6 +208,12 @@ impl<M: fmt::Debug> fmt::Debug for LanguageModel<M> {
     }
 }
 
+impl<M: TextModel + crate::tree::ModuleTree> crate::tree::ModuleTree for LanguageModel<M> {
+    fn visit_modules(&self, f: &mut dyn FnMut(&str, &'static str)) {
+        self.root().visit_modules(f)
+    }
+}
+
 impl<M: TextModel> AsModule for LanguageModel<M> {
     type Module = M;
     fn as_module(&self) -> &Hooked<M> {

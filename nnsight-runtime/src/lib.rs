@@ -15,6 +15,7 @@ pub mod models;
 pub mod proxy;
 pub mod tensor_hook;
 pub mod tracer;
+pub mod tree;
 
 pub use activation::Activation;
 pub use error::{Error, Result};
@@ -26,6 +27,8 @@ pub use models::bert::{Bert, BertConfig};
 pub use proxy::{NodeId, Proxy, ProxyRef, Saved};
 pub use tensor_hook::{register_grad_hook, retain_grad, retains_grad, GradHook, GradHooks};
 pub use tracer::{Group, IntoInvoke, Resolve, SwapValue, Traced, Tracer};
+pub use tree::ModuleTree;
+pub use nnsight_macros::ModuleTree;
 pub use tch;
 #[doc(hidden)]
 pub mod private;

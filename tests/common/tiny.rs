@@ -2,9 +2,10 @@
 #![allow(dead_code)]
 
 use nnsight::tch::{nn, Device, Kind, Tensor};
-use nnsight::{HookModule, Hooked};
+use nnsight::{HookModule, Hooked, ModuleTree};
 
 /// One `Linear(4, 4)` applied twice: a module called twice per forward pass.
+#[derive(ModuleTree)]
 pub struct Twice {
     pub lin: Hooked<nn::Linear>,
     pub post: Hooked<nn::Linear>,
@@ -21,6 +22,7 @@ impl HookModule for Twice {
 }
 
 /// A stack of `n` Linear(4, 4) + tanh layers: `layers.0` .. `layers.{n-1}`.
+#[derive(ModuleTree)]
 pub struct Stack {
     pub layers: Vec<Hooked<nn::Linear>>,
 }

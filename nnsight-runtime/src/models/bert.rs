@@ -41,6 +41,8 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::hook::{HookModule, Hooked};
+use crate::tree::ModuleTree;
+use nnsight_macros::ModuleTree;
 use crate::language_model::{TextBatch, TextModel};
 
 /// BERT hyper-parameters, read from a Hugging Face `config.json` with its own field names.
@@ -238,6 +240,10 @@ impl HiddenAct {
     }
 }
 
+impl ModuleTree for HiddenAct {
+    fn visit_modules(&self, _: &mut dyn FnMut(&str, &'static str)) {}
+}
+
 impl HookModule for HiddenAct {
     type Input = Tensor;
     type Output = Tensor;
@@ -257,6 +263,8 @@ impl HookModule for HiddenAct {
 /// token_type_ids [batch, seq] i64)`. Output: `last_hidden_state [batch, seq, hidden]` f32.
 /// Padding must be on the right: position ids are `0..seq` for every row, as in transformers.
 #[derive(Debug)]
+#[derive(ModuleTree)]
+#[module(crate = "crate")]
 pub struct Bert {
     /// `embeddings`: token + position + token type embeddings, then LayerNorm.
     pub embeddings: Hooked<BertEmbeddings>,
@@ -373,6 +381,8 @@ pub fn mean_pool_normalize(hidden: &Tensor, attention_mask: &Tensor) -> Tensor {
 /// every row; with right padding a real token's position does not depend on the padding), fed
 /// to `position_embeddings` as a `[1, seq]` tensor.
 #[derive(Debug)]
+#[derive(ModuleTree)]
+#[module(crate = "crate")]
 pub struct BertEmbeddings {
     /// `word_embeddings`: `[vocab_size, hidden]`; input `[batch, seq]` ids, output `[batch, seq, hidden]`.
     pub word_embeddings: Hooked<nn::Embedding>,
@@ -423,6 +433,8 @@ impl HookModule for BertEmbeddings {
 /// additive mask of [`extended_attention_mask`]). Output: the last layer's hidden states
 /// `[batch, seq, hidden]`.
 #[derive(Debug)]
+#[derive(ModuleTree)]
+#[module(crate = "crate")]
 pub struct BertEncoder {
     /// `layer`: `encoder.layer.0` .. `encoder.layer.{num_hidden_layers - 1}`.
     pub layer: Vec<Hooked<BertLayer>>,
@@ -458,6 +470,8 @@ impl HookModule for BertEncoder {
 /// Input: `(hidden_states [batch, seq, hidden], extended_attention_mask [batch, 1, 1, seq])`.
 /// Output: `[batch, seq, hidden]` = `output_((intermediate(a), a))` with `a = attention(input)`.
 #[derive(Debug)]
+#[derive(ModuleTree)]
+#[module(crate = "crate")]
 pub struct BertLayer {
     /// `attention`: self-attention with its output projection and residual LayerNorm.
     pub attention: Hooked<BertAttention>,
@@ -498,6 +512,8 @@ impl HookModule for BertLayer {
 /// Input: `(hidden_states [batch, seq, hidden], extended_attention_mask [batch, 1, 1, seq])`.
 /// Output: `[batch, seq, hidden]` = `output_((self_(input), hidden_states))`.
 #[derive(Debug)]
+#[derive(ModuleTree)]
+#[module(crate = "crate")]
 pub struct BertAttention {
     /// `self` (module path `...attention.self`): multi-head scaled dot-product attention.
     /// Named `self_` because `self` is a Rust keyword.
@@ -537,6 +553,8 @@ impl HookModule for BertAttention {
 /// `softmax(Q Kᵀ · head_dim^-0.5 + mask) V` (softmax in f32), heads merged back
 /// (`[batch, heads, seq, head_dim]` → `[batch, seq, heads * head_dim]`).
 #[derive(Debug)]
+#[derive(ModuleTree)]
+#[module(crate = "crate")]
 pub struct BertSelfAttention {
     /// `query`: `[batch, seq, hidden]` → `[batch, seq, hidden]`.
     pub query: Hooked<nn::Linear>,
@@ -589,6 +607,8 @@ impl HookModule for BertSelfAttention {
 /// [batch, seq, hidden] (the attention block's input, the residual))`.
 /// Output: `LayerNorm(dense(hidden_states) + input_tensor)`, `[batch, seq, hidden]`.
 #[derive(Debug)]
+#[derive(ModuleTree)]
+#[module(crate = "crate")]
 pub struct BertSelfOutput {
     /// `dense`: `[batch, seq, hidden]` → `[batch, seq, hidden]`.
     pub dense: Hooked<nn::Linear>,
@@ -623,6 +643,8 @@ impl HookModule for BertSelfOutput {
 /// Input: `[batch, seq, hidden]`. Output: `intermediate_act_fn(dense(x))`,
 /// `[batch, seq, intermediate_size]`.
 #[derive(Debug)]
+#[derive(ModuleTree)]
+#[module(crate = "crate")]
 pub struct BertIntermediate {
     /// `dense`: `[batch, seq, hidden]` → `[batch, seq, intermediate_size]`.
     pub dense: Hooked<nn::Linear>,
@@ -660,6 +682,8 @@ impl HookModule for BertIntermediate {
 /// input_tensor [batch, seq, hidden] (the attention block's output, the residual))`.
 /// Output: `LayerNorm(dense(hidden_states) + input_tensor)`, `[batch, seq, hidden]`.
 #[derive(Debug)]
+#[derive(ModuleTree)]
+#[module(crate = "crate")]
 pub struct BertOutput {
     /// `dense`: `[batch, seq, intermediate_size]` → `[batch, seq, hidden]`.
     pub dense: Hooked<nn::Linear>,
