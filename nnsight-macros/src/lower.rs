@@ -34,6 +34,9 @@ pub struct Ctx {
     pub proxies: HashSet<String>,
     pub errors: Vec<syn::Error>,
     pub grad: bool,
+    /// `.backward()` calls in the statements translated so far: `.grad` read now refers to the
+    /// next backward pass.
+    passes: usize,
     fresh: usize,
 }
 
@@ -46,6 +49,7 @@ impl Ctx {
             proxies: HashSet::new(),
             errors: Vec::new(),
             grad: false,
+            passes: 0,
             fresh: 0,
         }
     }
@@ -82,6 +86,19 @@ impl Ctx {
     }
 
     fn stmt(&mut self, s: &Stmt) -> TokenStream {
+        let backward = match s {
+            Stmt::Expr(e, _) => calls_backward(e),
+            Stmt::Local(l) => l.init.as_ref().is_some_and(|i| calls_backward(&i.expr)),
+            _ => false,
+        };
+        let out = self.stmt_inner(s);
+        if backward {
+            self.passes += 1;
+        }
+        out
+    }
+
+    fn stmt_inner(&mut self, s: &Stmt) -> TokenStream {
         match s {
             Stmt::Local(l) => self.local(l),
             Stmt::Expr(e, semi) => {
@@ -241,9 +258,16 @@ impl Ctx {
                 #tr.#method(#group, #nexts, #call, |#tr| #value)
             };
         }
-        if let Expr::Field(f) = &*a.left {
-            if f.member == syn::Member::Named(Ident::new("grad", Span::call_site())) && self.mentions(&f.base) {
-                return self.error(f.member.span(), "assigning `.grad` is not supported yet");
+        if let Some(f) = grad_field(&a.left) {
+            if self.mentions(&f.base) {
+                let value = self.swap_value(&a.right);
+                let g = self.grad_of(f);
+                let gv = self.fresh("grad", f.member.span());
+                return quote_spanned! {a.span()=> {
+                    let #gv = #g;
+                    let __nn_new = #value;
+                    #tr.swap_grad(#gv, __nn_new);
+                }};
             }
         }
         if let Expr::Index(ix) = &*a.left {
@@ -329,6 +353,7 @@ impl Ctx {
         match e {
             Expr::Path(p) if p.path.get_ident().is_some() => (e.to_token_stream(), true),
             Expr::Paren(p) => self.value(&p.expr),
+            Expr::Field(f) if grad_field(e).is_some() => (self.grad_of(f), true),
             Expr::MethodCall(m) if (m.method == "save" || m.method == "stop") && m.args.is_empty() => {
                 let (r, is_proxy) = self.value(&m.receiver);
                 if !is_proxy {
@@ -371,6 +396,18 @@ impl Ctx {
                 (self.lift(e, None), true)
             }
         }
+    }
+
+    /// `tracer.grad(x, pass)` for `x.grad`.
+    fn grad_of(&mut self, f: &syn::ExprField) -> TokenStream {
+        let tr = self.tr.clone();
+        self.grad = true;
+        let (x, is_proxy) = self.value(&f.base);
+        if !is_proxy {
+            return self.error(f.base.span(), "`.grad` needs a hook point or a proxy bound to one");
+        }
+        let pass = self.passes;
+        quote_spanned!(f.member.span()=> { let __nn_x = #x; #tr.grad(__nn_x, #pass) })
     }
 
     /// `(path closure, nexts)` for a hook path's module.
@@ -432,6 +469,10 @@ impl Ctx {
         let mut skip: HashSet<String> = params.clone();
         skip.extend(self.proxies.iter().cloned());
         let captures = free_idents(&body, &skip);
+        // Captured names are used as `(*x)`: a place of the variable's own type (see
+        // `nnsight::__private::Cap`).
+        let cap_names: HashSet<String> = captures.iter().map(|c| c.to_string()).collect();
+        DerefCaptures(&cap_names).visit_expr_mut(&mut body);
         let apply = format_ident!("apply{}", leaves.len());
         let arg_names: Vec<&Ident> = leaves.iter().map(|(p, _)| p).collect();
         let arg_vals: Vec<Ident> = (0..leaves.len()).map(|i| format_ident!("__nn_arg{}", i)).collect();
@@ -451,6 +492,30 @@ impl Ctx {
                 #body
             })
         }}
+    }
+}
+
+/// Rewrites uses of captured variables `x` to `(*x)`.
+struct DerefCaptures<'a>(&'a HashSet<String>);
+
+impl VisitMut for DerefCaptures<'_> {
+    fn visit_expr_mut(&mut self, e: &mut Expr) {
+        if let Expr::Path(p) = e {
+            if p.qself.is_none() && p.path.get_ident().is_some_and(|id| self.0.contains(&id.to_string())) {
+                let id = p.path.get_ident().unwrap().clone();
+                *e = syn::parse_quote_spanned!(id.span()=> (*#id));
+            }
+            return;
+        }
+        visit_mut::visit_expr_mut(self, e);
+    }
+}
+
+/// `x.grad`.
+fn grad_field(e: &Expr) -> Option<&syn::ExprField> {
+    match e {
+        Expr::Field(f) if matches!(&f.member, syn::Member::Named(id) if id == "grad") => Some(f),
+        _ => None,
     }
 }
 
@@ -496,6 +561,13 @@ impl VisitMut for Replacer<'_> {
                 }
             }
             return;
+        }
+        if let Some(f) = grad_field(e) {
+            if self.ctx.mentions(&f.base) {
+                let v = self.ctx.grad_of(&f.clone());
+                let name = self.ctx.fresh("grad", f.member.span());
+                return self.leaf(e, v, name);
+            }
         }
         if let Expr::MethodCall(m) = e {
             if (m.method == "save" || m.method == "stop") && m.args.is_empty() && self.ctx.mentions(&m.receiver) {

@@ -74,6 +74,14 @@ pub fn calls_backward(e: &Expr) -> bool {
             }
             visit::visit_expr_method_call(self, m);
         }
+        fn visit_expr_call(&mut self, c: &'ast syn::ExprCall) {
+            if let Expr::Path(p) = &*c.func {
+                if p.path.segments.last().is_some_and(|s| s.ident == "backward" || s.ident == "run_backward") {
+                    self.0 = true;
+                }
+            }
+            visit::visit_expr_call(self, c);
+        }
     }
     let mut v = V(false);
     v.visit_expr(e);
@@ -121,6 +129,24 @@ pub fn free_idents(e: &Expr, skip: &HashSet<String>) -> Vec<Ident> {
             if let Some(items) = vec_macro_items(&Expr::Macro(m.clone())) {
                 for it in &items {
                     self.visit_expr(it);
+                }
+                return;
+            }
+            // Other macros (`format!`, `println!`): any lowercase identifier not after `.`/`::`
+            // may be a variable; capturing an extra name is harmless, missing one would move it.
+            let mut prev_dot = false;
+            for tt in m.mac.tokens.clone() {
+                match &tt {
+                    proc_macro2::TokenTree::Ident(id) => {
+                        let s = id.to_string();
+                        let lower = s.chars().next().is_some_and(|c| c.is_lowercase() || c == '_');
+                        if !prev_dot && lower && s != "self" && !self.bound.contains(&s) && !self.skip.contains(&s) && self.seen.insert(s) {
+                            self.out.push(id.clone());
+                        }
+                        prev_dot = false;
+                    }
+                    proc_macro2::TokenTree::Punct(p) => prev_dot = p.as_char() == '.' || p.as_char() == ':',
+                    _ => prev_dot = false,
                 }
             }
         }

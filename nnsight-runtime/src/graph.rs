@@ -83,6 +83,9 @@ impl ModuleEffects {
 pub(crate) enum NodeKind<'env> {
     /// Value provided by the interleaver from a hook point.
     Hook { module: usize, io: Io, call: usize, group: usize },
+    /// Gradient of a hook read's tensor in backward pass `pass` (0 = the first `.backward()`
+    /// of the trace), narrowed to the read's invoke.
+    Grad { of: NodeId, pass: usize },
     /// Value computed by a closure from the argument values.
     Apply(Option<NodeFn<'env>>),
     /// Placeholder for a node whose construction failed (the trace will not run).
@@ -102,6 +105,9 @@ pub(crate) struct Node<'env> {
     pub listeners: Vec<NodeId>,
     /// Swaps that consume this node's value.
     pub swap_uses: usize,
+    /// For hook reads: the `.grad` nodes of its tensor. For grad nodes: the nodes whose values
+    /// replace the gradient (`x.grad = v`).
+    pub grads: Vec<NodeId>,
     pub saved: bool,
     pub stop: bool,
 }
@@ -142,6 +148,7 @@ impl<'env> Graph<'env> {
             gates,
             listeners: Vec::new(),
             swap_uses: 0,
+            grads: Vec::new(),
             saved: false,
             stop: false,
         });
@@ -177,6 +184,7 @@ impl<'env> Graph<'env> {
         for (id, n) in self.nodes.iter().enumerate() {
             let (shape, color) = match n.kind {
                 NodeKind::Hook { .. } => ("box", "green4"),
+                NodeKind::Grad { .. } => ("box", "blue"),
                 NodeKind::Apply(_) => ("ellipse", "black"),
                 NodeKind::Poison => ("octagon", "red"),
             };
@@ -186,6 +194,14 @@ impl<'env> Graph<'env> {
             let _ = writeln!(s, "  n{id} [label=\"%{id} {label}{stop}\",shape={shape},color={color}{style}];");
             for a in &n.args {
                 let _ = writeln!(s, "  n{a} -> n{id};");
+            }
+            if let NodeKind::Grad { of, .. } = n.kind {
+                let _ = writeln!(s, "  n{of} -> n{id} [style=dotted,label=\"grad\"];");
+            }
+            if matches!(n.kind, NodeKind::Grad { .. }) {
+                for v in &n.grads {
+                    let _ = writeln!(s, "  n{v} -> n{id} [color=red,label=\"swap grad\"];");
+                }
             }
             for g in &n.gates {
                 let _ = writeln!(s, "  n{g} -> n{id} [style=dashed,label=\"if\"];");

@@ -22,6 +22,7 @@ use crate::activation::Activation;
 use crate::error::{panic_message, Error, Result};
 use crate::graph::{Effect, EffectKind, Graph, Io, NodeKind, Part, Value};
 use crate::proxy::NodeId;
+use crate::tensor_hook::GradHooks;
 
 thread_local! {
     static ACTIVE: Cell<*const ()> = const { Cell::new(std::ptr::null()) };
@@ -46,7 +47,19 @@ struct RunState {
     counters: HashMap<usize, usize>,
     error: Option<Error>,
     stop_requested: Option<NodeId>,
+    /// Backward hooks on activation tensors (for `.grad`), removed when the run ends.
+    grad_hooks: GradHooks,
 }
+
+/// The interleaver's address, handed to backward hooks (libtorch wants `Send` closures).
+/// Backward hooks run while a node of this run calls `.backward()` on this thread (CPU; on an
+/// accelerator libtorch's worker runs them while this thread waits in `backward`), and they are
+/// all removed before the interleaver is dropped.
+#[derive(Clone, Copy)]
+struct InterleaverPtr(*const ());
+// SAFETY: see the type's docs: the pointer is only used while the run that owns it waits in
+// `backward`, and never after the hooks are removed.
+unsafe impl Send for InterleaverPtr {}
 
 /// Batch layout of a run: each invoke's `(start, rows)` and the total batch size.
 #[derive(Clone, Debug)]
@@ -173,6 +186,7 @@ impl<'env> Interleaver<'env> {
             counters,
             error: None,
             stop_requested: None,
+            grad_hooks: GradHooks::new(),
         };
         Interleaver { graph: RefCell::new(graph), state: RefCell::new(state), batch }
     }
@@ -205,8 +219,11 @@ impl<'env> Interleaver<'env> {
             }))
         };
 
+        // No backward hook may outlive the run (they point at `il`).
+        let removed = il.state.borrow_mut().grad_hooks.remove_all();
         let mut state = il.state.into_inner();
         let graph = il.graph.into_inner();
+        removed?;
         if let Some(e) = state.error.take() {
             return Err(e);
         }
@@ -222,6 +239,17 @@ impl<'env> Interleaver<'env> {
         }
         if stopped_at.is_none() {
             for (id, n) in graph.nodes.iter().enumerate() {
+                if let (NodeKind::Grad { of, pass }, Slot::Empty) = (&n.kind, &state.slots[id]) {
+                    if let NodeKind::Hook { module, io, call, .. } = graph.nodes[*of].kind {
+                        return Err(Error::NeverProvided {
+                            point: format!("{}.grad", graph.point_name(module, io)),
+                            call,
+                            reason: format!(
+                                "backward pass {pass} never reached it (call `.backward()` on a value computed from this activation)"
+                            ),
+                        });
+                    }
+                }
                 if let (NodeKind::Hook { module, io, call, .. }, Slot::Empty) = (&n.kind, &state.slots[id]) {
                     let ran = state.counters.get(module).copied().unwrap_or(0);
                     let reason = if ran == 0 {
@@ -273,10 +301,12 @@ impl<'env> Interleaver<'env> {
         for e in effects {
             let (start, len) = self.batch.groups[e.group];
             let r = match e.kind {
-                EffectKind::Read(node, Part::Whole) => self.provide(node, Rc::new(act.narrow_batch(start, len, total))),
-                EffectKind::Read(node, Part::First) => {
-                    self.provide(node, Rc::new(act.first().narrow_batch(start, len, total)))
-                }
+                EffectKind::Read(node, Part::Whole) => self
+                    .watch_grad(node, &act as &dyn Any, &e)
+                    .and_then(|_| self.provide(node, Rc::new(act.narrow_batch(start, len, total)))),
+                EffectKind::Read(node, Part::First) => self
+                    .watch_grad(node, act.first() as &dyn Any, &e)
+                    .and_then(|_| self.provide(node, Rc::new(act.first().narrow_batch(start, len, total)))),
                 EffectKind::Swap(node, part) => match self.swap_value(node, key, io, &e) {
                     Ok(None) => Ok(()),
                     Err(err) => Err(err),
@@ -311,6 +341,100 @@ impl<'env> Interleaver<'env> {
             panic::resume_unwind(Box::new(Interrupt));
         }
         act
+    }
+
+    /// If hook read `node` has `.grad` nodes, puts a backward hook on the full-batch tensor
+    /// `value` (hooking the invoke's narrowed view would miss the gradient: the model uses the
+    /// full tensor).
+    fn watch_grad(&self, node: NodeId, value: &dyn Any, e: &Effect) -> Result<()> {
+        if self.graph.borrow().nodes[node].grads.is_empty() {
+            return Ok(());
+        }
+        let Some(t) = value.downcast_ref::<tch::Tensor>() else {
+            return Err(Error::Node {
+                node: self.node_name(node),
+                message: "`.grad` needs a tensor hook point; this one holds a structured value".into(),
+            });
+        };
+        let ptr = InterleaverPtr(self as *const Interleaver<'env> as *const ());
+        let (start, len) = self.batch.groups[e.group];
+        let total = self.batch.total;
+        let mut pass = 0usize;
+        let hook = move |g: &tch::Tensor| {
+            let ptr = ptr;
+            // SAFETY: see `InterleaverPtr`.
+            let il = unsafe { &*(ptr.0 as *const Interleaver<'static>) };
+            pass += 1;
+            il.on_grad(node, pass - 1, g, start, len, total)
+        };
+        let mut st = self.state.borrow_mut();
+        st.grad_hooks.register(t, hook).map(|_| ())
+    }
+
+    /// Backward reached hook read `read` (its `pass`-th time): hand the invoke's rows of the
+    /// gradient to its grad nodes, and return the gradient with swapped rows if any `.grad = v`.
+    fn on_grad(&self, read: NodeId, pass: usize, g: &tch::Tensor, start: i64, len: i64, total: i64) -> Option<tch::Tensor> {
+        let grads: Vec<NodeId> = {
+            let gr = self.graph.borrow();
+            gr.nodes[read]
+                .grads
+                .iter()
+                .copied()
+                .filter(|&n| matches!(gr.nodes[n].kind, NodeKind::Grad { pass: p, .. } if p == pass))
+                .collect()
+        };
+        let mut full = g.shallow_clone();
+        let mut replaced = false;
+        // Every grad node of this pass gets its value first; then the swaps (whose new values
+        // may be computed from those gradients) splice their rows in.
+        let result = grads
+            .iter()
+            .try_for_each(|&gn| self.provide(gn, Rc::new(full.narrow_batch(start, len, total))))
+            .and_then(|_| {
+                for &gn in &grads {
+                    let swaps = self.graph.borrow().nodes[gn].grads.clone();
+                    for v in swaps {
+                        let value = {
+                            let st = self.state.borrow();
+                            match &st.slots[v] {
+                                Slot::Ready(x) => Some(x.clone()),
+                                Slot::Skipped => None,
+                                _ => {
+                                    drop(st);
+                                    let gr = self.graph.borrow();
+                                    return Err(Error::Node {
+                                        node: gr.nodes[v].name(v),
+                                        message: format!(
+                                            "the new gradient for {} is not computed when backward reaches it",
+                                            gr.nodes[gn].name(gn)
+                                        ),
+                                    });
+                                }
+                            }
+                        };
+                        self.release(v);
+                        if let Some(x) = value {
+                            let new = activation_from::<tch::Tensor>(x, &self.node_name(v))?;
+                            full = full.shallow_clone().splice_batch(new, start, len, total).map_err(|(expected, actual)| {
+                                Error::Node {
+                                    node: self.node_name(gn),
+                                    message: format!("gradient swap has the wrong layout: expected {expected}, got {actual}"),
+                                }
+                            })?;
+                            replaced = true;
+                        }
+                    }
+                }
+                Ok(())
+            });
+        if let Err(e) = result {
+            let mut st = self.state.borrow_mut();
+            if st.error.is_none() {
+                st.error = Some(e);
+            }
+            return None;
+        }
+        replaced.then_some(full)
     }
 
     fn splice<T: Activation>(&self, old: T, new: T, key: usize, io: Io, e: &Effect) -> Result<T> {
@@ -457,6 +581,9 @@ impl<'env> Interleaver<'env> {
             *slot = f;
         }
         let slot = outcome?;
+        if let Some(e) = self.state.borrow_mut().error.take() {
+            return Err(e); // recorded by a backward hook while this node ran
+        }
         self.state.borrow_mut().slots[id] = slot;
         for a in args.iter().chain(gates.iter()) {
             self.release(*a);

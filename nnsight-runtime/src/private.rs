@@ -21,8 +21,39 @@ macro_rules! index_arg {
 index_arg!(i64, i32, usize, u32, isize, u64, u8, u16, i8, i16);
 
 /// A variable captured by a lifted expression: copied when `Copy` ([`CapByCopy`]), borrowed
-/// otherwise ([`CapByRef`]), chosen by method resolution (autoref specialisation).
+/// otherwise ([`CapByRef`]), chosen by method resolution (autoref specialisation). Either way the
+/// generated code uses it as `(*x)`, a place of the variable's own type, so the expression reads
+/// exactly as it would in an ordinary closure.
 pub struct Cap<'a, T: ?Sized>(pub &'a T);
+
+/// A captured copy (see [`Cap`]).
+pub struct CapturedCopy<T>(pub T);
+/// A captured borrow (see [`Cap`]).
+pub struct CapturedRef<'a, T: ?Sized>(pub &'a T);
+
+impl<T> std::ops::Deref for CapturedCopy<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+impl<T: ?Sized> std::ops::Deref for CapturedRef<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.0
+    }
+}
+macro_rules! forward_fmt {
+    ($($tr:ident),*) => {$(
+        impl<T: std::fmt::$tr> std::fmt::$tr for CapturedCopy<T> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { std::fmt::$tr::fmt(&self.0, f) }
+        }
+        impl<T: std::fmt::$tr + ?Sized> std::fmt::$tr for CapturedRef<'_, T> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { std::fmt::$tr::fmt(self.0, f) }
+        }
+    )*};
+}
+forward_fmt!(Display, Debug);
 
 /// See [`Cap`].
 pub trait CapByCopy {
@@ -32,9 +63,9 @@ pub trait CapByCopy {
     fn __nn_cap(&self) -> Self::Out;
 }
 impl<T: Copy> CapByCopy for Cap<'_, T> {
-    type Out = T;
-    fn __nn_cap(&self) -> T {
-        *self.0
+    type Out = CapturedCopy<T>;
+    fn __nn_cap(&self) -> CapturedCopy<T> {
+        CapturedCopy(*self.0)
     }
 }
 
@@ -46,9 +77,9 @@ pub trait CapByRef {
     fn __nn_cap(&self) -> Self::Out;
 }
 impl<'a, T: ?Sized> CapByRef for &Cap<'a, T> {
-    type Out = &'a T;
-    fn __nn_cap(&self) -> &'a T {
-        self.0
+    type Out = CapturedRef<'a, T>;
+    fn __nn_cap(&self) -> CapturedRef<'a, T> {
+        CapturedRef(self.0)
     }
 }
 

@@ -93,6 +93,9 @@ pub struct Tracer<'env, M: ?Sized + Traced> {
     error: Option<Error>,
     gates: Vec<NodeId>,
     cursors: std::collections::HashMap<usize, usize>,
+    /// Hook reads by `(module, io, part, call, group)`: reading the same point twice gives the
+    /// same node (one value, one backward hook) until a swap there makes a new value.
+    reads: std::collections::HashMap<(usize, Io, Part, usize, usize), NodeId>,
     grad: bool,
 }
 
@@ -106,6 +109,7 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
             error: None,
             gates: Vec::new(),
             cursors: Default::default(),
+            reads: Default::default(),
             grad: false,
         }
     }
@@ -167,6 +171,10 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         path: impl FnOnce() -> Result<&'env Mo>,
     ) -> Proxy<T> {
         let Some((h, call)) = self.module(nexts, path) else { return self.poison("<bad module path>") };
+        let key = (h.key(), io, part, call, group.0);
+        if let Some(&id) = self.reads.get(&key) {
+            return Proxy::new(id);
+        }
         let word = match (io, part) {
             (Io::Output, _) => "output",
             (Io::Input, Part::First) => "input",
@@ -183,6 +191,7 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
             vec![],
         );
         self.graph.add_effect(h.key(), h.path(), io, Effect { call, group: group.0, kind: EffectKind::Read(id, part) });
+        self.reads.insert(key, id);
         Proxy::new(id)
     }
 
@@ -230,6 +239,8 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         value: NodeId,
     ) {
         let Some((h, call)) = self.module(nexts, path) else { return };
+        // Reads after this swap see the new value: they get new nodes.
+        self.reads.retain(|&(k, i, _, c, g), _| !(k == h.key() && i == io && c == call && g == group.0));
         self.graph.nodes[value].swap_uses += 1;
         self.graph.add_effect(h.key(), h.path(), io, Effect { call, group: group.0, kind: EffectKind::Swap(value, part) });
     }
@@ -321,6 +332,40 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
             let path = self.graph.modules.get(&module).map(|m| m.path.clone()).unwrap_or_default();
             self.graph.add_effect(module, &path, io, Effect { call, group, kind: EffectKind::Require(edit.node()) });
         }
+    }
+
+    /// The gradient of a hook point's tensor (`x.grad`) in backward pass `pass` (0 for the first
+    /// `.backward()` called in the trace, 1 for the second, ...), narrowed to the invoke's rows.
+    /// `x` must be a hook read (`model.m.output`, `.input`); its tensor gets a libtorch backward
+    /// hook while the trace runs (on the full batch tensor, so narrowing cannot lose it).
+    /// Turns autograd on for the run.
+    #[track_caller]
+    pub fn grad<P: ProxyRef<Value = Tensor>>(&mut self, x: P, pass: usize) -> Proxy<Tensor> {
+        self.grad = true;
+        let of = x.node();
+        if !matches!(self.graph.nodes[of].kind, NodeKind::Hook { .. }) {
+            self.fail(Error::Input(format!(
+                "`.grad` is available on hook points (`model.x.output`), not on node {}",
+                self.graph.nodes[of].name(of)
+            )));
+            return self.poison("<bad .grad>");
+        }
+        let label = format!("{}.grad", self.graph.nodes[of].label);
+        let label = if pass > 0 { format!("{label} [backward {pass}]") } else { label };
+        let id = self.graph.add(label, Location::caller(), NodeKind::Grad { of, pass }, vec![], vec![]);
+        self.graph.nodes[of].grads.push(id);
+        Proxy::new(id)
+    }
+
+    /// Replaces a gradient (`x.grad = v`): when backward reaches the hook point, the invoke's
+    /// rows of the gradient flowing on are `value`'s. A different shape/dtype is an error.
+    pub fn swap_grad<P: ProxyRef<Value = Tensor>>(&mut self, grad: Proxy<Tensor>, value: P) {
+        if !matches!(self.graph.nodes[grad.id].kind, NodeKind::Grad { .. }) {
+            self.fail(Error::Input("`swap_grad` needs a proxy made by `.grad`".into()));
+            return;
+        }
+        self.graph.nodes[value.node()].swap_uses += 1;
+        self.graph.nodes[grad.id].grads.push(value.node());
     }
 
     /// Keeps the value after the run; `finish` hands it back.
