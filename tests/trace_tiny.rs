@@ -158,3 +158,23 @@ fn derived_module_tree_lists_paths() {
     assert_eq!(paths, vec!["", "layers.0", "layers.1", "layers.2"]);
     assert_eq!(model.module_tree(), "<root>: Stack  []\n  0: Linear  [layers.0]\n  1: Linear  [layers.1]\n  2: Linear  [layers.2]\n");
 }
+
+#[test]
+fn dot_option_renders_the_intervention_graph() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = stack(&vs, 3);
+    let x = input(1, 3);
+    let mut dot = String::new();
+    let _ = trace!(model, &x, dot = &mut dot, {
+        model.layers[1].output = model.layers[0].output * 2.0;
+        model.layers[2].output.save()
+    })
+    .unwrap();
+    // Two hook reads (green boxes), one apply node, the swap into layers.1.output.
+    assert!(dot.starts_with("digraph intervention {"), "{dot}");
+    assert_eq!(dot.matches("shape=box,color=green4").count(), 2, "{dot}");
+    assert!(dot.contains("label=\"%0 layers.0.output\""), "{dot}");
+    assert!(dot.contains("layers.1.output (call 0, invoke 0)"), "{dot}");
+    assert!(dot.contains("[color=red,label=\"swap\"]"), "{dot}");
+    assert!(dot.contains("style=bold"), "the saved node is bold: {dot}");
+}

@@ -10,6 +10,7 @@
 //!     Tracer::finish(ManuallyDrop::into_inner(__nn_tr), __nn_value)
 //! }
 //! ```
+//! Option `dot = &mut string` stores the intervention graph in Graphviz DOT before the run.
 //! The tracer sits in a `ManuallyDrop` so closures may borrow variables the block declares
 //! after it: it is consumed by `finish` at the end, so it never outlives them. (If the block
 //! unwinds while building, the graph leaks instead of being dropped; nothing is hooked then.)
@@ -24,8 +25,13 @@ pub fn trace(input: TraceInput) -> TokenStream {
     let mut ctx = Ctx::new(input.model.clone());
     let tr = ctx.tr.clone();
     let model = &input.model;
-    for (name, _) in &input.options {
-        ctx.errors.push(syn::Error::new(name.span(), format!("unknown option `{name}` for `trace!`")));
+    let mut dot = None;
+    for (name, value) in &input.options {
+        if name == "dot" {
+            dot = Some(value.clone());
+        } else {
+            ctx.errors.push(syn::Error::new(name.span(), format!("unknown option `{name}` for `trace!` (known: `dot = &mut string`)")));
+        }
     }
     let mut body = TokenStream::new();
     let mut value = quote!(());
@@ -60,6 +66,7 @@ pub fn trace(input: TraceInput) -> TokenStream {
         ));
     }
     let grad = ctx.grad.then(|| quote!(#tr.enable_grad();));
+    let dot = dot.map(|d| quote!(*(#d) = #tr.to_dot();));
     let errors: Vec<TokenStream> = ctx.errors.iter().map(syn::Error::to_compile_error).collect();
     if !errors.is_empty() {
         // Fail soft: only the real errors, and an expression of a plausible type.
@@ -72,6 +79,7 @@ pub fn trace(input: TraceInput) -> TokenStream {
         #grad
         #body
         let __nn_value = #value;
+        #dot
         #finish
     }}
 }
