@@ -9,6 +9,9 @@
 //! and shape first (tch's own `VarStore::load` would silently broadcast a wrongly shaped tensor).
 
 pub mod bert;
+pub mod causal;
+pub mod gpt2;
+pub mod llama;
 
 use std::collections::HashMap;
 use std::path::Path;

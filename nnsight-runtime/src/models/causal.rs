@@ -1,0 +1,292 @@
+//! What the decoder-only causal language models ([`super::gpt2`], [`super::llama`]) share:
+//! their root input, loading from Hugging Face checkpoint folders, the KV cache, the causal +
+//! padding attention mask, position ids from the attention mask, the language-model head and
+//! the generation loop ([`CausalLmExt`]).
+//!
+//! ```ignore
+//! use nnsight::models::causal::{CausalLm, CausalLmExt, KvCacheHandle, Sampling};
+//! use nnsight::models::gpt2::Gpt2;
+//!
+//! let model = Gpt2::from_pretrained("gpt2-folder")?;              // Hooked<Gpt2>, path ""
+//! let cache = KvCacheHandle::disabled();
+//! let logits = model.forward(&ids, &mask, &cache)?;                // [batch, seq, vocab]
+//! let out = model.generate(&ids, &mask, 10, &Sampling::Greedy, None)?; // [batch, seq + 10]
+//! ```
+//!
+//! Batches are padded on the LEFT (as transformers and nnsight do for these models): every
+//! row's last token is at the last position, so one new token per row can be appended per
+//! generation step. Position ids come from the attention mask (`cumsum(mask) - 1`, as
+//! transformers' `generate` computes them), so a padded row computes what it computes alone.
+
+mod cache;
+mod checkpoint;
+mod generate;
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::hook::{HookModule, Hooked};
+use crate::language_model::TextBatch;
+use crate::tree::ModuleTree;
+
+pub use cache::KvCacheHandle;
+pub use checkpoint::{checkpoint_kind, checkpoint_tensors, kind_of_dtype, load_into, TensorInfo};
+pub use generate::{CausalLmExt, Eos, Sampling};
+
+/// The root input of a causal LM (and of its `transformer` / `model` body):
+/// `(input_ids [batch, seq] i64, attention_mask [batch, past + seq] i64 (1 = token,
+/// 0 = padding, covering the cached positions too), position_ids [batch, seq] i64,
+/// cache)`. [`position_ids`] computes the third from the second.
+pub type CausalInput = (Tensor, Tensor, Tensor, KvCacheHandle);
+
+/// Where to put the weights and in which dtype.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoadOptions {
+    /// Device of the weights (and of every activation).
+    pub device: Device,
+    /// Dtype of the weights: `None` keeps the checkpoint's (the dtype most of its elements
+    /// have); `Some(kind)` converts (`Float`, `Half`, `BFloat16` or `Double`).
+    pub dtype: Option<Kind>,
+}
+
+impl Default for LoadOptions {
+    /// CPU, the checkpoint's dtype.
+    fn default() -> Self {
+        LoadOptions { device: Device::Cpu, dtype: None }
+    }
+}
+
+/// A decoder-only causal LM: `Input` = [`CausalInput`], `Output` = logits
+/// `[batch, seq, vocab]`. Implemented by [`super::gpt2::Gpt2`] and [`super::llama::Llama`].
+///
+/// The root's forward calls every submodule through [`Hooked::call`]; run it through its own
+/// `Hooked` (path `""`) with [`CausalLmExt::forward`] / [`CausalLmExt::generate`], which check
+/// the inputs and call the root once per step.
+pub trait CausalLm: HookModule<Input = CausalInput, Output = Tensor> + Sized {
+    /// Loads `config.json` and the safetensors checkpoint from the folder `dir`.
+    ///
+    /// Errors name the file: [`Error::Io`] (missing folder or file), [`Error::Config`]
+    /// (another architecture, bad or unsupported value), [`Error::MissingWeight`],
+    /// [`Error::WeightShape`].
+    fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self>;
+
+    /// [`CausalLm::load_with`] on the CPU in the checkpoint's dtype, wrapped as the root
+    /// module (path `""`).
+    fn from_pretrained<P: AsRef<Path>>(dir: P) -> Result<Hooked<Self>> {
+        Ok(Hooked::with_path("", Self::load_with(dir.as_ref(), &LoadOptions::default())?))
+    }
+
+    /// Longest sequence (cached + new positions) the model accepts (`n_positions`,
+    /// `max_position_embeddings`).
+    fn max_positions(&self) -> i64;
+    /// Number of decoder layers (= KV cache layers).
+    fn num_layers(&self) -> usize;
+    /// Vocabulary size (last dim of the logits).
+    fn vocab_size(&self) -> i64;
+    /// The config's `eos_token_id` (one id or a list; empty when unset).
+    fn eos_token_ids(&self) -> Vec<i64>;
+    /// The config's `pad_token_id`.
+    fn pad_token_id(&self) -> Option<i64>;
+    /// Device of the weights.
+    fn device(&self) -> Device;
+    /// Dtype of the weights (and of the hidden states).
+    fn kind(&self) -> Kind;
+
+    /// An empty KV cache with one slot per layer.
+    fn new_cache(&self) -> KvCacheHandle {
+        KvCacheHandle::new(self.num_layers())
+    }
+}
+
+/// The [`CausalInput`] of a tokenized batch (ids, mask, position ids from the mask, no cache),
+/// for `LanguageModel::<Gpt2>` / `<Llama>` traces. Either padding side works for one forward
+/// pass: position ids count only real tokens.
+pub fn text_input(batch: &TextBatch) -> CausalInput {
+    let pos = position_ids(&batch.attention_mask, batch.seq_len());
+    (batch.input_ids.shallow_clone(), batch.attention_mask.shallow_clone(), pos, KvCacheHandle::disabled())
+}
+
+/// `lm_head`: hidden states to vocabulary logits, `x Wᵀ (+ b)`.
+///
+/// Input `[batch, seq, hidden]`, output `[batch, seq, vocab]`. With tied embeddings `weight`
+/// is the token embedding matrix itself (shared storage).
+#[derive(Debug)]
+pub struct LmHead {
+    /// `[vocab, hidden]`.
+    pub weight: Tensor,
+    /// `[vocab]`, absent for GPT-2 and Llama.
+    pub bias: Option<Tensor>,
+}
+
+impl LmHead {
+    /// The head at `p` (`lm_head`): tied to `embedding` (`[vocab, hidden]`) if given, else a
+    /// new variable `lm_head.weight` `[vocab, hidden]`.
+    pub fn new(p: &nn::Path, embedding: Option<&Tensor>, vocab: i64, hidden: i64) -> Hooked<LmHead> {
+        let weight = match embedding {
+            Some(w) => w.shallow_clone(),
+            None => p.zeros("weight", &[vocab, hidden]),
+        };
+        Hooked::new(p, LmHead { weight, bias: None })
+    }
+}
+
+/// A leaf: no hooked children.
+impl ModuleTree for LmHead {
+    fn visit_modules(&self, _: &mut dyn FnMut(&str, &'static str)) {}
+}
+
+impl HookModule for LmHead {
+    /// `[batch, seq, hidden]`.
+    type Input = Tensor;
+    /// `[batch, seq, vocab]`.
+    type Output = Tensor;
+    fn forward(&self, x: Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+/// Position ids from a left- (or right-) padded mask, as transformers' `generate` computes them:
+/// `cumsum(mask) - 1`, 1 at padding, last `seq` columns.
+///
+/// `attention_mask`: `[batch, past + seq]` (1 = token). Returns `[batch, seq]` i64: the real
+/// tokens of a row are numbered 0, 1, ... whatever padding precedes them.
+pub fn position_ids(attention_mask: &Tensor, seq: i64) -> Tensor {
+    let m = attention_mask.to_kind(Kind::Int64);
+    let total = m.size()[1];
+    let pos = m.cumsum(-1, Kind::Int64) - 1;
+    pos.masked_fill(&m.eq(0), 1).narrow(1, total - seq, seq)
+}
+
+/// The additive attention mask for `seq` new queries over `past + seq` keys: 0 where key `j`
+/// may be seen by query `i` (`j <= past + i` and `attention_mask[b, j] == 1`), `f32::MIN`
+/// elsewhere.
+///
+/// `attention_mask`: `[batch, past + seq]`. Returns `[batch, 1, seq, past + seq]` f32 on the
+/// mask's device (scores are masked and soft-maxed in f32 whatever the model's dtype). A query
+/// that may see no key (a padding position on the left) gets a uniform softmax, as in
+/// transformers' eager attention; masked keys get weight exactly 0.
+pub fn causal_mask(attention_mask: &Tensor, seq: i64) -> Tensor {
+    let device = attention_mask.device();
+    let size = attention_mask.size();
+    let (batch, total) = (size[0], size[1]);
+    let past = total - seq;
+    let q = (Tensor::arange(seq, (Kind::Int64, device)) + past).unsqueeze(1);
+    let k = Tensor::arange(total, (Kind::Int64, device)).unsqueeze(0);
+    let causal = k.le_tensor(&q).view([1, 1, seq, total]);
+    let keep = attention_mask.ne(0).view([batch, 1, 1, total]).logical_and(&causal);
+    Tensor::zeros([batch, 1, seq, total], (Kind::Float, device)).masked_fill(&keep.logical_not(), f32::MIN as f64)
+}
+
+/// Eager scaled dot-product attention (transformers' `eager_attention_forward`):
+/// `softmax(q kᵀ · scaling + mask) v`, the softmax in f32.
+///
+/// `q`: `[batch, heads, seq, head_dim]`; `k`, `v`: `[batch, heads, past + seq, head_dim]`
+/// (already repeated for grouped-query attention); `mask`: [`causal_mask`]'s
+/// `[batch, 1, seq, past + seq]`. Returns `[batch, seq, heads * head_dim]` (heads merged).
+pub fn eager_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scaling: f64) -> Tensor {
+    let size = q.size();
+    let (b, s) = (size[0], size[2]);
+    let scores = q.matmul(&k.transpose(-1, -2)) * scaling;
+    let probs = (scores.to_kind(Kind::Float) + mask).softmax(-1, Kind::Float).to_kind(v.kind());
+    probs.matmul(v).transpose(1, 2).contiguous().reshape([b, s, -1])
+}
+
+/// A config's `eos_token_id` / `bos_token_id`: one id or a list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    /// One id.
+    One(i64),
+    /// Several ids (Llama 3 lists several end tokens).
+    Many(Vec<i64>),
+}
+
+impl TokenIds {
+    /// The ids as a list.
+    pub fn to_vec(&self) -> Vec<i64> {
+        match self {
+            TokenIds::One(i) => vec![*i],
+            TokenIds::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// Reads `config.json` at `path` and checks it describes `family`: `model_type` equal to one of
+/// `model_types`, or (without `model_type`) an `architectures` entry starting with
+/// `arch_prefix`. Returns the JSON for the caller to deserialise.
+pub(crate) fn read_config(path: &Path, family: &str, model_types: &[&str], arch_prefix: &str) -> Result<serde_json::Value> {
+    let p = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: p.clone(), source })?;
+    let bad = |message: String| Error::Config { path: p.clone(), message };
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let expected = model_types.iter().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(" or ");
+    match json.get("model_type") {
+        Some(serde_json::Value::String(t)) if model_types.contains(&t.as_str()) => Ok(json),
+        Some(t) => Err(bad(format!("expected a {family} config (model_type {expected}), found model_type {t}"))),
+        None => {
+            let archs = json.get("architectures").and_then(|a| a.as_array());
+            if archs.is_some_and(|a| a.iter().any(|s| s.as_str().is_some_and(|s| s.starts_with(arch_prefix)))) {
+                return Ok(json);
+            }
+            let found = match archs {
+                Some(a) => format!("no model_type and architectures {}", serde_json::Value::Array(a.clone())),
+                None => "neither model_type nor architectures".to_string(),
+            };
+            Err(bad(format!("expected a {family} config (model_type {expected}), found {found}")))
+        }
+    }
+}
+
+/// Deserialises a checked config JSON, errors naming `path`.
+pub(crate) fn parse_config<C: serde::de::DeserializeOwned>(path: &Path, json: serde_json::Value) -> Result<C> {
+    serde_json::from_value(json).map_err(|e| Error::Config { path: path.display().to_string(), message: e.to_string() })
+}
+
+/// Loads a checkpoint folder into a model built by `build` on a fresh `VarStore` whose default
+/// kind is the requested (or the checkpoint's) dtype. `strip_prefixes`: see [`load_into`].
+pub(crate) fn load_model<M>(
+    dir: &Path,
+    options: &LoadOptions,
+    strip_prefixes: &[&str],
+    build: impl FnOnce(&nn::Path) -> Result<M>,
+) -> Result<M> {
+    let (index, table) = checkpoint_tensors(dir)?;
+    let kind = match options.dtype {
+        None => checkpoint_kind(&table),
+        Some(k @ (Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double)) => k,
+        Some(k) => return Err(Error::Input(format!("cannot load weights as {k:?}: use Float, Half, BFloat16 or Double"))),
+    };
+    let mut vs = nn::VarStore::new(options.device);
+    vs.set_kind(kind);
+    let model = build(&vs.root())?;
+    load_into(&vs, &index, &table, strip_prefixes)?;
+    Ok(model)
+}
+
+/// `nn::LayerNorm` over `[dim]` at `p` (variables `weight`, `bias`).
+pub(crate) fn layer_norm(p: &nn::Path, dim: i64, eps: f64) -> Hooked<nn::LayerNorm> {
+    let cfg = nn::LayerNormConfig { eps, ..Default::default() };
+    Hooked::new(p, nn::layer_norm(p, vec![dim], cfg))
+}
+
+/// `nn::Embedding` `[rows, dim]` at `p` (variable `weight`, zero until loaded).
+pub(crate) fn embedding(p: &nn::Path, rows: i64, dim: i64) -> Hooked<nn::Embedding> {
+    let cfg = nn::EmbeddingConfig { ws_init: nn::Init::Const(0.0), ..Default::default() };
+    Hooked::new(p, nn::embedding(p, rows, dim, cfg))
+}
+
+/// Config error for `path` (or a description of the config when it came from memory).
+pub(crate) fn config_error(path: &str, message: impl Into<String>) -> Error {
+    Error::Config { path: path.to_string(), message: message.into() }
+}
+
+/// Errors for non-positive sizes, naming the field.
+pub(crate) fn check_positive(fields: &[(&str, i64)]) -> std::result::Result<(), String> {
+    match fields.iter().find(|(_, v)| *v <= 0) {
+        Some((name, v)) => Err(format!("`{name}` must be positive, found {v}")),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,393 @@
+//! Llama-family decoder in tch, every submodule hookable.
+//!
+//! Architecture: Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models"
+//! (arXiv:2302.13971) and "Llama 2" (arXiv:2307.09288): pre-norm decoder with RMSNorm (Zhang &
+//! Sennrich 2019), rotary position embeddings (Su et al. 2021, arXiv:2104.09864), grouped-query
+//! attention (Ainslie et al. 2023, arXiv:2305.13245) and a SwiGLU MLP (Shazeer 2020), as
+//! implemented by Hugging Face transformers' `models/llama/modeling_llama.py`
+//! (`LlamaForCausalLM`, eager attention). Module paths are the checkpoint key prefixes:
+//!
+//! ```text
+//! Llama                               (root, path "")   Input CausalInput, Output logits
+//! ├── model                           LlamaModel        Output last hidden state (after norm)
+//! │   ├── embed_tokens                nn::Embedding [vocab, hidden]
+//! │   ├── rotary_emb                  RotaryEmbedding   (no weights) position ids → (cos, sin)
+//! │   ├── layers[i]                   LlamaDecoderLayer (model.layers.0 ..), Output [batch, seq, hidden]
+//! │   │   ├── input_layernorm         RmsNorm
+//! │   │   ├── self_attn               LlamaAttention: q_proj, k_proj, v_proj, o_proj (nn::Linear)
+//! │   │   ├── post_attention_layernorm RmsNorm
+//! │   │   └── mlp                     LlamaMlp: gate_proj, up_proj, down_proj, act_fn
+//! │   └── norm                        RmsNorm
+//! └── lm_head                         LmHead (own weight, or embed_tokens' if tie_word_embeddings)
+//! ```
+//!
+//! The rotary embedding uses transformers' `rotate_half` convention (the two halves of each
+//! head, not interleaved pairs), `rope_theta` from the config, and the `"default"`, `"linear"`
+//! and `"llama3"` frequency scalings ([`Rope`]).
+//! Shapes: `batch` rows, `seq` new tokens, `past` cached tokens, `hidden` = `hidden_size`.
+
+use std::path::Path;
+
+use tch::{nn, Device, Kind, Tensor};
+
+use super::bert::HiddenAct;
+use super::causal::{self, CausalInput, CausalLm, KvCacheHandle, LmHead, LoadOptions, TokenIds};
+
+use crate::error::Result;
+use crate::hook::{HookModule, Hooked};
+use crate::language_model::{TextBatch, TextModel};
+use crate::tree::ModuleTree;
+use nnsight_macros::ModuleTree;
+
+mod config;
+mod rotary;
+pub use config::LlamaConfig;
+pub use rotary::{Rope, RotaryEmbedding};
+use rotary::rotate_half;
+
+/// A Llama-family model with its language-model head (transformers' `LlamaForCausalLM`).
+///
+/// Input [`CausalInput`], output logits `[batch, seq, vocab]`.
+#[derive(Debug, ModuleTree)]
+#[module(crate = "crate")]
+pub struct Llama {
+    /// `model`: embeddings, decoder layers, final norm.
+    pub model: Hooked<LlamaModel>,
+    /// `lm_head`: `[batch, seq, hidden]` → `[batch, seq, vocab]`.
+    pub lm_head: Hooked<LmHead>,
+    /// The hyper-parameters.
+    pub config: LlamaConfig,
+}
+
+impl Llama {
+    /// A model with zero weights as variables under `p` (use `vs.root()`: variable names are
+    /// the checkpoint keys, `model.layers.0.self_attn.q_proj.weight`, ...). `lm_head.weight`
+    /// is a variable unless `tie_word_embeddings`.
+    pub fn new(p: &nn::Path, config: &LlamaConfig) -> Result<Llama> {
+        config.validate().map_err(|m| causal::config_error("<LlamaConfig given to Llama::new>", m))?;
+        let pm = p / "model";
+        let model = LlamaModel::new(&pm, config)?;
+        let tied = config.tie_word_embeddings.then_some(&model.embed_tokens.ws);
+        let lm_head = LmHead::new(&(p / "lm_head"), tied, config.vocab_size, config.hidden_size);
+        Ok(Llama { model: Hooked::new(&pm, model), lm_head, config: config.clone() })
+    }
+}
+
+impl HookModule for Llama {
+    /// [`CausalInput`].
+    type Input = CausalInput;
+    /// Logits `[batch, seq, vocab]`.
+    type Output = Tensor;
+    fn forward(&self, input: CausalInput) -> Tensor {
+        self.lm_head.call(self.model.call(input))
+    }
+}
+
+impl CausalLm for Llama {
+    fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        super::check_model_dir(dir)?;
+        let config = LlamaConfig::from_file(&dir.join("config.json"))?;
+        causal::load_model(dir, options, &["model."], |p| Llama::new(p, &config))
+    }
+    fn max_positions(&self) -> i64 {
+        self.config.max_position_embeddings
+    }
+    fn num_layers(&self) -> usize {
+        self.model.layers.len()
+    }
+    fn vocab_size(&self) -> i64 {
+        self.config.vocab_size
+    }
+    fn eos_token_ids(&self) -> Vec<i64> {
+        self.config.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+    }
+    fn pad_token_id(&self) -> Option<i64> {
+        self.config.pad_token_id
+    }
+    fn device(&self) -> Device {
+        self.model.embed_tokens.ws.device()
+    }
+    fn kind(&self) -> Kind {
+        self.model.embed_tokens.ws.kind()
+    }
+}
+
+/// `LanguageModel::<Llama>`: ids and mask from the tokenizer, position ids from the mask, no cache.
+impl TextModel for Llama {
+    fn load(dir: &Path, device: Device) -> Result<Self> {
+        Llama::load_with(dir, &LoadOptions { device, dtype: None })
+    }
+    fn text_input(&self, batch: &TextBatch) -> CausalInput {
+        causal::text_input(batch)
+    }
+    fn max_positions(&self) -> Option<i64> {
+        Some(self.config.max_position_embeddings)
+    }
+}
+
+/// `model`: embeddings, rotary tables, decoder layers, final RMSNorm (transformers' `LlamaModel`).
+///
+/// Input [`CausalInput`]; output the last hidden state `[batch, seq, hidden]` (after `norm`).
+#[derive(Debug, ModuleTree)]
+#[module(crate = "crate")]
+pub struct LlamaModel {
+    /// `embed_tokens`: `[vocab, hidden]`; ids `[batch, seq]` → `[batch, seq, hidden]`.
+    pub embed_tokens: Hooked<nn::Embedding>,
+    /// `layers`: `model.layers.0` .. `model.layers.{num_hidden_layers - 1}`.
+    pub layers: Vec<Hooked<LlamaDecoderLayer>>,
+    /// `norm`: final RMSNorm.
+    pub norm: Hooked<RmsNorm>,
+    /// `rotary_emb`: cos/sin tables for the position ids (no weights).
+    pub rotary_emb: Hooked<RotaryEmbedding>,
+}
+
+impl LlamaModel {
+    /// Zero weights under `p` (`model`).
+    pub fn new(p: &nn::Path, c: &LlamaConfig) -> Result<Self> {
+        let pl = p / "layers";
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let q = &pl / i;
+                Ok(Hooked::new(&q, LlamaDecoderLayer::new(&q, c, i as usize)?))
+            })
+            .collect::<Result<_>>()?;
+        let rope = c.rope().map_err(|m| causal::config_error("<LlamaConfig>", m))?;
+        Ok(LlamaModel {
+            embed_tokens: causal::embedding(&(p / "embed_tokens"), c.vocab_size, c.hidden_size),
+            layers,
+            norm: RmsNorm::new(&(p / "norm"), c.hidden_size, c.rms_norm_eps),
+            rotary_emb: Hooked::new(&(p / "rotary_emb"), RotaryEmbedding::new(&rope, c.head_dim(), p.device())),
+        })
+    }
+}
+
+impl HookModule for LlamaModel {
+    /// [`CausalInput`].
+    type Input = CausalInput;
+    /// `[batch, seq, hidden]`.
+    type Output = Tensor;
+    fn forward(&self, (input_ids, attention_mask, position_ids, cache): CausalInput) -> Tensor {
+        let seq = input_ids.size()[1];
+        let mask = causal::causal_mask(&attention_mask, seq);
+        let hidden = self.embed_tokens.call(input_ids);
+        let (cos, sin) = self.rotary_emb.call((hidden.shallow_clone(), position_ids));
+        let hidden = self.layers.iter().fold(hidden, |h, layer| {
+            layer.call((h, mask.shallow_clone(), (cos.shallow_clone(), sin.shallow_clone()), cache.clone()))
+        });
+        self.norm.call(hidden)
+    }
+}
+
+/// Input of a decoder layer and of its attention: `(hidden [batch, seq, hidden], mask
+/// [batch, 1, seq, past + seq] f32 (see [`causal::causal_mask`]), (cos, sin) each
+/// [batch, seq, head_dim], cache)`.
+pub type LayerInput = (Tensor, Tensor, (Tensor, Tensor), KvCacheHandle);
+
+/// `model.layers.{i}`: `x + self_attn(input_layernorm(x))`, then
+/// `x + mlp(post_attention_layernorm(x))` (transformers' `LlamaDecoderLayer`).
+///
+/// Input [`LayerInput`], output `[batch, seq, hidden]`.
+#[derive(Debug, ModuleTree)]
+#[module(crate = "crate")]
+pub struct LlamaDecoderLayer {
+    /// `input_layernorm`: RMSNorm before attention.
+    pub input_layernorm: Hooked<RmsNorm>,
+    /// `self_attn`: grouped-query causal self-attention with rotary embeddings.
+    pub self_attn: Hooked<LlamaAttention>,
+    /// `post_attention_layernorm`: RMSNorm before the MLP.
+    pub post_attention_layernorm: Hooked<RmsNorm>,
+    /// `mlp`: SwiGLU feed-forward.
+    pub mlp: Hooked<LlamaMlp>,
+}
+
+impl LlamaDecoderLayer {
+    /// Zero weights under `p` (`model.layers.{layer_idx}`).
+    pub fn new(p: &nn::Path, c: &LlamaConfig, layer_idx: usize) -> Result<Self> {
+        let (pa, pm) = (p / "self_attn", p / "mlp");
+        Ok(LlamaDecoderLayer {
+            input_layernorm: RmsNorm::new(&(p / "input_layernorm"), c.hidden_size, c.rms_norm_eps),
+            self_attn: Hooked::new(&pa, LlamaAttention::new(&pa, c, layer_idx)),
+            post_attention_layernorm: RmsNorm::new(&(p / "post_attention_layernorm"), c.hidden_size, c.rms_norm_eps),
+            mlp: Hooked::new(&pm, LlamaMlp::new(&pm, c)?),
+        })
+    }
+}
+
+impl HookModule for LlamaDecoderLayer {
+    /// [`LayerInput`].
+    type Input = LayerInput;
+    /// `[batch, seq, hidden]`.
+    type Output = Tensor;
+    fn forward(&self, (hidden, mask, rope, cache): LayerInput) -> Tensor {
+        let attn = self.self_attn.call((self.input_layernorm.call(hidden.shallow_clone()), mask, rope, cache));
+        let hidden = hidden + attn;
+        let ff = self.mlp.call(self.post_attention_layernorm.call(hidden.shallow_clone()));
+        hidden + ff
+    }
+}
+
+/// `model.layers.{i}.self_attn`: grouped-query attention with rotary embeddings and the KV
+/// cache (transformers' `LlamaAttention`, eager).
+///
+/// Input [`LayerInput`] (hidden already normalised). q `[batch, heads, seq, head_dim]`, k and v
+/// `[batch, kv_heads, seq, head_dim]`; q and k rotated, k and v appended to cache slot
+/// `layer_idx`, k and v repeated `heads / kv_heads` times; output
+/// `o_proj(softmax(q kᵀ · head_dim^-0.5 + mask) v)`, `[batch, seq, hidden]`.
+#[derive(Debug, ModuleTree)]
+#[module(crate = "crate")]
+pub struct LlamaAttention {
+    /// `q_proj`: `[batch, seq, hidden]` → `[batch, seq, heads * head_dim]`.
+    pub q_proj: Hooked<nn::Linear>,
+    /// `k_proj`: `[batch, seq, hidden]` → `[batch, seq, kv_heads * head_dim]`.
+    pub k_proj: Hooked<nn::Linear>,
+    /// `v_proj`: `[batch, seq, hidden]` → `[batch, seq, kv_heads * head_dim]`.
+    pub v_proj: Hooked<nn::Linear>,
+    /// `o_proj`: `[batch, seq, heads * head_dim]` → `[batch, seq, hidden]`.
+    pub o_proj: Hooked<nn::Linear>,
+    /// Index of the layer (the cache slot).
+    pub layer_idx: usize,
+    /// Query heads.
+    pub num_heads: i64,
+    /// Key/value heads (divides `num_heads`).
+    pub num_key_value_heads: i64,
+    /// Width of a head.
+    pub head_dim: i64,
+}
+
+impl LlamaAttention {
+    /// Zero weights under `p` (`model.layers.{layer_idx}.self_attn`).
+    pub fn new(p: &nn::Path, c: &LlamaConfig, layer_idx: usize) -> Self {
+        let (h, hd, kv) = (c.hidden_size, c.head_dim(), c.kv_heads());
+        let bias = c.attention_bias;
+        LlamaAttention {
+            q_proj: linear(p, "q_proj", h, c.num_attention_heads * hd, bias),
+            k_proj: linear(p, "k_proj", h, kv * hd, bias),
+            v_proj: linear(p, "v_proj", h, kv * hd, bias),
+            o_proj: linear(p, "o_proj", c.num_attention_heads * hd, h, bias),
+            layer_idx,
+            num_heads: c.num_attention_heads,
+            num_key_value_heads: kv,
+            head_dim: hd,
+        }
+    }
+}
+
+impl HookModule for LlamaAttention {
+    /// [`LayerInput`].
+    type Input = LayerInput;
+    /// `[batch, seq, hidden]`.
+    type Output = Tensor;
+    fn forward(&self, (hidden, mask, (cos, sin), cache): LayerInput) -> Tensor {
+        let size = hidden.size();
+        let (b, s) = (size[0], size[1]);
+        let heads = |t: Tensor| t.view([b, s, -1, self.head_dim]).transpose(1, 2);
+        let q = heads(self.q_proj.call(hidden.shallow_clone()));
+        let k = heads(self.k_proj.call(hidden.shallow_clone()));
+        let v = heads(self.v_proj.call(hidden));
+        let (cos, sin) = (cos.unsqueeze(1), sin.unsqueeze(1));
+        let q = &q * &cos + rotate_half(&q) * &sin;
+        let k = &k * &cos + rotate_half(&k) * &sin;
+        let (k, v) = cache.update(self.layer_idx, k, v);
+        let groups = self.num_heads / self.num_key_value_heads;
+        let (k, v) = (repeat_kv(&k, groups), repeat_kv(&v, groups));
+        let context = causal::eager_attention(&q, &k, &v, &mask, (self.head_dim as f64).powf(-0.5));
+        self.o_proj.call(context)
+    }
+}
+
+/// `[batch, kv_heads, n, d]` → `[batch, kv_heads * groups, n, d]`, each head repeated `groups`
+/// times in place (transformers' `repeat_kv`).
+fn repeat_kv(x: &Tensor, groups: i64) -> Tensor {
+    if groups == 1 {
+        return x.shallow_clone();
+    }
+    let s = x.size();
+    x.unsqueeze(2).expand([s[0], s[1], groups, s[2], s[3]], false).reshape([s[0], s[1] * groups, s[2], s[3]])
+}
+
+/// `model.layers.{i}.mlp`: `down_proj(act_fn(gate_proj(x)) * up_proj(x))` (transformers'
+/// `LlamaMLP`, SwiGLU with `hidden_act = "silu"`).
+///
+/// Input `[batch, seq, hidden]`, output `[batch, seq, hidden]`.
+#[derive(Debug, ModuleTree)]
+#[module(crate = "crate")]
+pub struct LlamaMlp {
+    /// `gate_proj`: `[batch, seq, hidden]` → `[batch, seq, intermediate]`.
+    pub gate_proj: Hooked<nn::Linear>,
+    /// `up_proj`: `[batch, seq, hidden]` → `[batch, seq, intermediate]`.
+    pub up_proj: Hooked<nn::Linear>,
+    /// `down_proj`: `[batch, seq, intermediate]` → `[batch, seq, hidden]`.
+    pub down_proj: Hooked<nn::Linear>,
+    /// `act_fn`: the config's `hidden_act` (SiLU), no weights; `[batch, seq, intermediate]`.
+    pub act_fn: Hooked<HiddenAct>,
+}
+
+impl LlamaMlp {
+    /// Zero weights under `p` (`model.layers.{i}.mlp`).
+    pub fn new(p: &nn::Path, c: &LlamaConfig) -> Result<Self> {
+        let act = HiddenAct::parse(&c.hidden_act).map_err(|m| causal::config_error("<LlamaConfig>", m))?;
+        let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
+        Ok(LlamaMlp {
+            gate_proj: linear(p, "gate_proj", h, i, bias),
+            up_proj: linear(p, "up_proj", h, i, bias),
+            down_proj: linear(p, "down_proj", i, h, bias),
+            act_fn: Hooked::new(&(p / "act_fn"), act),
+        })
+    }
+}
+
+impl HookModule for LlamaMlp {
+    /// `[batch, seq, hidden]`.
+    type Input = Tensor;
+    /// `[batch, seq, hidden]`.
+    type Output = Tensor;
+    fn forward(&self, x: Tensor) -> Tensor {
+        let gate = self.act_fn.call(self.gate_proj.call(x.shallow_clone()));
+        self.down_proj.call(gate * self.up_proj.call(x))
+    }
+}
+
+/// Root-mean-square LayerNorm (transformers' `LlamaRMSNorm`): in f32,
+/// `x / sqrt(mean(x²) + eps)`, cast back to the input dtype, times `weight`.
+///
+/// Input and output `[..., hidden]`.
+#[derive(Debug)]
+pub struct RmsNorm {
+    /// `[hidden]`.
+    pub weight: Tensor,
+    /// Added to the mean square.
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    /// Variable `weight [dim]` under `p` (ones until loaded).
+    pub fn new(p: &nn::Path, dim: i64, eps: f64) -> Hooked<RmsNorm> {
+        Hooked::new(p, RmsNorm { weight: p.ones("weight", &[dim]), eps })
+    }
+}
+
+/// A leaf: no hooked children.
+impl ModuleTree for RmsNorm {
+    fn visit_modules(&self, _: &mut dyn FnMut(&str, &'static str)) {}
+}
+
+impl HookModule for RmsNorm {
+    /// `[..., hidden]`.
+    type Input = Tensor;
+    /// `[..., hidden]`.
+    type Output = Tensor;
+    fn forward(&self, x: Tensor) -> Tensor {
+        let kind = x.kind();
+        let x = x.to_kind(Kind::Float);
+        let variance = x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let normed = x * (variance + self.eps).rsqrt();
+        &self.weight * normed.to_kind(kind)
+    }
+}
+
+/// `nn::Linear` named `name` under `p` with zero weights (`weight [out, in]`, `bias [out]` if `bias`).
+fn linear(p: &nn::Path, name: &str, in_dim: i64, out_dim: i64, bias: bool) -> Hooked<nn::Linear> {
+    let q = p / name;
+    let cfg = nn::LinearConfig { ws_init: nn::Init::Const(0.0), bs_init: Some(nn::Init::Const(0.0)), bias };
+    Hooked::new(&q, nn::linear(&q, in_dim, out_dim, cfg))
+}
