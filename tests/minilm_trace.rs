@@ -179,3 +179,16 @@ fn module_tree_lists_every_hook_point_by_checkpoint_name() {
         }
     }
 }
+
+#[test]
+fn swap_with_wrong_shape_names_module_and_both_layouts() {
+    let model = minilm();
+    let err = trace!(model, "Paris", {
+        model.encoder.layer[1].output = Tensor::zeros([1, 2], (Kind::Float, Device::Cpu));
+    })
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "swap at `encoder.layer.1.output` (call 0, invoke 0) has the wrong layout: expected Tensor[1, 3, 384] Float Cpu, got Tensor[1, 2] Float Cpu"
+    );
+}
