@@ -21,16 +21,42 @@ use quote::{format_ident, quote, quote_spanned};
 use crate::ast::TraceInput;
 use crate::lower::Ctx;
 
-pub fn trace(input: TraceInput) -> TokenStream {
+/// Which macro: `trace!` runs the model's forward pass once; `generate!` runs its generation
+/// loop (options `max_new_tokens`, `temperature`, `top_k`, `seed`, `stop_at_eos`, and
+/// `tokens = &mut Option<Tensor>` to receive the generated ids).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Trace,
+    Generate,
+}
+
+const GENERATE_OPTIONS: &[&str] = &["max_new_tokens", "temperature", "top_k", "seed", "stop_at_eos"];
+
+pub fn trace(input: TraceInput, mode: Mode) -> TokenStream {
     let mut ctx = Ctx::new(input.model.clone());
     let tr = ctx.tr.clone();
     let model = &input.model;
     let mut dot = None;
+    let mut tokens = None;
+    let mut gen_options = Vec::new();
     for (name, value) in &input.options {
-        if name == "dot" {
+        let n = name.to_string();
+        if n == "dot" {
             dot = Some(value.clone());
+        } else if mode == Mode::Generate && n == "tokens" {
+            tokens = Some(value.clone());
+        } else if mode == Mode::Generate && GENERATE_OPTIONS.contains(&n.as_str()) {
+            let v = match n.as_str() {
+                "temperature" | "top_k" => quote!(::core::option::Option::Some(#value)),
+                _ => quote!(#value),
+            };
+            gen_options.push(quote!(__nn_options.#name = #v;));
         } else {
-            ctx.errors.push(syn::Error::new(name.span(), format!("unknown option `{name}` for `trace!` (known: `dot = &mut string`)")));
+            let known = match mode {
+                Mode::Trace => "`dot = &mut string`".to_string(),
+                Mode::Generate => format!("{}, `tokens = &mut option`, `dot = &mut string`", GENERATE_OPTIONS.join(", ")),
+            };
+            ctx.errors.push(syn::Error::new(name.span(), format!("unknown option `{name}` (known: {known})")));
         }
     }
     let mut body = TokenStream::new();
@@ -73,13 +99,33 @@ pub fn trace(input: TraceInput) -> TokenStream {
         return quote!({ #(#errors)* ::core::result::Result::<(), ::nnsight::Error>::Ok(()) });
     }
     let finish = quote_spanned!(value_span=> ::nnsight::Tracer::finish(::core::mem::ManuallyDrop::into_inner(#tr), __nn_value));
+    let (setup, traced, after) = match mode {
+        Mode::Trace => (quote!(), quote!(&#model), quote!()),
+        Mode::Generate => (
+            quote! {
+                let __nn_generator = {
+                    let mut __nn_options = ::nnsight::GenerateOptions::default();
+                    #(#gen_options)*
+                    ::nnsight::Generator::new(&#model, __nn_options)
+                };
+            },
+            quote!(&__nn_generator),
+            match tokens {
+                Some(t) => quote!(*(#t) = __nn_generator.tokens();),
+                None => quote!(),
+            },
+        ),
+    };
     quote! {{
+        #setup
         #[allow(unused_mut)]
-        let mut #tr = ::core::mem::ManuallyDrop::new(::nnsight::Tracer::new(&#model));
+        let mut #tr = ::core::mem::ManuallyDrop::new(::nnsight::Tracer::new(#traced));
         #grad
         #body
         let __nn_value = #value;
         #dot
-        #finish
+        let __nn_result = #finish;
+        #after
+        __nn_result
     }}
 }

@@ -22,7 +22,19 @@ mod scan;
 #[proc_macro]
 pub fn trace(input: TokenStream) -> TokenStream {
     let input = syn::parse_macro_input!(input as ast::TraceInput);
-    expand::trace(input).into()
+    expand::trace(input, expand::Mode::Trace).into()
+}
+
+/// Traces a causal language model's generation loop: `generate!(model, prompt,
+/// max_new_tokens = 3, { .. })`. The root model runs once per step, so call `n` of a module is
+/// step `n` (`model.lm_head.output` step 0, `.next().output` step 1, `.at(k).output` step `k`).
+/// Options: `max_new_tokens`, `temperature`, `top_k`, `seed`, `stop_at_eos`,
+/// `tokens = &mut Option<Tensor>` (receives the ids `[batch, prompt + new]`), `dot`.
+/// Returns `Result<value of the block, nnsight::Error>`.
+#[proc_macro]
+pub fn generate(input: TokenStream) -> TokenStream {
+    let input = syn::parse_macro_input!(input as ast::TraceInput);
+    expand::trace(input, expand::Mode::Generate).into()
 }
 
 /// Derives `ModuleTree` for a model struct: the walk over its `Hooked` fields (also inside

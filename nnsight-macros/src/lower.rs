@@ -410,10 +410,11 @@ impl Ctx {
         quote_spanned!(f.member.span()=> { let __nn_x = #x; #tr.grad(__nn_x, #pass) })
     }
 
-    /// `(path closure, nexts)` for a hook path's module.
-    fn module_access(&mut self, hp: &HookPath) -> Option<(TokenStream, usize)> {
+    /// `(path closure, call selector)` for a hook path's module.
+    fn module_access(&mut self, hp: &HookPath) -> Option<(TokenStream, TokenStream)> {
         let mut expr = hp.root.to_token_stream();
-        let mut nexts = 0;
+        let mut nexts = 0usize;
+        let mut at = None;
         let n = hp.segs.len();
         for (i, s) in hp.segs.iter().enumerate() {
             match s {
@@ -422,16 +423,27 @@ impl Ctx {
                     let sp = ix.span();
                     expr = quote_spanned!(sp=> (*::nnsight::__private::module_at(&#expr, #ix)?));
                 }
-                Seg::Next(sp) => {
-                    if hp.segs[i + 1..n].iter().any(|s| !matches!(s, Seg::Next(_))) {
-                        self.errors.push(syn::Error::new(*sp, "`.next()` goes right before the hook point: `model.x.next().output`"));
+                Seg::Next(sp) | Seg::At(_, sp) => {
+                    if hp.segs[i + 1..n].iter().any(|s| !matches!(s, Seg::Next(_) | Seg::At(..))) {
+                        self.errors.push(syn::Error::new(*sp, "`.next()` and `.at(call)` go right before the hook point: `model.x.next().output`"));
                         return None;
                     }
-                    nexts += 1;
+                    match s {
+                        Seg::At(e, sp) if at.is_none() && nexts == 0 => at = Some((e.clone(), *sp)),
+                        Seg::Next(_) if at.is_none() => nexts += 1,
+                        _ => {
+                            self.errors.push(syn::Error::new(*sp, "use either `.at(call)` once or `.next()`, not both"));
+                            return None;
+                        }
+                    }
                 }
             }
         }
-        Some((quote_spanned!(hp.full_span=> || ::core::result::Result::Ok(&#expr)), nexts))
+        let call = match at {
+            Some((e, sp)) => quote_spanned!(sp=> ::nnsight::Call::At((#e) as usize)),
+            None => quote!(#nexts),
+        };
+        Some((quote_spanned!(hp.full_span=> || ::core::result::Result::Ok(&#expr)), call))
     }
 
     fn hook_read(&mut self, hp: &HookPath) -> TokenStream {

@@ -15,6 +15,8 @@ pub enum Seg {
     Field(Ident),
     Index(Expr),
     Next(Span),
+    /// `.at(i)`: call `i` of the module.
+    At(Expr, Span),
 }
 
 /// Which hook point.
@@ -70,6 +72,11 @@ pub fn module_chain(e: &Expr, model: &Ident) -> Option<(Ident, Vec<Seg>)> {
         Expr::MethodCall(m) if m.method == "next" && m.args.is_empty() && m.turbofish.is_none() => {
             let (root, mut segs) = module_chain(&m.receiver, model)?;
             segs.push(Seg::Next(m.method.span()));
+            Some((root, segs))
+        }
+        Expr::MethodCall(m) if m.method == "at" && m.args.len() == 1 && m.turbofish.is_none() => {
+            let (root, mut segs) = module_chain(&m.receiver, model)?;
+            segs.push(Seg::At(m.args[0].clone(), m.method.span()));
             Some((root, segs))
         }
         _ => None,

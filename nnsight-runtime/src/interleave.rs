@@ -193,7 +193,14 @@ impl<'env> Interleaver<'env> {
 
     /// Runs `forward` with this graph interleaved. `grad`: keep autograd on (traces that call
     /// `.backward()` or read `.grad`); otherwise the forward runs under `no_grad`.
-    pub(crate) fn run(graph: Graph<'env>, batch: Batch, grad: bool, forward: impl FnOnce() -> Result<()>) -> Result<Outcome> {
+    /// `lenient` is asked after the forward pass whether hook points that never ran are expected.
+    pub(crate) fn run(
+        graph: Graph<'env>,
+        batch: Batch,
+        grad: bool,
+        lenient: &dyn Fn() -> bool,
+        forward: impl FnOnce() -> Result<()>,
+    ) -> Result<Outcome> {
         let il = Interleaver::new(graph, batch);
         // Nodes that need no hook value (constants, closures over outside values) run first.
         let roots: Vec<NodeId> = {
@@ -237,7 +244,7 @@ impl<'env> Interleaver<'env> {
                 }
             }
         }
-        if stopped_at.is_none() {
+        if stopped_at.is_none() && !lenient() {
             for (id, n) in graph.nodes.iter().enumerate() {
                 if let (NodeKind::Grad { of, pass }, Slot::Empty) = (&n.kind, &state.slots[id]) {
                     if let NodeKind::Hook { module, io, call, .. } = graph.nodes[*of].kind {

@@ -7,6 +7,7 @@
 
 pub mod activation;
 pub mod error;
+pub mod generation;
 pub mod graph;
 pub mod hook;
 pub mod interleave;
@@ -19,6 +20,7 @@ pub mod tree;
 
 pub use activation::Activation;
 pub use error::{Error, Result};
+pub use generation::{GenerateOptions, Generator, Prompt};
 pub use graph::Io;
 pub use hook::{AsModule, HookModule, Hooked, Leaf, ModuleList};
 pub use interleave::{is_tracing, Outcome};
@@ -26,10 +28,11 @@ pub use language_model::{LanguageModel, TextBatch, TextModel};
 pub use models::bert::{Bert, BertConfig};
 pub use proxy::{NodeId, Proxy, ProxyRef, Saved};
 pub use tensor_hook::{register_grad_hook, retain_grad, retains_grad, GradHook, GradHooks};
-pub use tracer::{Group, IntoInvoke, Resolve, SwapValue, Traced, Tracer};
+pub use tracer::{Call, Group, IntoInvoke, Resolve, SwapValue, Traced, Tracer};
 pub use tree::ModuleTree;
 pub use nnsight_macros::ModuleTree;
 pub use tch;
+pub use tokenizers;
 #[doc(hidden)]
 pub mod private;
 #[doc(hidden)]

@@ -34,6 +34,13 @@ pub trait Traced {
     /// Runs one forward pass on all invokes batched along dim 0, in order. Hooked modules called
     /// inside are seen by the active trace.
     fn forward_invokes(&self, invokes: &[Self::Invoke]) -> Result<()>;
+
+    /// After the run: `true` when hook points that never ran are expected (generation that
+    /// stopped at an end-of-sequence token before the last step); their interventions are then
+    /// skipped instead of being an [`Error::NeverProvided`].
+    fn tolerates_missing(&self) -> bool {
+        false
+    }
 }
 
 /// What can be given to `trace!`/`invoke` as an input for model `M`.
@@ -78,6 +85,23 @@ fn display_path(p: &str) -> &str {
         "<root>"
     } else {
         p
+    }
+}
+
+/// Which call of a module a hook point addresses. Each module has a cursor, starting at call 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Call {
+    /// Move the module's cursor `n` calls further, then use it (`.next()` in `trace!` is
+    /// `Next(1)`; `Next(0)` is the current call). Converted from a plain `usize`.
+    Next(usize),
+    /// Call `i` exactly, leaving the cursor alone (`.at(i)` in `trace!`, e.g. generation step
+    /// `i`).
+    At(usize),
+}
+
+impl From<usize> for Call {
+    fn from(n: usize) -> Call {
+        Call::Next(n)
     }
 }
 
@@ -136,19 +160,24 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         self.grad = true;
     }
 
-    /// Resolves a module path (recording its error) and the call index after `nexts` calls of
-    /// `.next()` on it.
+    /// Resolves a module path (recording its error) and the call index it addresses.
     fn module<Mo: AsModule + 'env>(
         &mut self,
-        nexts: usize,
+        call: Call,
         path: impl FnOnce() -> Result<&'env Mo>,
     ) -> Option<(&'env Hooked<Mo::Module>, usize)> {
         match path() {
             Ok(m) => {
                 let h = m.as_module();
                 let c = self.cursors.entry(h.key()).or_insert(0);
-                *c += nexts;
-                Some((h, *c))
+                let index = match call {
+                    Call::Next(n) => {
+                        *c += n;
+                        *c
+                    }
+                    Call::At(i) => i,
+                };
+                Some((h, index))
             }
             Err(e) => {
                 self.fail(e);
@@ -165,12 +194,12 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
     fn read<Mo: AsModule + 'env, T>(
         &mut self,
         group: Group,
-        nexts: usize,
+        call: impl Into<Call>,
         io: Io,
         part: Part,
         path: impl FnOnce() -> Result<&'env Mo>,
     ) -> Proxy<T> {
-        let Some((h, call)) = self.module(nexts, path) else { return self.poison("<bad module path>") };
+        let Some((h, call)) = self.module(call.into(), path) else { return self.poison("<bad module path>") };
         let key = (h.key(), io, part, call, group.0);
         if let Some(&id) = self.reads.get(&key) {
             return Proxy::new(id);
@@ -195,16 +224,16 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         Proxy::new(id)
     }
 
-    /// The module's output at its current call (`model.x.output`). `nexts`: how many `.next()`
-    /// calls the path made on this module (each moves its call index one further).
+    /// The module's output (`model.x.output`) at the call `call` selects (see [`Call`]; a plain
+    /// `0` means the module's current call).
     #[track_caller]
     pub fn output<Mo: AsModule + 'env>(
         &mut self,
         group: Group,
-        nexts: usize,
+        call: impl Into<Call>,
         path: impl FnOnce() -> Result<&'env Mo>,
     ) -> Proxy<<Mo::Module as HookModule>::Output> {
-        self.read(group, nexts, Io::Output, Part::Whole, path)
+        self.read(group, call, Io::Output, Part::Whole, path)
     }
 
     /// The module's whole input (`model.x.inputs`), e.g. `(hidden_states, attention_mask)`.
@@ -212,10 +241,10 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
     pub fn inputs<Mo: AsModule + 'env>(
         &mut self,
         group: Group,
-        nexts: usize,
+        call: impl Into<Call>,
         path: impl FnOnce() -> Result<&'env Mo>,
     ) -> Proxy<<Mo::Module as HookModule>::Input> {
-        self.read(group, nexts, Io::Input, Part::Whole, path)
+        self.read(group, call, Io::Input, Part::Whole, path)
     }
 
     /// The module's first input (`model.x.input`).
@@ -223,22 +252,22 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
     pub fn input<Mo: AsModule + 'env>(
         &mut self,
         group: Group,
-        nexts: usize,
+        call: impl Into<Call>,
         path: impl FnOnce() -> Result<&'env Mo>,
     ) -> Proxy<<<Mo::Module as HookModule>::Input as Activation>::First> {
-        self.read(group, nexts, Io::Input, Part::First, path)
+        self.read(group, call, Io::Input, Part::First, path)
     }
 
     fn swap<Mo: AsModule + 'env>(
         &mut self,
         group: Group,
-        nexts: usize,
+        call: impl Into<Call>,
         io: Io,
         part: Part,
         path: impl FnOnce() -> Result<&'env Mo>,
         value: NodeId,
     ) {
-        let Some((h, call)) = self.module(nexts, path) else { return };
+        let Some((h, call)) = self.module(call.into(), path) else { return };
         // Reads after this swap see the new value: they get new nodes.
         self.reads.retain(|&(k, i, _, c, g), _| !(k == h.key() && i == io && c == call && g == group.0));
         self.graph.nodes[value].swap_uses += 1;
@@ -251,39 +280,39 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
     pub fn swap_output<Mo: AsModule + 'env, P>(
         &mut self,
         group: Group,
-        nexts: usize,
+        call: impl Into<Call>,
         path: impl FnOnce() -> Result<&'env Mo>,
         value: P,
     ) where
         P: ProxyRef<Value = <Mo::Module as HookModule>::Output>,
     {
-        self.swap(group, nexts, Io::Output, Part::Whole, path, value.node())
+        self.swap(group, call, Io::Output, Part::Whole, path, value.node())
     }
 
     /// Replaces the module's whole input (`model.x.inputs = v`).
     pub fn swap_inputs<Mo: AsModule + 'env, P>(
         &mut self,
         group: Group,
-        nexts: usize,
+        call: impl Into<Call>,
         path: impl FnOnce() -> Result<&'env Mo>,
         value: P,
     ) where
         P: ProxyRef<Value = <Mo::Module as HookModule>::Input>,
     {
-        self.swap(group, nexts, Io::Input, Part::Whole, path, value.node())
+        self.swap(group, call, Io::Input, Part::Whole, path, value.node())
     }
 
     /// Replaces the module's first input (`model.x.input = v`).
     pub fn swap_input<Mo: AsModule + 'env, P>(
         &mut self,
         group: Group,
-        nexts: usize,
+        call: impl Into<Call>,
         path: impl FnOnce() -> Result<&'env Mo>,
         value: P,
     ) where
         P: ProxyRef<Value = <<Mo::Module as HookModule>::Input as Activation>::First>,
     {
-        self.swap(group, nexts, Io::Input, Part::First, path, value.node())
+        self.swap(group, call, Io::Input, Part::First, path, value.node())
     }
 
     /// Like [`Tracer::swap_output`], with the new value built by `value` (called first, so a
@@ -292,36 +321,36 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
     pub fn swap_output_with<Mo: AsModule + 'env, V: SwapValue<<Mo::Module as HookModule>::Output>>(
         &mut self,
         group: Group,
-        nexts: usize,
+        call: impl Into<Call>,
         path: impl FnOnce() -> Result<&'env Mo>,
         value: impl FnOnce(&mut Self) -> Proxy<V>,
     ) {
         let v = value(self);
-        self.swap(group, nexts, Io::Output, Part::Whole, path, v.id)
+        self.swap(group, call, Io::Output, Part::Whole, path, v.id)
     }
 
     /// [`Tracer::swap_inputs`] with the value built by `value` (see [`Tracer::swap_output_with`]).
     pub fn swap_inputs_with<Mo: AsModule + 'env, V: SwapValue<<Mo::Module as HookModule>::Input>>(
         &mut self,
         group: Group,
-        nexts: usize,
+        call: impl Into<Call>,
         path: impl FnOnce() -> Result<&'env Mo>,
         value: impl FnOnce(&mut Self) -> Proxy<V>,
     ) {
         let v = value(self);
-        self.swap(group, nexts, Io::Input, Part::Whole, path, v.id)
+        self.swap(group, call, Io::Input, Part::Whole, path, v.id)
     }
 
     /// [`Tracer::swap_input`] with the value built by `value` (see [`Tracer::swap_output_with`]).
     pub fn swap_input_with<Mo: AsModule + 'env, V: SwapValue<<<Mo::Module as HookModule>::Input as Activation>::First>>(
         &mut self,
         group: Group,
-        nexts: usize,
+        call: impl Into<Call>,
         path: impl FnOnce() -> Result<&'env Mo>,
         value: impl FnOnce(&mut Self) -> Proxy<V>,
     ) {
         let v = value(self);
-        self.swap(group, nexts, Io::Input, Part::First, path, v.id)
+        self.swap(group, call, Io::Input, Part::First, path, v.id)
     }
 
     /// Declares `edit` (a node that changes `target`'s value in place, e.g. `h[.., 0] = 0.0`) as
@@ -426,8 +455,9 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         }
         let model = self.model;
         let invokes = self.invokes;
-        let mut outcome =
-            Interleaver::run(self.graph, Batch { groups, total }, self.grad, || model.forward_invokes(&invokes))?;
+        let mut outcome = Interleaver::run(self.graph, Batch { groups, total }, self.grad, &|| model.tolerates_missing(), || {
+            model.forward_invokes(&invokes)
+        })?;
         value.resolve(&mut outcome)
     }
 }
