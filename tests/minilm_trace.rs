@@ -192,3 +192,24 @@ fn swap_with_wrong_shape_names_module_and_both_layouts() {
         "swap at `encoder.layer.1.output` (call 0, invoke 0) has the wrong layout: expected Tensor[1, 3, 384] Float Cpu, got Tensor[1, 2] Float Cpu"
     );
 }
+
+#[test]
+fn inputs_of_a_two_argument_module_and_swapping_the_first() {
+    let model = minilm();
+    let want = case("zero_ablation");
+    let (input, mask_shape, prev) = trace!(model, [PARIS, ROME], {
+        let input = model.encoder.layer[2].input.save();             // hidden_states
+        let mask_shape = model.encoder.layer[2].inputs.1.size().save(); // extended attention mask
+        (input, mask_shape, model.encoder.layer[1].output.save())
+    })
+    .unwrap();
+    assert!(input.equal(&prev), "layer 2's first input is layer 1's output");
+    assert_eq!(mask_shape, vec![2, 1, 1, 14]);
+    // Zeroing layer 4's first input is what zeroing layer 3's output does downstream.
+    let out = trace!(model, [PARIS, ROME], {
+        model.encoder.layer[4].input = model.encoder.layer[4].input.zeros_like();
+        model.encoder.layer[5].output.save()
+    })
+    .unwrap();
+    assert!(close(sum(&out), f(&want["sum"]), 1e-3), "sum {}", sum(&out));
+}

@@ -178,3 +178,59 @@ fn dot_option_renders_the_intervention_graph() {
     assert!(dot.contains("[color=red,label=\"swap\"]"), "{dot}");
     assert!(dot.contains("style=bold"), "the saved node is bold: {dot}");
 }
+
+/// A module that counts its forward calls.
+struct Counted {
+    lin: Hooked<nn::Linear>,
+    calls: std::cell::Cell<usize>,
+}
+
+impl HookModule for Counted {
+    type Input = Tensor;
+    type Output = Tensor;
+    fn forward(&self, x: Tensor) -> Tensor {
+        self.calls.set(self.calls.get() + 1);
+        self.lin.call(x)
+    }
+}
+
+struct Chain {
+    first: Hooked<nn::Linear>,
+    second: Hooked<Counted>,
+}
+
+impl HookModule for Chain {
+    type Input = Tensor;
+    type Output = Tensor;
+    fn forward(&self, x: Tensor) -> Tensor {
+        self.second.call(self.first.call(x))
+    }
+}
+
+#[test]
+fn stop_ends_the_forward_pass_and_the_next_trace_is_plain() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let p = vs.root();
+    let model = Hooked::with_path(
+        "",
+        Chain {
+            first: Hooked::new(&(&p / "first"), nn::linear(&p / "first", 4, 4, Default::default())),
+            second: Hooked::new(
+                &(&p / "second"),
+                Counted { lin: Hooked::new(&(&p / "second" / "lin"), nn::linear(&p / "second" / "lin", 4, 4, Default::default())), calls: Default::default() },
+            ),
+        },
+    );
+    let x = input(1, 6);
+    let plain = tch::no_grad(|| model.call(x.shallow_clone()));
+    assert_eq!(model.second.calls.get(), 1);
+    let first = trace!(model, &x, {
+        model.first.output.stop().save()
+    })
+    .unwrap();
+    assert_eq!(model.second.calls.get(), 1, "no module after the stop ran");
+    assert!(first.equal(&tch::no_grad(|| nn::Module::forward(model.first.inner(), &x))));
+    let out = trace!(model, &x, { model.output.save() }).unwrap();
+    assert_eq!(model.second.calls.get(), 2);
+    assert!(out.equal(&plain), "the next trace equals the plain forward");
+}
