@@ -14,6 +14,29 @@ use std::rc::Rc;
 
 use crate::proxy::NodeId;
 
+/// Hasher for module identities (addresses): one multiply and a shift instead of SipHash, since
+/// a traced forward pass looks up every module call. Addresses are not attacker-controlled.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct AddrHasher(u64);
+
+impl std::hash::Hasher for AddrHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_usize(&mut self, n: usize) {
+        let x = (n as u64 ^ self.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = x ^ (x >> 29);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A map keyed by module identity.
+pub(crate) type AddrMap<V> = HashMap<usize, V, std::hash::BuildHasherDefault<AddrHasher>>;
+
 /// A node's value while the run lasts.
 pub(crate) type Value = Rc<dyn Any>;
 
@@ -124,7 +147,7 @@ impl Node<'_> {
 pub(crate) struct Graph<'env> {
     pub nodes: Vec<Node<'env>>,
     /// Effects per module (keyed by the module's identity).
-    pub modules: HashMap<usize, ModuleEffects>,
+    pub modules: AddrMap<ModuleEffects>,
 }
 
 impl<'env> Graph<'env> {

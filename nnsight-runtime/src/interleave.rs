@@ -14,13 +14,13 @@
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::panic::{self, AssertUnwindSafe};
 use std::rc::Rc;
 
 use crate::activation::Activation;
 use crate::error::{panic_message, Error, Result};
-use crate::graph::{Effect, EffectKind, Graph, Io, NodeKind, Part, Value};
+use crate::graph::{AddrMap, Effect, EffectKind, Graph, Io, NodeKind, Part, Value};
 use crate::proxy::NodeId;
 use crate::tensor_hook::GradHooks;
 
@@ -44,7 +44,7 @@ struct RunState {
     waiting: Vec<usize>,
     uses_left: Vec<usize>,
     /// Calls seen so far, per traced module.
-    counters: HashMap<usize, usize>,
+    counters: AddrMap<usize>,
     error: Option<Error>,
     stop_requested: Option<NodeId>,
     /// Backward hooks on activation tensors (for `.grad`), removed when the run ends.
