@@ -9,9 +9,13 @@
 //! ```
 //!
 //! Tokenization follows transformers' `tokenizer(texts, padding=True)`: special tokens added,
-//! right padding to the longest sentence of the batch with the tokenizer's pad token, no
-//! truncation. A `tokenizer.json` may carry its own padding (all-MiniLM-L6-v2's pads every
-//! sentence to a fixed 128 tokens) and truncation settings; both are replaced on load.
+//! padding to the longest sentence of the batch with the tokenizer's pad token, no truncation.
+//! Encoders (BERT) are padded on the right; decoder-only models (GPT-2, Llama) on the left, as
+//! nnsight does, so every row's last token is at the last position
+//! ([`TextModel::padding_left`]). GPT-2 and Llama tokenizers have no pad token: the model's
+//! config supplies one ([`TextModel::fallback_pad_token_id`]). A `tokenizer.json` may carry its
+//! own padding (all-MiniLM-L6-v2's pads every sentence to a fixed 128 tokens) and truncation
+//! settings; both are replaced on load.
 
 use std::fmt;
 use std::ops::Deref;
@@ -26,11 +30,12 @@ use crate::hook::{AsModule, HookModule, Hooked};
 use crate::interleave::is_tracing;
 use crate::tracer::{IntoInvoke, Traced};
 
-/// A tokenized batch: every tensor is `[batch, seq]` i64 on the model's device, padded on the
-/// right to the longest sentence.
+/// A tokenized batch: every tensor is `[batch, seq]` i64 on the model's device, padded to the
+/// longest sentence (on the right, or on the left for [`TextModel::padding_left`] models).
 #[derive(Debug)]
 pub struct TextBatch {
-    /// Token ids `[batch, seq]` (padding positions hold the pad id, `[PAD]` = 0 for BERT).
+    /// Token ids `[batch, seq]` (padding positions hold the pad id: `[PAD]` = 0 for BERT, the
+    /// config's pad or first end-of-sequence id for GPT-2 / Llama).
     pub input_ids: Tensor,
     /// `[batch, seq]`: 1 for real tokens, 0 for padding.
     pub attention_mask: Tensor,
@@ -65,6 +70,20 @@ pub trait TextModel: HookModule + Sized {
     fn max_positions(&self) -> Option<i64> {
         None
     }
+
+    /// Pad id used when the tokenizer has neither padding settings nor a `[PAD]` token (GPT-2
+    /// and Llama tokenizers: the config's `pad_token_id`, else its first `eos_token_id`).
+    /// `None`: no fallback, so sentences of different lengths cannot be batched.
+    fn fallback_pad_token_id(&self) -> Option<u32> {
+        None
+    }
+
+    /// Whether batches are padded on the left (decoder-only models, as transformers and
+    /// nnsight do for them: every row's last token is at position `seq - 1`) instead of the
+    /// right (encoders). The model must then compute positions from the attention mask.
+    fn padding_left(&self) -> bool {
+        false
+    }
 }
 
 /// A text model with its tokenizer, traceable with `trace!` on strings.
@@ -72,9 +91,10 @@ pub trait TextModel: HookModule + Sized {
 /// Holds the model as the root hooked module (module path `""`, so `model.output` is the
 /// model's own output) and dereferences to it: `lm.encoder.layer[3]` reaches the modules.
 /// Each invoke takes one or more sentences (`&str`, `String`, `&[&str]`, `Vec<String>`,
-/// `[&str; N]`, ...); all sentences of a trace are tokenized together and padded on the right
-/// to the longest of the whole batch, so a row's real tokens compute the same values as when
-/// run alone.
+/// `[&str; N]`, ...); all sentences of a trace are tokenized together and padded to the
+/// longest of the whole batch (on the right for BERT, on the left for GPT-2 and Llama, whose
+/// last position is then every row's last token), so a row's real tokens compute the same
+/// values as when run alone.
 pub struct LanguageModel<M> {
     root: Hooked<M>,
     tokenizer: Tokenizer,
@@ -102,16 +122,24 @@ impl<M: TextModel> LanguageModel<M> {
     }
 
     /// Wraps an already built model and tokenizer. The tokenizer's padding is set to
-    /// "longest in batch, right side" with its own pad token (from its padding settings, else
-    /// `[PAD]`), and truncation is switched off.
+    /// "longest in batch" on the model's side ([`TextModel::padding_left`]: right for BERT,
+    /// left for GPT-2 / Llama) with a pad token from, in order: the tokenizer's padding
+    /// settings, its `[PAD]` token, the model's [`TextModel::fallback_pad_token_id`].
+    /// Truncation is switched off.
     pub fn from_parts(model: M, mut tokenizer: Tokenizer, device: Device) -> Result<Self> {
         let pad = match tokenizer.get_padding() {
             Some(p) => Some((p.pad_id, p.pad_type_id, p.pad_token.clone())),
-            None => tokenizer.token_to_id("[PAD]").map(|id| (id, 0, "[PAD]".to_string())),
+            None => tokenizer.token_to_id("[PAD]").map(|id| (id, 0, "[PAD]".to_string())).or_else(|| {
+                model.fallback_pad_token_id().map(|id| {
+                    let token = tokenizer.id_to_token(id).unwrap_or_else(|| "<pad>".to_string());
+                    (id, 0, token)
+                })
+            }),
         };
+        let direction = if model.padding_left() { PaddingDirection::Left } else { PaddingDirection::Right };
         tokenizer.with_padding(pad.map(|(pad_id, pad_type_id, pad_token)| PaddingParams {
             strategy: PaddingStrategy::BatchLongest,
-            direction: PaddingDirection::Right,
+            direction,
             pad_to_multiple_of: None,
             pad_id,
             pad_type_id,
@@ -137,7 +165,8 @@ impl<M: TextModel> LanguageModel<M> {
     }
 
     /// Tokenizes `texts` into one batch: `[batch, seq]` tensors, `batch = texts.len()`,
-    /// `seq` = the longest sentence in tokens (special tokens included), right padding.
+    /// `seq` = the longest sentence in tokens (special tokens included), padded on the right
+    /// (left for [`TextModel::padding_left`] models).
     ///
     /// Errors: [`Error::Input`] for an empty list or a sentence longer than the model accepts;
     /// [`Error::Tokenizer`] when tokenization fails.

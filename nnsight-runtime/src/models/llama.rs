@@ -123,6 +123,15 @@ impl TextModel for Llama {
     fn max_positions(&self) -> Option<i64> {
         Some(self.config.max_position_embeddings)
     }
+    /// The config's `pad_token_id`, else its first `eos_token_id`.
+    fn fallback_pad_token_id(&self) -> Option<u32> {
+        let id = self.config.pad_token_id.or_else(|| self.eos_token_ids().first().copied())?;
+        u32::try_from(id).ok()
+    }
+    /// Decoder-only: left padding, as transformers and nnsight do.
+    fn padding_left(&self) -> bool {
+        true
+    }
 }
 
 /// `model`: embeddings, rotary tables, decoder layers, final RMSNorm (transformers' `LlamaModel`).
