@@ -209,15 +209,9 @@ fn failed_and_stopped_traces_leave_the_model_untouched() {
 }
 
 /// A trace runs the model under `no_grad` and ends early (error or `.stop()`) by unwinding;
-/// autograd must be back on afterwards, as it was before the trace.
-///
-/// Ignored: fails today. `tch::no_grad` restores the grad mode only when its closure returns
-/// (no drop guard), and `Interleaver::run` calls `catch_unwind` outside `tch::no_grad(forward)`,
-/// so the unwind skips the restore and the thread stays in no-grad mode. Fix in
-/// nnsight-runtime/src/interleave.rs: catch the unwind inside the no-grad region (or use
-/// `tch::no_grad_guard()`); then drop the `#[ignore]`.
+/// autograd must be back on afterwards, as it was before the trace. (It was not while the
+/// interleaver used `tch::no_grad(..)`, which restores the mode only on a normal return.)
 #[test]
-#[ignore = "known bug: an error or .stop() inside a trace leaves autograd off (see doc comment)"]
 fn failed_and_stopped_traces_restore_autograd() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // The grad mode is per thread: each case on a fresh thread (with its own model), starting

@@ -7,7 +7,11 @@
 //! The model folder comes from `NNSIGHT_MINILM_DIR` (set by `.cargo/config.toml` after
 //! `cargo xtask setup`); without it these tests fail and say so.
 
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use common::minilm::{minilm, minilm_dir};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use nnsight::models::bert::mean_pool_normalize;
@@ -21,25 +25,6 @@ const SENTENCES: [&str; 2] = ["The Eiffel Tower is in the city of Paris.", "The 
 const REL: f64 = 1e-4;
 /// Extra absolute tolerance for sums over many elements.
 const SUM_ABS: f64 = 1e-3;
-
-fn minilm_dir() -> PathBuf {
-    const HOW: &str = "run `cargo xtask setup` (it downloads all-MiniLM-L6-v2, and .cargo/config.toml \
-                       points NNSIGHT_MINILM_DIR at it)";
-    match std::env::var_os("NNSIGHT_MINILM_DIR") {
-        None => panic!("NNSIGHT_MINILM_DIR is not set: {HOW}"),
-        Some(d) => {
-            let d = PathBuf::from(d);
-            if !d.join("model.safetensors").is_file() || !d.join("tokenizer.json").is_file() {
-                panic!("NNSIGHT_MINILM_DIR={} does not hold the all-MiniLM-L6-v2 model: {HOW}", d.display());
-            }
-            d
-        }
-    }
-}
-
-fn minilm() -> LanguageModel<Bert> {
-    LanguageModel::<Bert>::from_pretrained(minilm_dir()).expect("load all-MiniLM-L6-v2")
-}
 
 fn python_reference() -> Value {
     serde_json::from_str(include_str!("fixtures/minilm.json")).unwrap()

@@ -234,3 +234,16 @@ fn stop_ends_the_forward_pass_and_the_next_trace_is_plain() {
     assert_eq!(model.second.calls.get(), 2);
     assert!(out.equal(&plain), "the next trace equals the plain forward");
 }
+
+fn trace_through_a_reference(model: &Hooked<common::tiny::Stack>, x: &Tensor) -> Tensor {
+    trace!(model, x, { model.layers[1].output.save() }).unwrap()
+}
+
+#[test]
+fn a_reference_to_a_model_can_be_traced() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = stack(&vs, 2);
+    let x = input(1, 2);
+    let direct = trace!(model, &x, { model.layers[1].output.save() }).unwrap();
+    assert!(trace_through_a_reference(&model, &x).equal(&direct));
+}

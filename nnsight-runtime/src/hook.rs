@@ -148,6 +148,13 @@ impl<M: HookModule> AsModule for Hooked<M> {
     }
 }
 
+impl<T: AsModule + ?Sized> AsModule for &T {
+    type Module = T::Module;
+    fn as_module(&self) -> &Hooked<T::Module> {
+        (**self).as_module()
+    }
+}
+
 /// A list of hooked modules that `trace!` can index (`model.encoder.layer[3]`, `h[-1]`).
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a list of modules, so it cannot be indexed in a module path",

@@ -218,11 +218,10 @@ impl<'env> Interleaver<'env> {
             let prev = ACTIVE.with(|a| a.replace(&il as *const Interleaver<'env> as *const ()));
             let _guard = ActiveGuard(prev);
             panic::catch_unwind(AssertUnwindSafe(|| {
-                if grad {
-                    forward()
-                } else {
-                    tch::no_grad(forward)
-                }
+                // A guard, not `tch::no_grad(..)`: autograd must come back on also when an
+                // error or `.stop()` unwinds out of the forward pass.
+                let _no_grad = (!grad).then(tch::no_grad_guard);
+                forward()
             }))
         };
 

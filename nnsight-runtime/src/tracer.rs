@@ -105,6 +105,26 @@ impl From<usize> for Call {
     }
 }
 
+/// A reference to a traced model traces the model (`trace!(m, ..)` with `m: &Model`).
+impl<T: Traced + ?Sized> Traced for &T {
+    type Invoke = T::Invoke;
+    fn invoke_rows(&self, invoke: &Self::Invoke) -> Result<i64> {
+        (**self).invoke_rows(invoke)
+    }
+    fn forward_invokes(&self, invokes: &[Self::Invoke]) -> Result<()> {
+        (**self).forward_invokes(invokes)
+    }
+    fn tolerates_missing(&self) -> bool {
+        (**self).tolerates_missing()
+    }
+}
+
+impl<'a, T: Traced + ?Sized, X: IntoInvoke<T>> IntoInvoke<&'a T> for X {
+    fn into_invoke(self, model: &&'a T) -> Result<T::Invoke> {
+        self.into_invoke(*model)
+    }
+}
+
 /// A batch group: the rows of one invoke.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Group(pub usize);
