@@ -11,7 +11,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::minilm::{minilm, minilm_dir};
+use common::minilm::minilm;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use nnsight::models::bert::mean_pool_normalize;
