@@ -3,7 +3,7 @@
 //!
 //! Layout: `preprocess` (token rewrite for `x[.., 0]`), `ast` (the macro's model of its input),
 //! `paths` (module paths and hook points), `scan` (questions about expressions), `lower`
-//! (statement translation and lifting), `expand` (the generated block). Semantics live in the
+//! (statement translation), `lift` (expressions into typed apply nodes), `expand` (the generated block). Semantics live in the
 //! runtime; everything generated can be written by hand against `nnsight::Tracer`.
 
 use proc_macro::TokenStream;
@@ -11,6 +11,7 @@ use proc_macro::TokenStream;
 mod ast;
 mod derive;
 mod expand;
+mod lift;
 mod lower;
 mod paths;
 mod preprocess;

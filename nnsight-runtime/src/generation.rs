@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::hook::{AsModule, Hooked};
 use crate::language_model::{LanguageModel, TextModel};
 use crate::models::causal::{CausalLm, CausalLmExt, Eos, Sampling};
-use crate::tracer::{IntoInvoke, Traced};
+use crate::traced::{IntoInvoke, Traced};
 
 /// Settings of a generation (the options of `generate!`).
 #[derive(Clone, Debug, PartialEq)]
@@ -97,7 +97,7 @@ impl<'m, M: CausalLm + TextModel> Generator<'m, M> {
         let root: &M = self.lm.root();
         let pad = root.pad_token_id().or(root.eos_token_ids().first().copied()).unwrap_or(0);
         let seq = rows.iter().map(Vec::len).max().unwrap_or(0);
-        let ids: Vec<i64> = rows.iter().flat_map(|r| std::iter::repeat(pad).take(seq - r.len()).chain(r.iter().copied())).collect();
+        let ids: Vec<i64> = rows.iter().flat_map(|r| std::iter::repeat_n(pad, seq - r.len()).chain(r.iter().copied())).collect();
         let mask: Vec<i64> = rows.iter().flat_map(|r| (0..seq).map(move |i| (i >= seq - r.len()) as i64)).collect();
         let shape = [rows.len() as i64, seq as i64];
         let device = self.lm.device();

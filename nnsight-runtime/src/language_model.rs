@@ -28,7 +28,7 @@ use tokenizers::{PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer};
 use crate::error::{panic_message, Error, Result};
 use crate::hook::{AsModule, HookModule, Hooked};
 use crate::interleave::is_tracing;
-use crate::tracer::{IntoInvoke, Traced};
+use crate::traced::{IntoInvoke, Traced};
 
 /// A tokenized batch: every tensor is `[batch, seq]` i64 on the model's device, padded to the
 /// longest sentence (on the right, or on the left for [`TextModel::padding_left`] models).

@@ -7,16 +7,16 @@ use crate::hook::ModuleList;
 
 /// `list[index]` in a module path, with a run-time error naming the list when out of range.
 pub fn module_at<L: ModuleList + ?Sized>(list: &L, index: impl IndexArg) -> Result<&L::Item> {
-    list.module_at(index.as_i64())
+    list.module_at(index.into_i64())
 }
 
 /// Integer types usable as module list indices.
 pub trait IndexArg {
     /// The index as `i64` (negative counts from the end).
-    fn as_i64(self) -> i64;
+    fn into_i64(self) -> i64;
 }
 macro_rules! index_arg {
-    ($($t:ty),*) => {$( impl IndexArg for $t { fn as_i64(self) -> i64 { self as i64 } } )*};
+    ($($t:ty),*) => {$( impl IndexArg for $t { fn into_i64(self) -> i64 { self as i64 } } )*};
 }
 index_arg!(i64, i32, usize, u32, isize, u64, u8, u16, i8, i16);
 

@@ -22,71 +22,10 @@ use crate::activation::Activation;
 use crate::error::{Error, Result};
 use crate::graph::{Effect, EffectKind, Graph, Io, NodeKind, Part};
 use crate::hook::{AsModule, HookModule, Hooked};
-use crate::interleave::{Batch, Interleaver, Outcome};
+use crate::interleave::{Batch, Interleaver};
 use crate::proxy::{NodeId, Proxy, ProxyRef, Saved};
-
-/// A model that `trace!` can run: it batches the invokes' inputs and runs its forward pass.
-pub trait Traced {
-    /// One invoke's input in the model's own form (token ids, a tensor, ...).
-    type Invoke;
-    /// The number of batch rows this invoke contributes.
-    fn invoke_rows(&self, invoke: &Self::Invoke) -> Result<i64>;
-    /// Runs one forward pass on all invokes batched along dim 0, in order. Hooked modules called
-    /// inside are seen by the active trace.
-    fn forward_invokes(&self, invokes: &[Self::Invoke]) -> Result<()>;
-
-    /// After the run: `true` when hook points that never ran are expected (generation that
-    /// stopped at an end-of-sequence token before the last step); their interventions are then
-    /// skipped instead of being an [`Error::NeverProvided`].
-    fn tolerates_missing(&self) -> bool {
-        false
-    }
-}
-
-/// What can be given to `trace!`/`invoke` as an input for model `M`.
-pub trait IntoInvoke<M: ?Sized + Traced> {
-    /// Converts (e.g. tokenizes) the input.
-    fn into_invoke(self, model: &M) -> Result<M::Invoke>;
-}
-
-/// Tensor models: one invoke is a tensor whose dim 0 is its batch rows.
-impl<M: HookModule<Input = Tensor>> Traced for Hooked<M> {
-    type Invoke = Tensor;
-    fn invoke_rows(&self, invoke: &Tensor) -> Result<i64> {
-        if invoke.dim() == 0 {
-            return Err(Error::Input(format!(
-                "input to `{}` must have a batch dimension, got a scalar tensor",
-                display_path(self.path())
-            )));
-        }
-        Ok(invoke.size()[0])
-    }
-    fn forward_invokes(&self, invokes: &[Tensor]) -> Result<()> {
-        let x = if invokes.len() == 1 { invokes[0].shallow_clone() } else { Tensor::f_cat(invokes, 0)? };
-        self.call(x);
-        Ok(())
-    }
-}
-
-impl<M: HookModule<Input = Tensor>> IntoInvoke<Hooked<M>> for Tensor {
-    fn into_invoke(self, _: &Hooked<M>) -> Result<Tensor> {
-        Ok(self)
-    }
-}
-
-impl<M: HookModule<Input = Tensor>> IntoInvoke<Hooked<M>> for &Tensor {
-    fn into_invoke(self, _: &Hooked<M>) -> Result<Tensor> {
-        Ok(self.shallow_clone())
-    }
-}
-
-fn display_path(p: &str) -> &str {
-    if p.is_empty() {
-        "<root>"
-    } else {
-        p
-    }
-}
+use crate::resolve::{Resolve, SwapValue};
+use crate::traced::{IntoInvoke, Traced};
 
 /// Which call of a module a hook point addresses. Each module has a cursor, starting at call 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,25 +44,6 @@ impl From<usize> for Call {
     }
 }
 
-/// A reference to a traced model traces the model (`trace!(m, ..)` with `m: &Model`).
-impl<T: Traced + ?Sized> Traced for &T {
-    type Invoke = T::Invoke;
-    fn invoke_rows(&self, invoke: &Self::Invoke) -> Result<i64> {
-        (**self).invoke_rows(invoke)
-    }
-    fn forward_invokes(&self, invokes: &[Self::Invoke]) -> Result<()> {
-        (**self).forward_invokes(invokes)
-    }
-    fn tolerates_missing(&self) -> bool {
-        (**self).tolerates_missing()
-    }
-}
-
-impl<'a, T: Traced + ?Sized, X: IntoInvoke<T>> IntoInvoke<&'a T> for X {
-    fn into_invoke(self, model: &&'a T) -> Result<T::Invoke> {
-        self.into_invoke(*model)
-    }
-}
 
 /// A batch group: the rows of one invoke.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -487,7 +407,7 @@ macro_rules! applies {
         impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
             /// A node computing `f` over the proxies' real values once they exist.
             #[track_caller]
-            #[allow(unused_variables, unused_mut)]
+            #[allow(unused_variables, unused_mut, clippy::too_many_arguments)]
             pub fn $name<$($P: ProxyRef,)* R: 'static>(
                 &mut self,
                 $($p: $P,)*
@@ -517,77 +437,3 @@ applies! {
     apply8: P0 p0 0, P1 p1 1, P2 p2 2, P3 p3 3, P4 p4 4, P5 p5 5, P6 p6 6, P7 p7 7;
 }
 
-/// What a hook point holding `T` can be set to: `T` itself (checked by rustc at the
-/// assignment in `trace!`).
-#[diagnostic::on_unimplemented(
-    message = "cannot assign a `{Self}` to a hook point that holds `{T}`",
-    label = "the new value is a `{Self}`, the hook point holds `{T}`",
-    note = "a swap replaces the whole value; to set elements in place, index the hook point: `model.x.output[.., 0] = 0.0`"
-)]
-pub trait SwapValue<T> {}
-impl<T> SwapValue<T> for T {}
-
-/// Turns what a trace block returns into plain values after the run: [`Saved<T>`] becomes `T`;
-/// tuples, `Vec`, `Option` and plain values are converted element by element.
-#[diagnostic::on_unimplemented(
-    message = "`{Self}` cannot come out of a trace",
-    label = "the trace block returns this",
-    note = "a proxy's value is freed after its last use: call `.save()` on it to get its value after the trace"
-)]
-pub trait Resolve {
-    /// The plain value.
-    type Output;
-    /// Takes the saved values out of a finished run.
-    fn resolve(self, run: &mut Outcome) -> Result<Self::Output>;
-}
-
-impl<T: 'static> Resolve for Saved<T> {
-    type Output = T;
-    fn resolve(self, run: &mut Outcome) -> Result<T> {
-        run.take(self.id)
-    }
-}
-
-macro_rules! plain_resolve {
-    ($($t:ty),*) => {$(
-        impl Resolve for $t {
-            type Output = $t;
-            fn resolve(self, _: &mut Outcome) -> Result<$t> { Ok(self) }
-        }
-    )*};
-}
-plain_resolve!((), bool, i32, i64, u32, u64, usize, f32, f64, String, &'static str, Tensor);
-
-impl<R: Resolve> Resolve for Vec<R> {
-    type Output = Vec<R::Output>;
-    fn resolve(self, run: &mut Outcome) -> Result<Self::Output> {
-        self.into_iter().map(|r| r.resolve(run)).collect()
-    }
-}
-
-impl<R: Resolve> Resolve for Option<R> {
-    type Output = Option<R::Output>;
-    fn resolve(self, run: &mut Outcome) -> Result<Self::Output> {
-        self.map(|r| r.resolve(run)).transpose()
-    }
-}
-
-macro_rules! tuple_resolve {
-    ($($T:ident $t:ident),*) => {
-        impl<$($T: Resolve),*> Resolve for ($($T,)*) {
-            type Output = ($($T::Output,)*);
-            fn resolve(self, run: &mut Outcome) -> Result<Self::Output> {
-                let ($($t,)*) = self;
-                Ok(($($t.resolve(run)?,)*))
-            }
-        }
-    };
-}
-tuple_resolve!(A a);
-tuple_resolve!(A a, B b);
-tuple_resolve!(A a, B b, C c);
-tuple_resolve!(A a, B b, C c, D d);
-tuple_resolve!(A a, B b, C c, D d, E e);
-tuple_resolve!(A a, B b, C c, D d, E e, F f);
-tuple_resolve!(A a, B b, C c, D d, E e, F f, G g);
-tuple_resolve!(A a, B b, C c, D d, E e, F f, G g, H h);
