@@ -29,7 +29,7 @@ pub use interleave::{is_tracing, Outcome};
 pub use language_model::{LanguageModel, TextBatch, TextModel};
 pub use models::bert::{Bert, BertConfig};
 pub use proxy::{NodeId, Proxy, ProxyRef, Saved};
-pub use tensor_hook::{register_grad_hook, retain_grad, retains_grad, GradHook, GradHooks};
+pub use tensor_hook::{live_grad_hooks, register_grad_hook, retain_grad, retains_grad, GradHook, GradHooks};
 pub use resolve::{Resolve, SwapValue};
 pub use traced::{IntoInvoke, Traced};
 pub use tracer::{Call, Group, Tracer};

@@ -45,7 +45,7 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe, Location};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tch::Tensor;
@@ -102,6 +102,32 @@ fn check(rc: c_int, err: *mut c_char) -> std::result::Result<(), String> {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Closures of registered hooks that are still alive, in the whole process.
+static LIVE_CLOSURES: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts one live closure while it exists (moved into the closure, dropped with it).
+struct LiveToken;
+
+impl LiveToken {
+    fn new() -> Self {
+        LIVE_CLOSURES.fetch_add(1, Ordering::SeqCst);
+        LiveToken
+    }
+}
+
+impl Drop for LiveToken {
+    fn drop(&mut self) {
+        LIVE_CLOSURES.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How many gradient-hook closures registered through this module are alive in the process
+/// (registered and neither removed nor freed with their tensor). After a trace ends — also with
+/// an error — its hooks are gone, so this is back to what it was before.
+pub fn live_grad_hooks() -> usize {
+    LIVE_CLOSURES.load(Ordering::SeqCst)
 }
 
 thread_local! {
@@ -408,7 +434,14 @@ pub fn register_grad_hook(
         )));
     }
     let inner = Arc::new(Inner {
-        closure: Mutex::new(Some(Box::new(f))),
+        closure: Mutex::new(Some({
+            let token = LiveToken::new();
+            let mut f = f;
+            Box::new(move |g: &Tensor| {
+                let _alive = &token;
+                f(g)
+            })
+        })),
         removed: AtomicBool::new(false),
         detached: AtomicBool::new(false),
         errors: Mutex::new(Vec::new()),
