@@ -121,6 +121,12 @@ fn panic_inside_intervention_becomes_error_and_next_run_is_clean() {
     tr.swap_output(g, 0, || Ok(&model.layers[0]), bad);
     let err = tr.finish(()).unwrap_err();
     assert!(matches!(err, Error::Node { .. }), "{err}");
+    let msg = err.to_string();
+    // libtorch's own message, the node's source line and its input's layout; no C++ frames.
+    assert!(msg.contains("mat1 and mat2 shapes cannot be multiplied (1x4 and 7x7)"), "{msg}");
+    assert!(msg.contains("tests/runtime_by_hand.rs"), "{msg}");
+    assert!(msg.contains("(inputs: %0 layers.0.output = Tensor[1, 4] Float Cpu)"), "{msg}");
+    assert!(!msg.contains("frame #"), "{msg}");
     assert!(!nnsight::is_tracing());
     let again = tch::no_grad(|| model.call(x.shallow_clone()));
     assert!(again.equal(&plain));

@@ -247,3 +247,47 @@ fn a_reference_to_a_model_can_be_traced() {
     let direct = trace!(model, &x, { model.layers[1].output.save() }).unwrap();
     assert!(trace_through_a_reference(&model, &x).equal(&direct));
 }
+
+#[test]
+fn the_same_value_saved_or_returned_twice_comes_out_twice() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = stack(&vs, 3);
+    let x = input(2, 5);
+    let (a, b, c, n1, n2) = trace!(model, &x, {
+        let h = model.layers[1].output.save();
+        let n = model.layers[1].output.size().save();
+        (h, model.layers[-2].output.save(), h, n, n)
+    })
+    .unwrap();
+    let want = tch::no_grad(|| layer(&model, 1, &layer(&model, 0, &x).tanh()));
+    assert!(a.equal(&want) && b.equal(&want) && c.equal(&want));
+    assert_eq!((n1, n2), (vec![2, 4], vec![2, 4]));
+}
+
+#[test]
+fn a_proxy_of_another_trace_is_an_error_not_a_wrong_value() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = stack(&vs, 2);
+    let x = input(1, 5);
+    let mut stash = Vec::new();
+    let _ = trace!(model, &x, {
+        stash.push(model.layers[1].output.save());
+        0i32
+    })
+    .unwrap();
+    let old = stash[0];
+    // Returned from a later trace: refused, even though node ids may coincide.
+    let err = trace!(model, &x, {
+        let _h = model.layers[0].output.save();
+        old
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("another trace"), "{err}");
+    // Used inside a later trace's graph: refused before the model runs.
+    let mut tr = nnsight::Tracer::new(&model);
+    let _g = tr.invoke(&x);
+    let doubled = tr.apply1(old, |h: &Tensor| h * 2.0);
+    let s = tr.save(doubled);
+    let err = tr.finish(s).unwrap_err();
+    assert!(err.to_string().contains("proxy of another trace"), "{err}");
+}

@@ -150,13 +150,31 @@ pub enum Error {
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Text of a panic payload (`&str` or `String`), for turning panics into errors.
+/// Text of a panic payload (`&str` or `String`), for turning panics into errors. tch's
+/// `unwrap` of a libtorch error is shortened to libtorch's own message (no C++ stack frames).
 pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
+    let text = if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {
         s.clone()
     } else {
-        "panic with a non-string payload".to_string()
-    }
+        return "panic with a non-string payload".to_string();
+    };
+    tidy_libtorch_message(&text)
+}
+
+/// `called `Result::unwrap()` on an `Err` value: Torch("msg\nException raised from ...")` →
+/// `msg`; other text unchanged.
+fn tidy_libtorch_message(text: &str) -> String {
+    let inner = text
+        .strip_prefix("called `Result::unwrap()` on an `Err` value: ")
+        .and_then(|t| t.strip_prefix("Torch(\"").or_else(|| t.strip_prefix("Shape(\"")).or(Some(t)))
+        .unwrap_or(text);
+    let cut = ["\\nException raised from", "\nException raised from", "\\nframe #0", "\nframe #0"]
+        .iter()
+        .filter_map(|m| inner.find(m))
+        .min()
+        .unwrap_or(inner.len());
+    let inner = if cut == inner.len() { inner.strip_suffix("\")").unwrap_or(inner) } else { &inner[..cut] };
+    inner.trim().to_string()
 }

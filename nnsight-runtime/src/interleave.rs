@@ -28,6 +28,39 @@ mod grad;
 
 thread_local! {
     static ACTIVE: Cell<*const ()> = const { Cell::new(std::ptr::null()) };
+    /// Set while a run is on this thread: panics inside it become errors, so the panic hook
+    /// stays quiet instead of printing "thread panicked" for what is reported as an `Err`.
+    static QUIET: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Installs (once per process) a panic hook that stays silent for panics inside a run on the
+/// current thread and defers to the previous hook otherwise.
+fn install_quiet_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            if !QUIET.try_with(Cell::get).unwrap_or(false) {
+                previous(info)
+            }
+        }));
+    });
+}
+
+/// Keeps the panic hook quiet while alive (restores the previous setting, also on unwind).
+struct QuietGuard(bool);
+
+impl QuietGuard {
+    fn new() -> Self {
+        install_quiet_panic_hook();
+        QuietGuard(QUIET.with(|q| q.replace(true)))
+    }
+}
+
+impl Drop for QuietGuard {
+    fn drop(&mut self) {
+        QUIET.with(|q| q.set(self.0));
+    }
 }
 
 /// Payload of the unwind that ends a forward pass early (error or `.stop()`).
@@ -72,14 +105,25 @@ pub struct Outcome {
     slots: Vec<Slot>,
     names: Vec<String>,
     stopped_at: Option<String>,
+    trace: u32,
 }
 
 impl Outcome {
-    /// Takes the value of a saved node. Errors with [`Error::NotComputed`] when it has none.
-    pub(crate) fn take<T: 'static>(&mut self, id: NodeId) -> Result<T> {
-        let slot = std::mem::replace(&mut self.slots[id], Slot::Freed);
-        match slot {
-            Slot::Ready(v) => value_as::<T>(v, &self.names[id]),
+    pub(crate) fn set_trace(&mut self, trace: u32) {
+        self.trace = trace;
+    }
+
+    /// The value of saved node `id` of trace `trace` (it may be taken several times: tensors
+    /// are shared, numbers and strings copied). Errors with [`Error::NotComputed`] when it has
+    /// none, and [`Error::Input`] for a node of another trace.
+    pub(crate) fn take<T: 'static>(&mut self, trace: u32, id: NodeId) -> Result<T> {
+        if trace != self.trace || id >= self.slots.len() {
+            return Err(Error::Input(format!(
+                "the block returns a saved value of another trace (node %{id}): saved values come out of the trace that saved them"
+            )));
+        }
+        match &self.slots[id] {
+            Slot::Ready(v) => value_as::<T>(v.clone(), &self.names[id]),
             Slot::Skipped => Err(Error::NotComputed {
                 node: self.names[id].clone(),
                 reason: "a condition it depends on was false".into(),
@@ -93,7 +137,7 @@ impl Outcome {
             }),
             Slot::Freed => Err(Error::NotComputed {
                 node: self.names[id].clone(),
-                reason: "its value was already taken".into(),
+                reason: "its value was freed after its last use (it was not saved)".into(),
             }),
         }
     }
@@ -109,20 +153,32 @@ pub(crate) fn value_as<T: 'static>(v: Value, node: &str) -> Result<T> {
         Ok(t) => Ok(t),
         Err(rc) => shallow_any::<T>(&rc).ok_or_else(|| Error::Node {
             node: node.to_string(),
-            message: format!("value of type {} is still in use", std::any::type_name::<T>()),
+            message: format!(
+                "a saved value of type {} is taken more than once; only tensors, numbers, strings and Vecs of them can be: return it once",
+                std::any::type_name::<T>()
+            ),
         }),
     }
 }
 
-/// Shares a value that several holders need owned. Works for tensors and activations.
+/// A second owned copy of a value that is still held elsewhere: tensors share their storage
+/// (`shallow_clone`); numbers, strings and `Vec`s of them are cloned. `None` for other types.
 fn shallow_any<T: 'static>(v: &T) -> Option<T> {
     let any: &dyn Any = v;
-    // Tensors are the common case; other activation types go through `Activation::shallow`
-    // where the caller knows the bound.
-    any.downcast_ref::<tch::Tensor>().map(|t| {
-        let t: Box<dyn Any> = Box::new(t.shallow_clone());
-        *t.downcast::<T>().expect("checked type")
-    })
+    let boxed: Box<dyn Any> = if let Some(t) = any.downcast_ref::<tch::Tensor>() {
+        Box::new(t.shallow_clone())
+    } else if let Some(ts) = any.downcast_ref::<Vec<tch::Tensor>>() {
+        Box::new(ts.iter().map(tch::Tensor::shallow_clone).collect::<Vec<_>>())
+    } else {
+        macro_rules! cloned {
+            ($($t:ty),*) => {
+                $(if let Some(x) = any.downcast_ref::<$t>() { return Some(*(Box::new(x.clone()) as Box<dyn Any>).downcast::<T>().ok()?); })*
+            };
+        }
+        cloned!(f64, f32, i64, i32, u64, u32, usize, bool, String, Vec<i64>, Vec<f64>, Vec<f32>, Vec<usize>, Vec<bool>);
+        return None;
+    };
+    boxed.downcast::<T>().ok().map(|b| *b)
 }
 
 fn activation_from<T: Activation>(v: Value, node: &str) -> Result<T> {
@@ -195,6 +251,7 @@ impl<'env> Interleaver<'env> {
         forward: impl FnOnce() -> Result<()>,
     ) -> Result<Outcome> {
         let il = Interleaver::new(graph, batch);
+        let _quiet = QuietGuard::new();
         // Nodes that need no hook value (constants, closures over outside values) run first.
         let roots: Vec<NodeId> = {
             let g = il.graph.borrow();
@@ -262,7 +319,7 @@ impl<'env> Interleaver<'env> {
         }
         let names = graph.nodes.iter().enumerate().map(|(i, n)| n.name(i)).collect();
         drop(graph); // intervention closures and their borrows end here
-        Ok(Outcome { slots: state.slots, names, stopped_at })
+        Ok(Outcome { slots: state.slots, names, stopped_at, trace: 0 })
     }
 
     /// Counts a call of a traced module; `None` for modules the graph does not use.
@@ -432,6 +489,26 @@ impl<'env> Interleaver<'env> {
         Ok(())
     }
 
+    /// ` (inputs: %0 encoder.layer.5.output = Tensor[1, 14, 384] Float Cpu, ...)` for errors.
+    fn describe_inputs(&self, args: &[NodeId], values: &[Value]) -> String {
+        if args.is_empty() {
+            return String::new();
+        }
+        let g = self.graph.borrow();
+        let parts: Vec<String> = args
+            .iter()
+            .zip(values)
+            .map(|(&a, v)| {
+                let what = match v.downcast_ref::<tch::Tensor>() {
+                    Some(t) => t.describe(),
+                    None => "a non-tensor value".to_string(),
+                };
+                format!("%{a} {} = {what}", g.nodes[a].label)
+            })
+            .collect();
+        format!(" (inputs: {})", parts.join(", "))
+    }
+
     /// Runs apply node `id` on its argument values (or marks it skipped), then releases them.
     fn execute(&self, id: NodeId) -> Result<()> {
         let (args, gates, mut f) = {
@@ -475,10 +552,14 @@ impl<'env> Interleaver<'env> {
                     // Modules called inside an intervention run untraced.
                     let prev = ACTIVE.with(|a| a.replace(std::ptr::null()));
                     let _guard = ActiveGuard(prev);
+                    let failed = |message: String| Error::Node {
+                        node: self.node_name(id),
+                        message: format!("{message}{}", self.describe_inputs(&args, &values)),
+                    };
                     match panic::catch_unwind(AssertUnwindSafe(|| f(&refs))) {
                         Ok(Ok(v)) => Ok(Slot::Ready(Rc::from(v))),
-                        Ok(Err(message)) => Err(Error::Node { node: self.node_name(id), message }),
-                        Err(p) => Err(Error::Node { node: self.node_name(id), message: panic_message(&*p) }),
+                        Ok(Err(message)) => Err(failed(message)),
+                        Err(p) => Err(failed(panic_message(&*p))),
                     }
                 }
             }

@@ -155,7 +155,7 @@ pub fn view(t: &Tensor) -> Tensor {
 
 /// The node of a proxy or saved proxy as a plain [`crate::Proxy`].
 pub fn as_proxy<P: crate::ProxyRef>(p: P) -> crate::Proxy<P::Value> {
-    crate::Proxy::new(p.node())
+    crate::Proxy::new(p.trace_id(), p.node())
 }
 
 /// Indexing inside lifted expressions: `x[i]` on a value that came from a proxy. Tensors use

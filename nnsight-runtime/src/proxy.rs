@@ -15,13 +15,14 @@ pub type NodeId = usize;
 /// become graph nodes that rustc type-checks against the real `T`.
 pub struct Proxy<T> {
     pub(crate) id: NodeId,
+    /// The trace that made it: a proxy means nothing in another trace's graph.
+    pub(crate) trace: u32,
     pub(crate) _t: PhantomData<fn() -> T>,
 }
 
 impl<T> Proxy<T> {
-    #[doc(hidden)]
-    pub fn new(id: NodeId) -> Self {
-        Proxy { id, _t: PhantomData }
+    pub(crate) fn new(trace: u32, id: NodeId) -> Self {
+        Proxy { id, trace, _t: PhantomData }
     }
 }
 
@@ -41,6 +42,7 @@ impl<T> std::fmt::Debug for Proxy<T> {
 /// A proxy marked with `.save()`: its value outlives the run and comes out of the trace.
 pub struct Saved<T> {
     pub(crate) id: NodeId,
+    pub(crate) trace: u32,
     pub(crate) _t: PhantomData<fn() -> T>,
 }
 
@@ -63,12 +65,17 @@ pub trait ProxyRef: Copy {
     type Value: 'static;
     /// The node.
     fn node(&self) -> NodeId;
+    /// The trace the node belongs to.
+    fn trace_id(&self) -> u32;
 }
 
 impl<T: 'static> ProxyRef for Proxy<T> {
     type Value = T;
     fn node(&self) -> NodeId {
         self.id
+    }
+    fn trace_id(&self) -> u32 {
+        self.trace
     }
 }
 
@@ -77,11 +84,14 @@ impl<T: 'static> ProxyRef for Saved<T> {
     fn node(&self) -> NodeId {
         self.id
     }
+    fn trace_id(&self) -> u32 {
+        self.trace
+    }
 }
 
 impl<T> Saved<T> {
     /// The same node as an ordinary proxy.
     pub fn proxy(self) -> Proxy<T> {
-        Proxy::new(self.id)
+        Proxy::new(self.trace, self.id)
     }
 }

@@ -34,7 +34,7 @@ pub trait Resolve {
 impl<T: 'static> Resolve for Saved<T> {
     type Output = T;
     fn resolve(self, run: &mut Outcome) -> Result<T> {
-        run.take(self.id)
+        run.take(self.trace, self.id)
     }
 }
 

@@ -61,7 +61,11 @@ pub struct Tracer<'env, M: ?Sized + Traced> {
     /// same node (one value, one backward hook) until a swap there makes a new value.
     reads: std::collections::HashMap<(usize, Io, Part, usize, usize), NodeId>,
     grad: bool,
+    /// This trace's identity, carried by its proxies.
+    trace: u32,
 }
+
+static NEXT_TRACE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
     /// A tracer for `model` with no invokes yet.
@@ -75,6 +79,7 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
             cursors: Default::default(),
             reads: Default::default(),
             grad: false,
+            trace: NEXT_TRACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -127,7 +132,36 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
     }
 
     fn poison<T>(&mut self, label: &str) -> Proxy<T> {
-        Proxy::new(self.graph.add(label.into(), Location::caller(), NodeKind::Poison, vec![], vec![]))
+        let id = self.graph.add(label.into(), Location::caller(), NodeKind::Poison, vec![], vec![]);
+        Proxy::new(self.trace, id)
+    }
+
+    /// The node of `p` in this graph; a proxy of another trace is recorded as an error (and a
+    /// placeholder node stands in for it).
+    fn node<P: ProxyRef>(&mut self, p: &P) -> NodeId {
+        if p.trace_id() == self.trace && p.node() < self.graph.nodes.len() {
+            return p.node();
+        }
+        self.fail(Error::Input(format!(
+            "a proxy of another trace (node %{}) is used here: proxies exist only inside the trace that made them; \
+             use the value it saved (a plain tensor after that trace) instead",
+            p.node()
+        )));
+        self.poison::<()>("<proxy of another trace>").id
+    }
+
+    /// A proxy of this trace for node `id`.
+    fn proxy<T>(&self, id: NodeId) -> Proxy<T> {
+        Proxy::new(self.trace, id)
+    }
+
+    /// Records an error when `group` is not one of this trace's invokes.
+    fn check_group(&mut self, group: Group) -> bool {
+        if group.0 < self.invokes.len() || self.error.is_some() {
+            return group.0 < self.invokes.len();
+        }
+        self.fail(Error::Input(format!("invoke {} does not exist: this trace has {} invoke(s)", group.0, self.invokes.len())));
+        false
     }
 
     #[track_caller]
@@ -142,7 +176,10 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         let Some((h, call)) = self.module(call.into(), path) else { return self.poison("<bad module path>") };
         let key = (h.key(), io, part, call, group.0);
         if let Some(&id) = self.reads.get(&key) {
-            return Proxy::new(id);
+            return self.proxy(id);
+        }
+        if !self.check_group(group) {
+            return self.poison("<bad invoke>");
         }
         let word = match (io, part) {
             (Io::Output, _) => "output",
@@ -161,7 +198,7 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         );
         self.graph.add_effect(h.key(), h.path(), io, Effect { call, group: group.0, kind: EffectKind::Read(id, part) });
         self.reads.insert(key, id);
-        Proxy::new(id)
+        self.proxy(id)
     }
 
     /// The module's output (`model.x.output`) at the call `call` selects (see [`Call`]; a plain
@@ -207,6 +244,9 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         path: impl FnOnce() -> Result<&'env Mo>,
         value: NodeId,
     ) {
+        if !self.check_group(group) {
+            return;
+        }
         let Some((h, call)) = self.module(call.into(), path) else { return };
         // Reads after this swap see the new value: they get new nodes.
         self.reads.retain(|&(k, i, _, c, g), _| !(k == h.key() && i == io && c == call && g == group.0));
@@ -226,7 +266,8 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
     ) where
         P: ProxyRef<Value = <Mo::Module as HookModule>::Output>,
     {
-        self.swap(group, call, Io::Output, Part::Whole, path, value.node())
+        let v = self.node(&value);
+        self.swap(group, call, Io::Output, Part::Whole, path, v)
     }
 
     /// Replaces the module's whole input (`model.x.inputs = v`).
@@ -239,7 +280,8 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
     ) where
         P: ProxyRef<Value = <Mo::Module as HookModule>::Input>,
     {
-        self.swap(group, call, Io::Input, Part::Whole, path, value.node())
+        let v = self.node(&value);
+        self.swap(group, call, Io::Input, Part::Whole, path, v)
     }
 
     /// Replaces the module's first input (`model.x.input = v`).
@@ -252,13 +294,14 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
     ) where
         P: ProxyRef<Value = <<Mo::Module as HookModule>::Input as Activation>::First>,
     {
-        self.swap(group, call, Io::Input, Part::First, path, value.node())
+        let v = self.node(&value);
+        self.swap(group, call, Io::Input, Part::First, path, v)
     }
 
     /// Like [`Tracer::swap_output`], with the new value built by `value` (called first, so a
     /// value read from this module's current call is taken before `.next()` moves on). The
     /// value's type is fixed by the module, which lets rustc check what is assigned.
-    pub fn swap_output_with<Mo: AsModule + 'env, V: SwapValue<<Mo::Module as HookModule>::Output>>(
+    pub fn swap_output_with<Mo: AsModule + 'env, V: SwapValue<<Mo::Module as HookModule>::Output> + 'static>(
         &mut self,
         group: Group,
         call: impl Into<Call>,
@@ -266,11 +309,12 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         value: impl FnOnce(&mut Self) -> Proxy<V>,
     ) {
         let v = value(self);
-        self.swap(group, call, Io::Output, Part::Whole, path, v.id)
+        let v = self.node(&v);
+        self.swap(group, call, Io::Output, Part::Whole, path, v)
     }
 
     /// [`Tracer::swap_inputs`] with the value built by `value` (see [`Tracer::swap_output_with`]).
-    pub fn swap_inputs_with<Mo: AsModule + 'env, V: SwapValue<<Mo::Module as HookModule>::Input>>(
+    pub fn swap_inputs_with<Mo: AsModule + 'env, V: SwapValue<<Mo::Module as HookModule>::Input> + 'static>(
         &mut self,
         group: Group,
         call: impl Into<Call>,
@@ -278,11 +322,12 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         value: impl FnOnce(&mut Self) -> Proxy<V>,
     ) {
         let v = value(self);
-        self.swap(group, call, Io::Input, Part::Whole, path, v.id)
+        let v = self.node(&v);
+        self.swap(group, call, Io::Input, Part::Whole, path, v)
     }
 
     /// [`Tracer::swap_input`] with the value built by `value` (see [`Tracer::swap_output_with`]).
-    pub fn swap_input_with<Mo: AsModule + 'env, V: SwapValue<<<Mo::Module as HookModule>::Input as Activation>::First>>(
+    pub fn swap_input_with<Mo: AsModule + 'env, V: SwapValue<<<Mo::Module as HookModule>::Input as Activation>::First> + 'static>(
         &mut self,
         group: Group,
         call: impl Into<Call>,
@@ -290,16 +335,18 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         value: impl FnOnce(&mut Self) -> Proxy<V>,
     ) {
         let v = value(self);
-        self.swap(group, call, Io::Input, Part::First, path, v.id)
+        let v = self.node(&v);
+        self.swap(group, call, Io::Input, Part::First, path, v)
     }
 
     /// Declares `edit` (a node that changes `target`'s value in place, e.g. `h[.., 0] = 0.0`) as
     /// an edit of the hook point `target` was read from: it must run before that module returns,
     /// else the run fails with [`Error::NotReady`]. No-op when `target` is not a hook read.
     pub fn edits<P: ProxyRef, E: ProxyRef>(&mut self, target: P, edit: E) {
-        if let NodeKind::Hook { module, io, call, group, .. } = self.graph.nodes[target.node()].kind {
+        let (target, edit) = (self.node(&target), self.node(&edit));
+        if let NodeKind::Hook { module, io, call, group, .. } = self.graph.nodes[target].kind {
             let path = self.graph.modules.get(&module).map(|m| m.path.clone()).unwrap_or_default();
-            self.graph.add_effect(module, &path, io, Effect { call, group, kind: EffectKind::Require(edit.node()) });
+            self.graph.add_effect(module, &path, io, Effect { call, group, kind: EffectKind::Require(edit) });
         }
     }
 
@@ -311,7 +358,7 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
     #[track_caller]
     pub fn grad<P: ProxyRef<Value = Tensor>>(&mut self, x: P, pass: usize) -> Proxy<Tensor> {
         self.grad = true;
-        let of = x.node();
+        let of = self.node(&x);
         if !matches!(self.graph.nodes[of].kind, NodeKind::Hook { .. }) {
             self.fail(Error::Input(format!(
                 "`.grad` is available on hook points (`model.x.output`), not on node {}",
@@ -323,36 +370,40 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         let label = if pass > 0 { format!("{label} [backward {pass}]") } else { label };
         let id = self.graph.add(label, Location::caller(), NodeKind::Grad { of, pass }, vec![], vec![]);
         self.graph.nodes[of].grads.push(id);
-        Proxy::new(id)
+        self.proxy(id)
     }
 
     /// Replaces a gradient (`x.grad = v`): when backward reaches the hook point, the invoke's
     /// rows of the gradient flowing on are `value`'s. A different shape/dtype is an error.
     pub fn swap_grad<P: ProxyRef<Value = Tensor>>(&mut self, grad: Proxy<Tensor>, value: P) {
-        if !matches!(self.graph.nodes[grad.id].kind, NodeKind::Grad { .. }) {
+        let (grad, value) = (self.node(&grad), self.node(&value));
+        if !matches!(self.graph.nodes[grad].kind, NodeKind::Grad { .. }) {
             self.fail(Error::Input("`swap_grad` needs a proxy made by `.grad`".into()));
             return;
         }
-        self.graph.nodes[value.node()].swap_uses += 1;
-        self.graph.nodes[grad.id].grads.push(value.node());
+        self.graph.nodes[value].swap_uses += 1;
+        self.graph.nodes[grad].grads.push(value);
     }
 
     /// Keeps the value after the run; `finish` hands it back.
     pub fn save<P: ProxyRef>(&mut self, p: P) -> Saved<P::Value> {
-        self.graph.nodes[p.node()].saved = true;
-        Saved { id: p.node(), _t: std::marker::PhantomData }
+        let id = self.node(&p);
+        self.graph.nodes[id].saved = true;
+        Saved { id, trace: self.trace, _t: std::marker::PhantomData }
     }
 
     /// Ends the forward pass as soon as this node has its value (early stop); values already
     /// computed stay valid.
     pub fn stop<P: ProxyRef>(&mut self, p: P) -> P {
-        self.graph.nodes[p.node()].stop = true;
+        let id = self.node(&p);
+        self.graph.nodes[id].stop = true;
         p
     }
 
     /// Nodes created until [`Tracer::end_if`] run only when `cond` is true (`if` on a proxy).
     pub fn begin_if<P: ProxyRef<Value = bool>>(&mut self, cond: P) {
-        self.gates.push(cond.node());
+        let id = self.node(&cond);
+        self.gates.push(id);
     }
 
     /// Ends the innermost [`Tracer::begin_if`].
@@ -395,9 +446,11 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         }
         let model = self.model;
         let invokes = self.invokes;
+        let self_trace = self.trace;
         let mut outcome = Interleaver::run(self.graph, Batch { groups, total }, self.grad, &|| model.tolerates_missing(), || {
             model.forward_invokes(&invokes)
         })?;
+        outcome.set_trace(self_trace);
         value.resolve(&mut outcome)
     }
 }
@@ -413,14 +466,15 @@ macro_rules! applies {
                 $($p: $P,)*
                 mut f: impl FnMut($(&$P::Value),*) -> R + 'env,
             ) -> Proxy<R> {
-                let args = vec![$($p.node()),*];
+                let args = vec![$(self.node(&$p)),*];
                 let body = move |vals: &[&dyn std::any::Any]| -> std::result::Result<Box<dyn std::any::Any>, String> {
                     $(let $p = vals[$i].downcast_ref::<$P::Value>().ok_or_else(|| {
                         format!("internal: argument {} is not a {}", $i, std::any::type_name::<$P::Value>())
                     })?;)*
                     Ok(Box::new(f($($p),*)))
                 };
-                Proxy::new(self.add_apply("apply", args, Box::new(body)))
+                let id = self.add_apply("apply", args, Box::new(body));
+                self.proxy(id)
             }
         }
     )*};
