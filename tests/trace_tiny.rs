@@ -291,3 +291,55 @@ fn a_proxy_of_another_trace_is_an_error_not_a_wrong_value() {
     let err = tr.finish(s).unwrap_err();
     assert!(err.to_string().contains("proxy of another trace"), "{err}");
 }
+
+/// A module with a tuple output `(x, 2x)`.
+struct Pair {
+    lin: Hooked<nn::Linear>,
+}
+
+impl HookModule for Pair {
+    type Input = Tensor;
+    type Output = (Tensor, Tensor);
+    fn forward(&self, x: Tensor) -> (Tensor, Tensor) {
+        let h = self.lin.call(x);
+        let d = &h * 2.0;
+        (h, d)
+    }
+}
+
+struct PairNet {
+    pair: Hooked<Pair>,
+}
+
+impl HookModule for PairNet {
+    type Input = Tensor;
+    type Output = Tensor;
+    fn forward(&self, x: Tensor) -> Tensor {
+        let (a, b) = self.pair.call(x);
+        a + b
+    }
+}
+
+#[test]
+fn tuple_outputs_scalar_proxies_and_discarded_values() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let p = vs.root();
+    let model = Hooked::with_path(
+        "",
+        PairNet { pair: Hooked::new(&(&p / "pair"), Pair { lin: Hooked::new(&(&p / "pair" / "lin"), nn::linear(&p / "pair" / "lin", 4, 4, Default::default())) }) },
+    );
+    let x = input(1, 8);
+    let h = tch::no_grad(|| nn::Module::forward(model.pair.lin.inner(), &x));
+    let (first, scaled, out) = trace!(model, &x, {
+        let first = model.pair.output.0.save();                      // a tuple element
+        let k = model.pair.output.1.sum(Kind::Float).double_value(&[]); // a scalar proxy
+        let _ = model.pair.output.0.norm();                           // computed, discarded
+        model.pair.output.1[..] = 0.0;                                // edit one element in place
+        (first, (model.pair.output.0 * k).save(), model.output.save())
+    })
+    .unwrap();
+    assert!(first.equal(&h));
+    let k = (&h * 2.0).sum(Kind::Float).double_value(&[]);
+    assert!(scaled.allclose(&(&h * k), 1e-6, 1e-6, false));
+    assert!(out.equal(&h), "the second element was zeroed in place before the sum");
+}

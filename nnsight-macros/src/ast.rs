@@ -32,6 +32,11 @@ impl Parse for TraceInput {
         let model: Ident = input.parse().map_err(|e| {
             syn::Error::new(e.span(), "expected the traced model's variable name first: `trace!(model, input, { ... })`")
         })?;
+        if !input.peek(Token![,]) {
+            return Err(input.error(format!(
+                "the first argument must be a variable holding the model (the block names its modules through it); bind it first: `let model = &{model}...;`"
+            )));
+        }
         input.parse::<Token![,]>()?;
         let mut first: Option<Expr> = None;
         let mut options = Vec::new();

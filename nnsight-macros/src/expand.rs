@@ -37,12 +37,15 @@ pub fn trace(input: TraceInput, mode: Mode) -> TokenStream {
     let tr = ctx.tr.clone();
     let model = &input.model;
     let mut dot = None;
+    let mut grad_option = None;
     let mut tokens = None;
     let mut gen_options = Vec::new();
     for (name, value) in &input.options {
         let n = name.to_string();
         if n == "dot" {
             dot = Some(value.clone());
+        } else if n == "grad" {
+            grad_option = Some(value.clone());
         } else if mode == Mode::Generate && n == "tokens" {
             tokens = Some(value.clone());
         } else if mode == Mode::Generate && GENERATE_OPTIONS.contains(&n.as_str()) {
@@ -53,8 +56,8 @@ pub fn trace(input: TraceInput, mode: Mode) -> TokenStream {
             gen_options.push(quote!(__nn_options.#name = #v;));
         } else {
             let known = match mode {
-                Mode::Trace => "`dot = &mut string`".to_string(),
-                Mode::Generate => format!("{}, `tokens = &mut option`, `dot = &mut string`", GENERATE_OPTIONS.join(", ")),
+                Mode::Trace => "`dot = &mut string`, `grad = true`".to_string(),
+                Mode::Generate => format!("{}, `tokens = &mut option`, `dot = &mut string`, `grad = true`", GENERATE_OPTIONS.join(", ")),
             };
             ctx.errors.push(syn::Error::new(name.span(), format!("unknown option `{name}` (known: {known})")));
         }
@@ -91,12 +94,16 @@ pub fn trace(input: TraceInput, mode: Mode) -> TokenStream {
             "a trace needs an input: `trace!(model, input, { .. })` or `invoke(input) { .. }` blocks",
         ));
     }
-    let grad = ctx.grad.then(|| quote!(#tr.enable_grad();));
+    let grad = match grad_option {
+        Some(g) => quote!(if #g { #tr.enable_grad(); }),
+        None => quote!(),
+    };
+    let grad = if ctx.grad { quote!(#tr.enable_grad();) } else { grad };
     let dot = dot.map(|d| quote!(*(#d) = #tr.to_dot();));
     let errors: Vec<TokenStream> = ctx.errors.iter().map(syn::Error::to_compile_error).collect();
     if !errors.is_empty() {
         // Fail soft: only the real errors, and an expression of a plausible type.
-        return quote!({ #(#errors)* ::core::result::Result::<(), ::nnsight::Error>::Ok(()) });
+        return quote!({ #(#errors)* ::core::result::Result::<_, ::nnsight::Error>::Ok(::nnsight::__private::never()) });
     }
     let finish = quote_spanned!(value_span=> ::nnsight::Tracer::finish(::core::mem::ManuallyDrop::into_inner(#tr), __nn_value));
     let (setup, traced, after) = match mode {

@@ -55,7 +55,9 @@ impl Ctx {
             #(let #captures = (&::nnsight::__private::Cap(&#captures)).__nn_cap();)*
             #tr.#apply(#(#arg_vals,)* move |#(#arg_names),*| {
                 #[allow(unused_imports)]
-                use ::nnsight::__private::At as _;
+                use ::nnsight::__private::{At as _, OwnClone as _, OwnTensor as _, ParamByCopy as _, ParamByRef as _};
+                // Numbers by value, tensors by reference (see `nnsight::__private::Param`).
+                #(let #arg_names = (&::nnsight::__private::Param(#arg_names)).__nn_param();)*
                 #body
             })
         }}
@@ -140,6 +142,15 @@ impl VisitMut for Replacer<'_> {
             return;
         }
         visit_mut::visit_expr_mut(self, e);
+        // A tuple element of a proxy's value (`pair.0`) cannot be moved out of the borrowed
+        // value: it becomes an owned handle (shared storage for tensors, a clone otherwise).
+        if let Expr::Field(f) = e {
+            if matches!(f.member, syn::Member::Unnamed(_)) && self.mentions_param(&f.base) {
+                let field = f.clone();
+                *e = syn::parse_quote_spanned!(field.span()=> (&::nnsight::__private::Own(&#field)).__nn_own());
+                return;
+            }
+        }
         // Indexing a real value that came from a proxy is tensor indexing (tch's IndexOp).
         if let Expr::Index(ix) = e {
             if self.mentions_param(&ix.expr) {

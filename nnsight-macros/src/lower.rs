@@ -134,7 +134,8 @@ impl Ctx {
             return l.to_token_stream();
         }
         let (value, is_proxy) = self.value(&init.expr);
-        let simple = matches!(&l.pat, syn::Pat::Ident(_)) || matches!(&l.pat, syn::Pat::Type(t) if matches!(*t.pat, syn::Pat::Ident(_)));
+        let simple = matches!(&l.pat, syn::Pat::Ident(_) | syn::Pat::Wild(_))
+            || matches!(&l.pat, syn::Pat::Type(t) if matches!(*t.pat, syn::Pat::Ident(_)));
         for n in &names {
             if is_proxy && simple {
                 self.proxies.insert(n.to_string());

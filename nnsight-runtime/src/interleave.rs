@@ -72,6 +72,8 @@ pub(crate) enum Slot {
     Ready(Value),
     Skipped,
     Freed,
+    /// Moved out by `Outcome::take` (a saved value of a type that cannot be shared).
+    Taken,
 }
 
 struct RunState {
@@ -123,7 +125,21 @@ impl Outcome {
             )));
         }
         match &self.slots[id] {
-            Slot::Ready(v) => value_as::<T>(v.clone(), &self.names[id]),
+            Slot::Ready(v) => {
+                // Shared or copied when the type allows (it may be returned twice), else moved.
+                if let Some(copy) = v.downcast_ref::<T>().and_then(shallow_any::<T>) {
+                    return Ok(copy);
+                }
+                let Slot::Ready(v) = std::mem::replace(&mut self.slots[id], Slot::Taken) else { unreachable!() };
+                value_as::<T>(v, &self.names[id])
+            }
+            Slot::Taken => Err(Error::NotComputed {
+                node: self.names[id].clone(),
+                reason: format!(
+                    "it is returned more than once, and a {} cannot be shared (tensors, numbers, strings and Vecs or pairs of them can): return it once",
+                    std::any::type_name::<T>()
+                ),
+            }),
             Slot::Skipped => Err(Error::NotComputed {
                 node: self.names[id].clone(),
                 reason: "a condition it depends on was false".into(),
@@ -169,6 +185,10 @@ fn shallow_any<T: 'static>(v: &T) -> Option<T> {
         Box::new(t.shallow_clone())
     } else if let Some(ts) = any.downcast_ref::<Vec<tch::Tensor>>() {
         Box::new(ts.iter().map(tch::Tensor::shallow_clone).collect::<Vec<_>>())
+    } else if let Some((a, b)) = any.downcast_ref::<(tch::Tensor, tch::Tensor)>() {
+        Box::new((a.shallow_clone(), b.shallow_clone()))
+    } else if let Some(t) = any.downcast_ref::<Option<tch::Tensor>>() {
+        Box::new(t.as_ref().map(tch::Tensor::shallow_clone))
     } else {
         macro_rules! cloned {
             ($($t:ty),*) => {
@@ -427,7 +447,7 @@ impl<'env> Interleaver<'env> {
             match &st.slots[node] {
                 Slot::Ready(v) => Some(v.clone()),
                 Slot::Skipped => None,
-                Slot::Empty | Slot::Freed => {
+                Slot::Empty | Slot::Freed | Slot::Taken => {
                     drop(st);
                     return Err(self.not_ready(node, key, io, e));
                 }

@@ -188,3 +188,70 @@ impl<T: Clone> At<usize> for [T] {
         self[i].clone()
     }
 }
+
+/// A lifted closure's argument: numbers and other `Copy` values by value ([`ParamByCopy`]),
+/// tensors and the rest by reference ([`ParamByRef`]), so `h * k` works for a scalar proxy `k`.
+pub struct Param<'a, T: ?Sized>(pub &'a T);
+
+/// See [`Param`].
+pub trait ParamByCopy {
+    /// The argument's form in the body.
+    type Out;
+    /// Convert.
+    fn __nn_param(&self) -> Self::Out;
+}
+impl<T: Copy> ParamByCopy for Param<'_, T> {
+    type Out = T;
+    fn __nn_param(&self) -> T {
+        *self.0
+    }
+}
+
+/// See [`Param`].
+pub trait ParamByRef {
+    /// The argument's form in the body.
+    type Out;
+    /// Convert.
+    fn __nn_param(&self) -> Self::Out;
+}
+impl<'a, T: ?Sized> ParamByRef for &Param<'a, T> {
+    type Out = &'a T;
+    fn __nn_param(&self) -> &'a T {
+        self.0
+    }
+}
+
+/// The value of a field read out of a proxy's value (`model.pair.output.0`): an owned handle
+/// sharing storage for tensors ([`OwnTensor`]), a clone otherwise ([`OwnClone`]).
+pub struct Own<'a, T: ?Sized>(pub &'a T);
+
+/// See [`Own`].
+pub trait OwnTensor {
+    /// Convert.
+    fn __nn_own(&self) -> Tensor;
+}
+impl OwnTensor for Own<'_, Tensor> {
+    fn __nn_own(&self) -> Tensor {
+        self.0.shallow_clone()
+    }
+}
+
+/// See [`Own`].
+pub trait OwnClone {
+    /// The owned value.
+    type Out;
+    /// Convert.
+    fn __nn_own(&self) -> Self::Out;
+}
+impl<T: Clone> OwnClone for &Own<'_, T> {
+    type Out = T;
+    fn __nn_own(&self) -> T {
+        self.0.clone()
+    }
+}
+
+/// A value of any type for code that never runs: the fallback `trace!` emits next to a compile
+/// error, so that the error is the only one the user sees.
+pub fn never<T>() -> T {
+    unreachable!("generated only next to a compile error")
+}
