@@ -151,7 +151,7 @@ fn module_that_never_runs_is_reported_and_the_next_trace_works() {
     let err = trace!(model, PARIS, { model.embeddings.LayerNorm.next().output.save() }).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "`embeddings.LayerNorm.output` (call 1) was never provided: the module ran only 1 time(s) in this forward pass"
+        "`embeddings.LayerNorm.output` (call 1) was never provided: the module ran only 1 time(s) in this run"
     );
     let plain = tch::no_grad(|| model.forward(&[PARIS])).unwrap();
     let traced = trace!(model, PARIS, { model.encoder.layer[5].output.save() }).unwrap();

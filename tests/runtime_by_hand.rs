@@ -104,7 +104,7 @@ fn never_provided_call_index_is_reported() {
     let err = tr.finish(s).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "`lin.output` (call 5) was never provided: the module ran only 2 time(s) in this forward pass"
+        "`lin.output` (call 5) was never provided: the module ran only 2 time(s) in this run"
     );
 }
 

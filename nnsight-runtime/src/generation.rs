@@ -113,6 +113,9 @@ impl<M: CausalLm + TextModel> Traced for Generator<'_, M> {
     }
 
     fn forward_invokes(&self, invokes: &[Vec<Prompt>]) -> Result<()> {
+        if self.options.max_new_tokens < 1 {
+            return Err(Error::Input(format!("max_new_tokens must be at least 1, got {}", self.options.max_new_tokens)));
+        }
         let (ids, mask) = self.batch(invokes)?;
         let eos = if self.options.stop_at_eos { Eos::from_config::<M>(self.lm.root()) } else { None };
         let out = self.lm.root().generate(&ids, &mask, self.options.max_new_tokens, &self.options.sampling(), eos.as_ref())?;

@@ -100,6 +100,8 @@ pub(crate) struct Interleaver<'env> {
     graph: RefCell<Graph<'env>>,
     state: RefCell<RunState>,
     batch: Batch,
+    /// Autograd on for this run.
+    grad: bool,
 }
 
 /// Values left after a run: the saved nodes' values, by node id.
@@ -243,7 +245,7 @@ pub(crate) fn module_call<I: Activation, O: Activation>(key: usize, input: I, f:
 }
 
 impl<'env> Interleaver<'env> {
-    fn new(graph: Graph<'env>, batch: Batch) -> Self {
+    fn new(graph: Graph<'env>, batch: Batch, grad: bool) -> Self {
         let n = graph.nodes.len();
         let waiting = graph.nodes.iter().map(|n| n.args.len() + n.gates.len()).collect();
         let uses_left = graph.nodes.iter().map(|n| n.listeners.len() + n.swap_uses).collect();
@@ -257,7 +259,7 @@ impl<'env> Interleaver<'env> {
             stop_requested: None,
             grad_hooks: GradHooks::new(),
         };
-        Interleaver { graph: RefCell::new(graph), state: RefCell::new(state), batch }
+        Interleaver { graph: RefCell::new(graph), state: RefCell::new(state), batch, grad }
     }
 
     /// Runs `forward` with this graph interleaved. `grad`: keep autograd on (traces that call
@@ -270,7 +272,7 @@ impl<'env> Interleaver<'env> {
         lenient: &dyn Fn() -> bool,
         forward: impl FnOnce() -> Result<()>,
     ) -> Result<Outcome> {
-        let il = Interleaver::new(graph, batch);
+        let il = Interleaver::new(graph, batch, grad);
         let _quiet = QuietGuard::new();
         // Nodes that need no hook value (constants, closures over outside values) run first.
         let roots: Vec<NodeId> = {
@@ -331,7 +333,7 @@ impl<'env> Interleaver<'env> {
                     let reason = if ran == 0 {
                         "the module did not run".to_string()
                     } else {
-                        format!("the module ran only {ran} time(s) in this forward pass")
+                        format!("the module ran only {ran} time(s) in this run")
                     };
                     return Err(Error::NeverProvided { point: graph.point_name(*module, *io), call: *call, reason });
                 }
@@ -572,9 +574,16 @@ impl<'env> Interleaver<'env> {
                     // Modules called inside an intervention run untraced.
                     let prev = ACTIVE.with(|a| a.replace(std::ptr::null()));
                     let _guard = ActiveGuard(prev);
-                    let failed = |message: String| Error::Node {
-                        node: self.node_name(id),
-                        message: format!("{message}{}", self.describe_inputs(&args, &values)),
+                    let failed = |message: String| {
+                        let hint = if message.contains("does not require grad") && !self.grad {
+                            " — autograd is off in this trace: it turns on when the block calls `.backward()` or reads `.grad`; add the option `grad = true` when backward happens inside your own function"
+                        } else {
+                            ""
+                        };
+                        Error::Node {
+                            node: self.node_name(id),
+                            message: format!("{message}{hint}{}", self.describe_inputs(&args, &values)),
+                        }
                     };
                     match panic::catch_unwind(AssertUnwindSafe(|| f(&refs))) {
                         Ok(Ok(v)) => Ok(Slot::Ready(Rc::from(v))),

@@ -305,6 +305,8 @@ text_invokes! {
     [] Vec<String> => |v| sentences(v);
     /// Several sentences, one row each.
     ['a] &'a Vec<String> => |v| sentences(v);
+    /// Several sentences.
+    ['a, 'b] &'a Vec<&'b str> => |v| sentences(v);
 }
 
 /// Several sentences, one row each.

@@ -129,6 +129,15 @@ macro_rules! scalar_assign {
 scalar_assign!(f64, f32, i64, i32);
 impl AssignValue for &Tensor {
     fn write_into(self, dst: &Tensor) -> std::result::Result<(), tch::TchError> {
+        if self.kind() != dst.kind() || self.device() != dst.device() {
+            return Err(tch::TchError::Kind(format!(
+                "the value is {:?} on {:?} but the slice is {:?} on {:?} (convert it first: `.to_kind(..)`, `.to_device(..)`)",
+                self.kind(),
+                self.device(),
+                dst.kind(),
+                dst.device()
+            )));
+        }
         let mut d = dst.shallow_clone();
         d.f_copy_(self)
     }

@@ -43,6 +43,14 @@ impl<M: HookModule<Input = Tensor>> Traced for Hooked<M> {
         Ok(invoke.size()[0])
     }
     fn forward_invokes(&self, invokes: &[Tensor]) -> Result<()> {
+        if let Some((i, t)) = invokes.iter().enumerate().find(|(_, t)| t.size()[1..] != invokes[0].size()[1..] || t.kind() != invokes[0].kind()) {
+            return Err(Error::Input(format!(
+                "invokes of `{}` are batched on dim 0, so they must agree on the other dims and dtype: invoke 0 is {}, invoke {i} is {}",
+                display_path(self.path()),
+                crate::Activation::describe(&invokes[0]),
+                crate::Activation::describe(t)
+            )));
+        }
         let x = if invokes.len() == 1 { invokes[0].shallow_clone() } else { Tensor::f_cat(invokes, 0)? };
         self.call(x);
         Ok(())
