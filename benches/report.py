@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""Markdown tables from `cargo bench --bench interleave` (criterion's estimates.json files).
+
+Usage: python3 benches/report.py [CRITERION_DIR]
+CRITERION_DIR defaults to $CARGO_TARGET_DIR/criterion, else target/criterion next to this
+folder. Reads <dir>/<group>/<case>/new/estimates.json (the median, in ns, of the last run of
+each case) and benches/python_nnsight_reference.json (the Python library's figures, copied
+into the repository). Prints, per group, medians and ratios to the plain forward of the same
+run, the Python library's ratios beside ours, then the performance targets with the figures.
+Python 3 standard library only.
+"""
+
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PY_LABEL = "Python nnsight 0.8.1, measured on the same kind of machine (2-core CPU), from the reference cases"
+
+# (case id, description, tokenizes inside the timed call, Python reference key or None)
+MINILM_CASES = [
+    ("plain_forward", "plain forward `model.forward(&texts)` (no_grad)", True, None),
+    ("plain_call_pretokenized", "plain forward, pre-tokenized: root `Hooked::call` (no_grad)", False, "i"),
+    ("tokenize", "tokenization alone", True, None),
+    ("trace_empty", "trace, empty block (no node)", True, None),
+    ("trace_read_unsaved", "trace, one read of layer[5].output, not saved", True, None),
+    ("trace_save_1", "trace saving layer[2].output", True, "ii"),
+    ("trace_save_all", "trace saving all 6 layer outputs", True, "iii"),
+    ("trace_swap_all", "trace with 6 swaps (output * 1.0) + save", True, "iv"),
+]
+GPT2_CASES = [
+    ("plain_forward", "plain forward `model.forward(&[prompt])` (no_grad)", True, None),
+    ("plain_call_pretokenized", "plain forward, pre-tokenized: root `Hooked::call` (no_grad)", False, None),
+    ("tokenize", "tokenization alone", True, None),
+    ("trace_empty", "trace, empty block (no node)", True, None),
+    ("trace_read_unsaved", "trace, one read of h[1].output, not saved", True, None),
+    ("trace_save_1", "trace saving h[0].output", True, None),
+    ("trace_save_all", "trace saving both block outputs", True, None),
+    ("trace_swap_all", "trace with 2 swaps (output * 1.0) + save output", True, None),
+]
+GENERATE_CASES = [
+    ("generate_plain", "`LanguageModel::generate`, 20 new tokens (token ids in)", False, None),
+    ("generate_traced", "`generate!`, 20 new tokens, `lm_head.at(step).output.save()` each step", False, None),
+]
+INVOKE_CASES = [
+    ("plain_forward", "plain forward `model.forward(&ten)` (no_grad)", True, None),
+    ("one_invoke_10_sentences", "trace, 1 invoke of 10 sentences, save layer[5].output", True, None),
+    ("ten_invokes_1_sentence", "trace, 10 invokes of 1 sentence, each saves layer[5].output", True, None),
+]
+TINY_CASES = [
+    ("plain_forward", "plain forward: root `Hooked::call` (no_grad)", False, "vii"),
+    ("trace_empty", "trace, empty block (no node)", False, None),
+    ("trace_save", "trace saving lin.output (1st call)", False, "viii"),
+    ("trace_swap_save", "trace, 1 swap (lin.output * 1.0) + save output", False, "ix"),
+]
+MICRO_CASES = [
+    ("direct_forward", "identity module's own forward (no `Hooked::call`)"),
+    ("call_no_trace", "`Hooked::call`, no trace active"),
+    ("call_traced_module_not_in_graph", "`Hooked::call`, trace active, module not in the graph"),
+    ("call_traced_module_other_call", "`Hooked::call`, module in the graph, nothing at this call"),
+    ("call_traced_one_read", "`Hooked::call` with one (unsaved) read at this call"),
+    ("node_run", "per apply node, running a chain of 1,000 (`|x| x.shallow_clone()`, [1, 4])"),
+    ("node_build_and_run", "per apply node, building + running that chain (whole trace / 1,000)"),
+    ("tch_narrow", "libtorch `narrow` of a [1, 4] tensor (what a read does)"),
+    ("tch_shallow_clone", "libtorch `shallow_clone` of a [1, 4] tensor"),
+    ("tch_size", "tch `size()` (a `Vec` from the C API)"),
+    ("root_call_no_grad", "identity model: root `Hooked::call` under `no_grad`"),
+    ("trace_empty", "identity model: empty `trace!` (fixed cost of one trace)"),
+]
+
+
+def target_dir():
+    return os.environ.get("CARGO_TARGET_DIR") or os.path.join(os.path.dirname(HERE), "target")
+
+
+def criterion_dir():
+    if len(sys.argv) > 1:
+        return sys.argv[1]
+    return os.path.join(target_dir(), "criterion")
+
+
+def load(root, group, case):
+    """Criterion's median in ns of group/case, or None when that case has not been run."""
+    path = os.path.join(root, group, case, "new", "estimates.json")
+    try:
+        with open(path) as f:
+            return json.load(f)["median"]["point_estimate"]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def load_paired(group):
+    """Per-round times (ns) of the paired runs of a group: {case: [t_round0, ...]}."""
+    path = os.path.join(os.path.dirname(criterion_dir()), "interleave-paired", f"{group}.json")
+    try:
+        with open(path) as f:
+            return {k: v["times_ns"] for k, v in json.load(f).items()}
+    except (OSError, KeyError, ValueError):
+        return {}
+
+
+def median(v):
+    v = sorted(v)
+    n = len(v)
+    return None if n == 0 else (v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2)
+
+
+def paired_ratio(p, case, base):
+    """Median over rounds of case / base in the same round, with the quartiles."""
+    a, b = p.get(case), p.get(base)
+    if not a or not b or len(a) != len(b):
+        return None
+    r = sorted(x / y for x, y in zip(a, b))
+    return median(r), r[len(r) // 4], r[(3 * len(r)) // 4], len(r)
+
+
+def fmt_time(ns):
+    if ns is None:
+        return "—"
+    if ns >= 1e6:
+        return f"{ns / 1e6:.2f} ms"
+    if ns >= 1e3:
+        return f"{ns / 1e3:.2f} µs"
+    return f"{ns:.1f} ns"
+
+
+def fmt_ratio(x):
+    return "—" if x is None else f"{x:.3f}"
+
+
+def fmt_paired(pr):
+    return "—" if pr is None else f"{pr[0]:.3f} ({pr[1]:.3f}–{pr[2]:.3f})"
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def model_table(root, group, title, cases, py, with_python, baseline="plain_forward", pre="plain_call_pretokenized"):
+    med = {c[0]: load(root, group, c[0]) for c in cases}
+    paired = load_paired(group)
+    if all(v is None for v in med.values()):
+        return med, paired, ""
+    base = med.get(baseline)
+    has_pre = pre in paired
+    has_py = with_python and any(c[3] for c in cases)
+    rounds = len(paired.get(baseline, []))
+    head = ["case", "tokenizes", "median", f"ratio to plain forward, paired ({rounds} rounds; quartiles)", "ratio of criterion medians"]
+    if has_pre:
+        head.append("ratio to pre-tokenized call, paired")
+    if has_py:
+        head += [f"{PY_LABEL}: median", "its ratio to its plain forward"]
+    lines = [f"**{title}** (`{group}`)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    py_base_key = "vii" if any(c[3] == "vii" for c in cases) else "i"
+    for case, what, tok, key in cases:
+        m = med[case]
+        if m is None:
+            continue
+        row = [what, "yes" if tok else "no", fmt_time(m), fmt_paired(paired_ratio(paired, case, baseline)),
+               fmt_ratio(ratio(m, base))]
+        if has_pre:
+            pr = paired_ratio(paired, case, pre)
+            row.append("—" if pr is None else f"{pr[0]:.3f}")
+        if has_py:
+            if key and key in py:
+                pm = py[key]["median_ms"]
+                row += [f"{pm:.3f} ms", fmt_ratio(pm / py[py_base_key]["median_ms"])]
+            else:
+                row += ["", ""]
+        lines.append("| " + " | ".join(row) + " |")
+    return med, paired, "\n".join(lines) + "\n"
+
+
+def main():
+    root = criterion_dir()
+    with open(os.path.join(HERE, "python_nnsight_reference.json")) as f:
+        ref = json.load(f)
+    py = ref["results"]
+    out = []
+    out.append("Medians: criterion's (`cargo bench --bench interleave`). Ratios \"paired\": median over rounds "
+               "of the case's time / the baseline's time in the same round, the cases of a group run interleaved "
+               "(quartiles in parentheses); \"ratio of criterion medians\" divides medians taken one case after the "
+               "other. \"tokenizes\": the timed call tokenizes text (every `trace!` on text does; the pre-tokenized "
+               "call and the Python library's plain forward do not).\n")
+    groups = {}
+    # The Python figures are for MiniLM batch 2 and the tiny model, 1 thread: shown beside those only.
+    for group, title, cases, with_python in [
+        ("minilm_b2_t1", "MiniLM, batch 2 (the two reference sentences, 14 tokens), 1 thread", MINILM_CASES, True),
+        ("minilm_b2_tall", "MiniLM, batch 2, all threads", MINILM_CASES, False),
+        ("minilm_b32_t1", "MiniLM, batch 32, 1 thread", MINILM_CASES, False),
+        ("minilm_b32_tall", "MiniLM, batch 32, all threads", MINILM_CASES, False),
+        ("minilm_invokes_t1", "MiniLM, 10 sentences, 1 thread", INVOKE_CASES, False),
+        ("gpt2_t1", "tiny GPT-2 (2 layers, 64 wide), 7-token prompt, 1 thread", GPT2_CASES, False),
+        ("tiny_linear_t1", "tiny model: one Linear(4, 4) applied twice, input [1, 4], 1 thread", TINY_CASES, True),
+    ]:
+        med, paired, table = model_table(root, group, title, cases, py, with_python)
+        groups[group] = (med, paired)
+        if table:
+            out.append(table)
+
+    gen = {c[0]: load(root, "gpt2_generate_t1", c[0]) for c in GENERATE_CASES}
+    gen_p = load_paired("gpt2_generate_t1")
+    if any(v is not None for v in gen.values()):
+        out.append("**Generation, tiny GPT-2, 1 thread** (`gpt2_generate_t1`)\n")
+        out.append("| case | median | ratio to plain generation, paired (quartiles) | ratio of criterion medians |\n|---|---|---|---|")
+        for case, what, _, _ in GENERATE_CASES:
+            out.append(f"| {what} | {fmt_time(gen[case])} | {fmt_paired(paired_ratio(gen_p, case, 'generate_plain'))} "
+                       f"| {fmt_ratio(ratio(gen[case], gen['generate_plain']))} |")
+        out.append("")
+
+    micro = {c[0]: load(root, "micro", c[0]) for c in MICRO_CASES}
+    if any(v is not None for v in micro.values()):
+        out.append("**Interleaver micro-benchmarks** (`micro`, nanoseconds per call or per node)\n")
+        out.append("| case | ns |\n|---|---|")
+        for case, what in MICRO_CASES:
+            v = micro[case]
+            out.append(f"| {what} | {'—' if v is None else f'{v:.1f}'} |")
+        out.append("")
+
+    # Targets. Ratios: the paired runs' (criterion's medians beside them); absolute times: criterion's.
+    t = []
+
+    def target(name, figure, ok):
+        t.append(f"| {name} | {figure} | {'met' if ok else ('not met' if ok is not None else 'not measured')} |")
+
+    b2, b2p = groups.get("minilm_b2_t1", ({}, {}))
+    for case, limit, name in [
+        ("trace_empty", 1.01, "trace with no intervention (empty block), MiniLM batch 2, 1 thread: ratio <= 1.01"),
+        ("trace_read_unsaved", 1.01, "trace with no intervention (one unsaved read), MiniLM batch 2, 1 thread: ratio <= 1.01"),
+        ("trace_save_all", 1.03, "saving every layer, MiniLM batch 2, 1 thread: ratio <= 1.03"),
+        ("trace_swap_all", 1.05, "every-layer swap, MiniLM batch 2, 1 thread: ratio <= 1.05"),
+    ]:
+        pr, pp = paired_ratio(b2p, case, "plain_forward"), paired_ratio(b2p, case, "plain_call_pretokenized")
+        cr = ratio(b2.get(case), b2.get("plain_forward"))
+        fig = (f"{fmt_paired(pr)} to `model.forward` (both tokenize), paired; criterion medians {fmt_ratio(cr)}; "
+               f"{'—' if pp is None else f'{pp[0]:.3f}'} to the pre-tokenized call")
+        target(name, fig, None if pr is None else pr[0] <= limit)
+    tiny, _ = groups.get("tiny_linear_t1", ({}, {}))
+    for case, key in [("trace_save", "viii"), ("trace_swap_save", "ix")]:
+        m = tiny.get(case)
+        pm = py[key]["median_ms"] * 1e6
+        sp = ratio(pm, m)
+        fig = f"{fmt_time(m)} vs Python {fmt_time(pm)}: {sp:.1f}x faster" if sp else "—"
+        target(f">= 2x faster than Python end to end, tiny model, {py[key]['what'].split(': ', 1)[-1]}", fig,
+               None if sp is None else sp >= 2)
+    pre_ns = median(b2p.get("plain_call_pretokenized", []))
+    fwd_ns = median(b2p.get("plain_forward", []))
+    for case, key in [("trace_save_1", "ii"), ("trace_save_all", "iii"), ("trace_swap_all", "iv")]:
+        m = b2.get(case)
+        pm = py[key]["median_ms"] * 1e6
+        sp = ratio(pm, m)
+        if sp is None:
+            continue
+        limit = py["i"]["median_ms"] * 1e6 / b2["plain_call_pretokenized"] if b2.get("plain_call_pretokenized") else None
+        fig = (f"{fmt_time(m)} vs Python {fmt_time(pm)}: {sp:.2f}x faster (the model's own arithmetic bounds this: "
+               f"our pre-tokenized plain forward is {fmt_ratio(limit)}x faster than Python's)")
+        target(f">= 2x faster than Python end to end, MiniLM batch 2, 1 thread, {py[key]['what'].replace('nnsight ', '')}", fig, sp >= 2)
+    for case, key in [("trace_save_1", "ii"), ("trace_save_all", "iii"), ("trace_swap_all", "iv")]:
+        pp = paired_ratio(b2p, case, "plain_call_pretokenized")
+        pf = paired_ratio(b2p, case, "plain_forward")
+        if pp is None or pre_ns is None:
+            continue
+        ours = (pp[0] - 1) * pre_ns / 1e6
+        lo, hi = (pp[1] - 1) * pre_ns / 1e6, (pp[2] - 1) * pre_ns / 1e6
+        above_fwd = (pf[0] - 1) * fwd_ns / 1e6
+        theirs = py[key]["minus_i_ms"]
+        sp = theirs / ours if ours > 0 else float("inf")
+        fig = (f"time above the pre-tokenized plain forward (tokenization included, as in Python's trace): "
+               f"{ours:.3f} ms (quartiles {lo:.3f}–{hi:.3f}) vs Python {theirs:.3f} ms; above the tokenizing "
+               f"`model.forward`: {above_fwd:.3f} ms")
+        target(f"overhead >= 2x smaller than Python's, MiniLM batch 2, 1 thread, {py[key]['what'].replace('nnsight ', '')}", fig, sp >= 2)
+    for case, name in [("call_no_trace", "hook call, no trace active: < 50 ns"),
+                       ("call_traced_module_not_in_graph", "hook call, trace active, module not in the graph: < 50 ns")]:
+        v = micro.get(case)
+        target(name, "—" if v is None else f"{v:.1f} ns", None if v is None else v < 50)
+    out.append("**Targets**\n")
+    out.append("| target | figure | |\n|---|---|---|")
+    out.extend(t)
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
