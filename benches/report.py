@@ -59,7 +59,7 @@ MICRO_CASES = [
     ("call_traced_module_not_in_graph", "`Hooked::call`, trace active, module not in the graph"),
     ("call_traced_module_other_call", "`Hooked::call`, module in the graph, nothing at this call"),
     ("call_traced_one_read", "`Hooked::call` with one (unsaved) read at this call"),
-    ("node_run", "per apply node, running a chain of 1,000 (`|x| x.shallow_clone()`, [1, 4])"),
+    ("node_run", "per apply node, running a chain of 1,000 nodes that each return `x.shallow_clone()` of a [1, 4] tensor"),
     ("node_build_and_run", "per apply node, building + running that chain (whole trace / 1,000)"),
     ("tch_narrow", "libtorch `narrow` of a [1, 4] tensor (what a read does)"),
     ("tch_shallow_clone", "libtorch `shallow_clone` of a [1, 4] tensor"),

@@ -1,6 +1,6 @@
 //! Peak resident memory of tracing on the real all-MiniLM-L6-v2, against a plain forward pass.
 //!
-//! Run: `cargo run --release --example memory_report` (about a minute).
+//! Run: `cargo run --release --example memory_report` (about 10 seconds).
 //!
 //! Each measurement runs in a fresh child process (this program re-invoked with an argument),
 //! so peaks never mix. A child loads the model, runs one plain forward pass as a warm-up
