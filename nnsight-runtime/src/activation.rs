@@ -58,7 +58,9 @@ impl Activation for Tensor {
     }
 
     fn narrow_batch(&self, start: i64, len: i64, total: i64) -> Self {
-        if self.defined() && self.dim() > 0 && self.size()[0] == total {
+        // One invoke covering the whole batch gets the tensor itself (as Python nnsight does);
+        // `narrow` costs a libtorch view per read.
+        if len != total && self.defined() && self.dim() > 0 && self.size()[0] == total {
             self.narrow(0, start, len)
         } else {
             self.shallow_clone()

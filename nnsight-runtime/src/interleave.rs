@@ -339,7 +339,8 @@ impl<'env> Interleaver<'env> {
                 }
             }
         }
-        let names = graph.nodes.iter().enumerate().map(|(i, n)| n.name(i)).collect();
+        // Names are only needed for errors about saved values.
+        let names = graph.nodes.iter().enumerate().map(|(i, n)| if n.saved { n.name(i) } else { String::new() }).collect();
         drop(graph); // intervention closures and their borrows end here
         Ok(Outcome { slots: state.slots, names, stopped_at, trace: 0 })
     }
