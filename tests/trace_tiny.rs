@@ -343,3 +343,24 @@ fn tuple_outputs_scalar_proxies_and_discarded_values() {
     assert!(scaled.allclose(&(&h * k), 1e-6, 1e-6, false));
     assert!(out.equal(&h), "the second element was zeroed in place before the sum");
 }
+
+#[test]
+fn formatting_macros_and_assertions_run_on_real_values() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = stack(&vs, 2);
+    let x = input(2, 9);
+    let (text, n) = trace!(model, &x, {
+        println!("layer 0 output: {:?}", model.layers[0].output.size());
+        assert_eq!(model.layers[1].output.size(), vec![2, 4], "shape inside the trace");
+        (format!("{:?}", model.layers[0].output.size()).save(), model.layers[1].output.size()[1].save())
+    })
+    .unwrap();
+    assert_eq!(text, "[2, 4]");
+    assert_eq!(n, 4);
+    // A failing assertion inside the block is an error of that node, not a panic.
+    let err = trace!(model, &x, {
+        assert!(model.layers[0].output.size()[0] == 3, "batch is not 3");
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("batch is not 3"), "{err}");
+}

@@ -15,7 +15,7 @@ use syn::{Expr, Ident};
 
 use crate::lower::{grad_field, Ctx, MAX_ARGS};
 use crate::paths::hook_path;
-use crate::scan::{calls_backward, free_idents, mentions_proxy, vec_macro_items, Names};
+use crate::scan::{calls_backward, free_idents, macro_args, mentions_proxy, Names};
 
 impl Ctx {
     /// Lifts `e` into one apply node (see the module docs). `convert` wraps the body (used to
@@ -132,12 +132,14 @@ impl VisitMut for Replacer<'_> {
                 return self.leaf(e, v, name);
             }
         }
-        if let Expr::Macro(_) = e {
-            if let Some(mut items) = vec_macro_items(e) {
+        if let Expr::Macro(m) = e {
+            let path = m.mac.path.clone();
+            // `vec![..]`, `println!(..)`, `assert!(..)`, ...: their arguments are expressions too.
+            if let Some(mut items) = macro_args(e) {
                 for it in items.iter_mut() {
                     self.visit_expr_mut(it);
                 }
-                *e = syn::parse_quote!(::std::vec![#(#items),*]);
+                *e = syn::parse_quote!(#path!(#(#items),*));
             }
             return;
         }

@@ -37,7 +37,7 @@ pub fn mentions_proxy(e: &Expr, names: &Names) -> bool {
                     }
                 }
             }
-            if let Some(items) = vec_macro_items(e) {
+            if let Some(items) = macro_args(e) {
                 for it in &items {
                     self.visit_expr(it);
                 }
@@ -51,10 +51,13 @@ pub fn mentions_proxy(e: &Expr, names: &Names) -> bool {
     v.found
 }
 
-/// The elements of a `vec![a, b, ..]` expression.
-pub fn vec_macro_items(e: &Expr) -> Option<Vec<Expr>> {
+/// Macros whose arguments are comma-separated expressions: `vec![..]` and the format-like ones.
+const EXPR_MACROS: &[&str] = &["vec", "println", "print", "eprintln", "eprint", "format", "assert", "assert_eq", "assert_ne", "panic", "dbg"];
+
+/// The argument expressions of `vec![a, b]`, `println!("{}", a)` and the like.
+pub fn macro_args(e: &Expr) -> Option<Vec<Expr>> {
     let Expr::Macro(m) = e else { return None };
-    if !m.mac.path.is_ident("vec") {
+    if !EXPR_MACROS.iter().any(|name| m.mac.path.is_ident(name)) {
         return None;
     }
     let parsed = m
@@ -62,6 +65,14 @@ pub fn vec_macro_items(e: &Expr) -> Option<Vec<Expr>> {
         .parse_body_with(syn::punctuated::Punctuated::<Expr, syn::Token![,]>::parse_terminated)
         .ok()?;
     Some(parsed.into_iter().collect())
+}
+
+/// The elements of a `vec![a, b, ..]` expression.
+pub fn vec_macro_items(e: &Expr) -> Option<Vec<Expr>> {
+    match e {
+        Expr::Macro(m) if m.mac.path.is_ident("vec") => macro_args(e),
+        _ => None,
+    }
 }
 
 /// True when `e` calls a method named `backward` anywhere.
@@ -126,7 +137,7 @@ pub fn free_idents(e: &Expr, skip: &HashSet<String>) -> Vec<Ident> {
             }
         }
         fn visit_expr_macro(&mut self, m: &'ast syn::ExprMacro) {
-            if let Some(items) = vec_macro_items(&Expr::Macro(m.clone())) {
+            if let Some(items) = macro_args(&Expr::Macro(m.clone())) {
                 for it in &items {
                     self.visit_expr(it);
                 }
@@ -135,12 +146,14 @@ pub fn free_idents(e: &Expr, skip: &HashSet<String>) -> Vec<Ident> {
             // Other macros (`format!`, `println!`): any lowercase identifier not after `.`/`::`
             // may be a variable; capturing an extra name is harmless, missing one would move it.
             let mut prev_dot = false;
-            for tt in m.mac.tokens.clone() {
-                match &tt {
+            let tokens: Vec<proc_macro2::TokenTree> = m.mac.tokens.clone().into_iter().collect();
+            for (i, tt) in tokens.iter().enumerate() {
+                match tt {
                     proc_macro2::TokenTree::Ident(id) => {
                         let s = id.to_string();
                         let lower = s.chars().next().is_some_and(|c| c.is_lowercase() || c == '_');
-                        if !prev_dot && lower && s != "self" && !self.bound.contains(&s) && !self.skip.contains(&s) && self.seen.insert(s) {
+                        let is_macro = matches!(tokens.get(i + 1), Some(proc_macro2::TokenTree::Punct(p)) if p.as_char() == '!');
+                        if !prev_dot && !is_macro && lower && s != "self" && !self.bound.contains(&s) && !self.skip.contains(&s) && self.seen.insert(s) {
                             self.out.push(id.clone());
                         }
                         prev_dot = false;
