@@ -150,6 +150,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     // True activation patching: one trace per (layer, position), clean value into the corrupted run.
     let t = Instant::now();
     let mut truth = vec![vec![0.0; seq as usize]; n_layers];
+    #[allow(clippy::needless_range_loop)] // l also selects the layer inside the trace
     for l in 0..n_layers {
         for p in 0..seq {
             let emb = tch::no_grad(|| {

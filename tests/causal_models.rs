@@ -414,7 +414,7 @@ impl AsModule for Generating {
 
 fn left_pad(prompts: &[Vec<i64>]) -> (Tensor, Tensor) {
     let s = prompts.iter().map(Vec::len).max().unwrap();
-    let ids: Vec<i64> = prompts.iter().flat_map(|p| std::iter::repeat(0).take(s - p.len()).chain(p.iter().copied())).collect();
+    let ids: Vec<i64> = prompts.iter().flat_map(|p| std::iter::repeat_n(0, s - p.len()).chain(p.iter().copied())).collect();
     let mask: Vec<i64> = prompts.iter().flat_map(|p| (0..s).map(move |i| (i >= s - p.len()) as i64)).collect();
     let shape = [prompts.len() as i64, s as i64];
     (Tensor::from_slice(&ids).view(shape), Tensor::from_slice(&mask).view(shape))

@@ -440,7 +440,7 @@ impl Ctx {
             }
         }
         let call = match at {
-            Some((e, sp)) => quote_spanned!(sp=> ::nnsight::Call::At((#e) as usize)),
+            Some((e, sp)) => quote_spanned!(sp=> ::nnsight::__private::call_at(#e)),
             None => quote!(#nexts),
         };
         Some((quote_spanned!(hp.full_span=> || ::core::result::Result::Ok(&#expr)), call))

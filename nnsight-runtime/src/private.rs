@@ -264,3 +264,8 @@ impl<T: Clone> OwnClone for &Own<'_, T> {
 pub fn never<T>() -> T {
     unreachable!("generated only next to a compile error")
 }
+
+/// `.at(i)` in a module path: call `i` of the module (any integer type).
+pub fn call_at(i: impl IndexArg) -> crate::Call {
+    crate::Call::At(i.into_i64().max(0) as usize)
+}
