@@ -21,8 +21,9 @@ impl Ctx {
     /// Lifts `e` into one apply node (see the module docs). `convert` wraps the body (used to
     /// turn a swap's value into the hook point's type).
     pub(crate) fn lift(&mut self, e: &Expr, convert: Option<TokenStream>) -> TokenStream {
-        let tr = self.tr.clone();
         let span = e.span();
+        // The node call carries the expression's span, so type errors about its value point there.
+        let tr = Ident::new(&self.tr.to_string(), span);
         let mut body = e.clone();
         let mut r = Replacer { ctx: self, leaves: Vec::new(), params: HashSet::new() };
         r.visit_expr_mut(&mut body);

@@ -21,7 +21,7 @@ fn main() {
     let x = Tensor::zeros([1, 4], (Kind::Float, Device::Cpu));
     let _ = trace!(model, &x, {
         let h = model.lin.output.save();
-        println!("{:?}", h.size());
+        let rows: i64 = h.size()[0];
         h
     });
 }
