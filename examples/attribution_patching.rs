@@ -54,6 +54,10 @@ use nnsight::{Bert, LanguageModel};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
+#[path = "common/font.rs"]
+mod font;
+use font::load_font;
+
 const CLEAN: &str = "The Eiffel Tower is in the city of Paris.";
 const CORRUPT: &str = "The Eiffel Tower is in the city of Rome.";
 const TOP: usize = 10;
@@ -214,33 +218,6 @@ fn main() -> Result<(), Box<dyn Error>> {
         }
     }
     Ok(())
-}
-
-/// Registers a TrueType font as "sans-serif" for plotters' ab_glyph text; false when none found.
-fn load_font() -> bool {
-    let mut candidates: Vec<PathBuf> = std::env::var_os("NNSIGHT_FONT").map(PathBuf::from).into_iter().collect();
-    candidates.extend(
-        [
-            "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-            "/usr/share/fonts/TTF/DejaVuSans.ttf",
-            "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-            "/usr/share/fonts/dejavu-sans-fonts/DejaVuSans.ttf",
-            "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-            "/usr/share/fonts/liberation-sans/LiberationSans-Regular.ttf",
-            "/System/Library/Fonts/Supplemental/Arial.ttf",
-            "/Library/Fonts/Arial.ttf",
-        ]
-        .map(PathBuf::from),
-    );
-    for path in candidates {
-        if let Ok(bytes) = std::fs::read(&path) {
-            // plotters keeps fonts for the whole program: leak the bytes once.
-            if plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice())).is_ok() {
-                return true;
-            }
-        }
-    }
-    false
 }
 
 /// Red for positive, blue for negative, white at 0; `v` in [-1, 1].

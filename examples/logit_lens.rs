@@ -35,6 +35,10 @@ use nnsight::{LanguageModel, TextModel};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
+#[path = "common/font.rs"]
+mod font;
+use font::load_font;
+
 const USAGE: &str = "usage: logit_lens <checkpoint dir with config.json, model.safetensors, tokenizer.json> [prompt] [png path]";
 const DEFAULT_PROMPT: &str = "The Eiffel Tower is in the city of";
 const DEFAULT_PNG: &str = "target/logit_lens.png";
@@ -203,34 +207,6 @@ pub fn run(args: &[String]) -> Result<Lens, Box<dyn Error>> {
 fn main() -> Result<(), Box<dyn Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     run(&args).map(drop)
-}
-
-/// Registers a TrueType font as "sans-serif" for plotters' ab_glyph text; false when none found
-/// (the approach of `examples/attribution_patching.rs`).
-fn load_font() -> bool {
-    let mut candidates: Vec<PathBuf> = std::env::var_os("NNSIGHT_FONT").map(PathBuf::from).into_iter().collect();
-    candidates.extend(
-        [
-            "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-            "/usr/share/fonts/TTF/DejaVuSans.ttf",
-            "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-            "/usr/share/fonts/dejavu-sans-fonts/DejaVuSans.ttf",
-            "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-            "/usr/share/fonts/liberation-sans/LiberationSans-Regular.ttf",
-            "/System/Library/Fonts/Supplemental/Arial.ttf",
-            "/Library/Fonts/Arial.ttf",
-        ]
-        .map(PathBuf::from),
-    );
-    for path in candidates {
-        if let Ok(bytes) = std::fs::read(&path) {
-            // plotters keeps fonts for the whole program: leak the bytes once.
-            if plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice())).is_ok() {
-                return true;
-            }
-        }
-    }
-    false
 }
 
 /// White (0) to dark blue (1).
