@@ -21,33 +21,9 @@ use std::process::Command;
 use nnsight::prelude::*;
 use nnsight::{Bert, LanguageModel};
 
-const PARIS: &str = "The Eiffel Tower is in the city of Paris.";
-const ROME: &str = "The Colosseum is in the city of Rome.";
-
-/// 32 sentences of varied length (the same as benches/interleave.rs's batch of 32).
-fn sentences32() -> Vec<String> {
-    const PAIRS: [(&str, &str); 16] = [
-        ("Eiffel Tower", "Paris"),
-        ("Colosseum", "Rome"),
-        ("Brandenburg Gate", "Berlin"),
-        ("Sagrada Familia", "Barcelona"),
-        ("Big Ben", "London"),
-        ("Statue of Liberty", "New York"),
-        ("Golden Gate Bridge", "San Francisco"),
-        ("Forbidden City", "Beijing"),
-        ("Acropolis", "Athens"),
-        ("Hagia Sophia", "Istanbul"),
-        ("Kremlin", "Moscow"),
-        ("Sydney Opera House", "Sydney"),
-        ("CN Tower", "Toronto"),
-        ("Space Needle", "Seattle"),
-        ("Alhambra", "Granada"),
-        ("Atomium", "Brussels"),
-    ];
-    let mut v: Vec<String> = PAIRS.iter().map(|(a, b)| format!("The {a} is in the city of {b}.")).collect();
-    v.extend(PAIRS.iter().map(|(a, b)| format!("Every summer many people visit the {a} when they travel to {b}.")));
-    v
-}
+#[path = "common/sentences.rs"]
+mod sentences;
+use sentences::{sentences32, PARIS, ROME};
 
 /// A field of /proc/self/status in KiB (`VmRSS`, `VmHWM`).
 fn status_kib(field: &str) -> i64 {
