@@ -1,6 +1,6 @@
 //! Translating the block's statements into graph-building calls on the runtime's `Tracer`.
 //!
-//! - A hook point (`model.x.output`) becomes a hook node: `tracer.output(group, nexts, || path)`.
+//! - A hook point (`model.x.output`) becomes a hook node: `tracer.output(group, call, || path)`.
 //! - `.save()` / `.stop()` on a proxy become `tracer.save(p)` / `tracer.stop(p)`.
 //! - Any other expression that mentions a proxy is lifted whole into one apply node: its proxies
 //!   become the closure's arguments (real values at run time), so rustc checks every method and
@@ -246,7 +246,7 @@ impl Ctx {
         let tr = self.tr.clone();
         if let Some(hp) = hook_path(&a.left, &self.model) {
             let value = self.swap_value(&a.right);
-            let Some((call, nexts)) = self.module_access(&hp) else { return quote!(()) };
+            let Some((path, call)) = self.module_access(&hp) else { return quote!(()) };
             let Some(group) = self.group.clone() else { return self.outside_invoke(hp.full_span) };
             let method = match hp.point {
                 Point::Output => format_ident!("swap_output_with", span = hp.span),
@@ -255,7 +255,7 @@ impl Ctx {
             };
             // The value is built first, inside a closure whose return type the hook point fixes.
             return quote_spanned! {a.span()=>
-                #tr.#method(#group, #nexts, #call, |#tr| #value)
+                #tr.#method(#group, #call, #path, |#tr| #value)
             };
         }
         if let Some(f) = grad_field(&a.left) {
@@ -448,14 +448,14 @@ impl Ctx {
 
     pub(crate) fn hook_read(&mut self, hp: &HookPath) -> TokenStream {
         let Some(group) = self.group.clone() else { return self.outside_invoke(hp.full_span) };
-        let Some((call, nexts)) = self.module_access(hp) else { return quote!(()) };
+        let Some((path, call)) = self.module_access(hp) else { return quote!(()) };
         let tr = &self.tr;
         let method = match hp.point {
             Point::Output => format_ident!("output", span = hp.span),
             Point::Input => format_ident!("input", span = hp.span),
             Point::Inputs => format_ident!("inputs", span = hp.span),
         };
-        quote_spanned!(hp.span=> #tr.#method(#group, #nexts, #call))
+        quote_spanned!(hp.span=> #tr.#method(#group, #call, #path))
     }
 }
 
