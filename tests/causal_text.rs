@@ -133,3 +133,25 @@ fn two_invokes_of_different_lengths_see_their_own_last_token_at_minus_one() {
     let d = max_diff(&patched, &alone(LONG));
     assert!(d < SOLO_TOL, "patching the last block's last position copies the long prompt's prediction: {d}");
 }
+
+#[test]
+fn token_id_invokes_are_padded_on_the_left_beside_sentences() {
+    let model = lm::<Gpt2>("gpt2", tokenizer());
+    // SHORT as ids (2 positions) and LONG as text (6): the ids row gets 4 pad ids (2) on the
+    // left, as tokenizing both sentences together does.
+    let (s, l) = trace!(model, {
+        invoke(vec![77i64, 3]) {
+            let s = model.lm_head.output.save();
+        }
+        invoke(LONG) {
+            (s, model.lm_head.output.save())
+        }
+    })
+    .unwrap();
+    let both = trace!(model, [SHORT, LONG], { model.lm_head.output.save() }).unwrap();
+    assert_eq!(s.size(), vec![1, 6, 1000]);
+    assert!(s.equal(&both.narrow(0, 0, 1)) && l.equal(&both.narrow(0, 1, 1)));
+    let alone = trace!(model, SHORT, { model.lm_head.output.save() }).unwrap();
+    let d = max_diff(&s.get(0).narrow(0, 4, 2), &alone.get(0));
+    assert!(d < SOLO_TOL, "the padded ids row's real positions equal the prompt alone: {d}");
+}

@@ -28,7 +28,6 @@ use tokenizers::{PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer};
 use crate::error::{panic_message, Error, Result};
 use crate::hook::{AsModule, HookModule, Hooked};
 use crate::interleave::is_tracing;
-use crate::traced::{IntoInvoke, Traced};
 
 /// A tokenized batch: every tensor is `[batch, seq]` i64 on the model's device, padded to the
 /// longest sentence (on the right, or on the left for [`TextModel::padding_left`] models).
@@ -273,78 +272,5 @@ impl<M: TextModel> AsModule for LanguageModel<M> {
     type Module = M;
     fn as_module(&self) -> &Hooked<M> {
         &self.root
-    }
-}
-
-/// One invoke is one or more sentences; they become that many batch rows.
-impl<M: TextModel> Traced for LanguageModel<M> {
-    type Invoke = Vec<String>;
-
-    fn invoke_rows(&self, invoke: &Vec<String>) -> Result<i64> {
-        if invoke.is_empty() {
-            return Err(Error::Input("an invoke needs at least one sentence, got an empty list".into()));
-        }
-        Ok(invoke.len() as i64)
-    }
-
-    fn forward_invokes(&self, invokes: &[Vec<String>]) -> Result<()> {
-        let texts: Vec<&str> = invokes.iter().flatten().map(String::as_str).collect();
-        let batch = self.tokenize(&texts)?;
-        self.root.call(self.root.text_input(&batch));
-        Ok(())
-    }
-}
-
-fn sentences<S: AsRef<str>>(texts: impl IntoIterator<Item = S>) -> Result<Vec<String>> {
-    let v: Vec<String> = texts.into_iter().map(|s| s.as_ref().to_string()).collect();
-    if v.is_empty() {
-        return Err(Error::Input("an invoke needs at least one sentence, got an empty list".into()));
-    }
-    Ok(v)
-}
-
-macro_rules! text_invokes {
-    ($($(#[$doc:meta])* [$($lt:lifetime),*] $t:ty => |$x:ident| $e:expr;)*) => {$(
-        $(#[$doc])*
-        impl<$($lt,)* M: TextModel> IntoInvoke<LanguageModel<M>> for $t {
-            fn into_invoke(self, _: &LanguageModel<M>) -> Result<Vec<String>> {
-                let $x = self;
-                $e
-            }
-        }
-    )*};
-}
-text_invokes! {
-    /// One sentence.
-    ['a] &'a str => |s| Ok(vec![s.to_string()]);
-    /// One sentence.
-    [] String => |s| Ok(vec![s]);
-    /// One sentence.
-    ['a] &'a String => |s| Ok(vec![s.clone()]);
-    /// Several sentences, one row each.
-    ['a, 'b] &'a [&'b str] => |v| sentences(v);
-    /// Several sentences, one row each.
-    ['a] &'a [String] => |v| sentences(v);
-    /// Several sentences, one row each.
-    ['a] Vec<&'a str> => |v| sentences(v);
-    /// Several sentences, one row each.
-    [] Vec<String> => |v| sentences(v);
-    /// Several sentences, one row each.
-    ['a] &'a Vec<String> => |v| sentences(v);
-    /// Several sentences.
-    ['a, 'b] &'a Vec<&'b str> => |v| sentences(v);
-}
-
-/// Several sentences, one row each.
-impl<M: TextModel, const N: usize> IntoInvoke<LanguageModel<M>> for [&str; N] {
-    fn into_invoke(self, _: &LanguageModel<M>) -> Result<Vec<String>> {
-        sentences(self)
-    }
-}
-
-/// Several sentences, one row each.
-impl<M: TextModel, const N: usize> IntoInvoke<LanguageModel<M>> for &[&str; N] {
-    fn into_invoke(self, _: &LanguageModel<M>) -> Result<Vec<String>> {
-        sentences(self)
     }
 }

@@ -1,0 +1,291 @@
+//! What one invoke of a [`LanguageModel`] takes, and how a trace's invokes become one batch.
+//!
+//! An invoke is sentences (tokenized by the trace) or a batch tokenized beforehand: a
+//! [`TextBatch`] from [`LanguageModel::tokenize`], or token ids `[batch, seq]` (as Python
+//! nnsight accepts `input_ids`). Tokenizing once and tracing many times is what a sweep over
+//! layers or positions wants:
+//!
+//! ```ignore
+//! let batch = lm.tokenize(&["The Eiffel Tower is in the city of", "The Colosseum is in"])?;
+//! for l in 0..6 {
+//!     let h = trace!(lm, &batch, { lm.encoder.layer[l].output.save() })?;
+//! }
+//! ```
+//!
+//! All rows of a trace are padded to its longest invoke on the model's side
+//! ([`TextModel::padding_left`]), with the tokenizer's pad id, attention mask 0 and the pad type
+//! id, so a pre-tokenized invoke beside sentence invokes computes what one tokenization of all
+//! the sentences would.
+
+use tch::{Device, Kind, Tensor};
+use tokenizers::PaddingDirection;
+
+use crate::activation::Activation;
+use crate::error::{Error, Result};
+use crate::language_model::{LanguageModel, TextBatch, TextModel};
+use crate::traced::{IntoInvoke, Traced};
+
+/// One invoke's input to a [`LanguageModel`].
+#[derive(Debug)]
+pub enum TextInvoke {
+    /// Sentences, one batch row each, tokenized by the trace with the model's tokenizer.
+    Sentences(Vec<String>),
+    /// Rows tokenized beforehand: `[rows, seq]` i64 tensors on the model's device, checked
+    /// (shapes, dtypes, `seq` within the model's limit) when the invoke was made.
+    Tokens(TextBatch),
+}
+
+/// One invoke is one or more sentences, or a tokenized batch; they become that many batch rows.
+impl<M: TextModel> Traced for LanguageModel<M> {
+    type Invoke = TextInvoke;
+
+    fn invoke_rows(&self, invoke: &TextInvoke) -> Result<i64> {
+        match invoke {
+            TextInvoke::Sentences(v) if v.is_empty() => Err(no_sentence()),
+            TextInvoke::Sentences(v) => Ok(v.len() as i64),
+            TextInvoke::Tokens(b) => Ok(b.batch_size()),
+        }
+    }
+
+    fn forward_invokes(&self, invokes: &[TextInvoke]) -> Result<()> {
+        let batch;
+        let batch = match invokes {
+            [TextInvoke::Tokens(b)] => b,
+            _ => {
+                batch = self.batch_invokes(invokes)?;
+                &batch
+            }
+        };
+        self.root().call(self.root().text_input(batch));
+        Ok(())
+    }
+}
+
+impl<M: TextModel> LanguageModel<M> {
+    /// The invokes' rows as one batch, in order: sentences only as one tokenization, anything
+    /// else padded to the longest invoke and concatenated.
+    fn batch_invokes(&self, invokes: &[TextInvoke]) -> Result<TextBatch> {
+        fn sentences(i: &TextInvoke) -> Option<Vec<&str>> {
+            match i {
+                TextInvoke::Sentences(v) => Some(v.iter().map(String::as_str).collect()),
+                TextInvoke::Tokens(_) => None,
+            }
+        }
+        if invokes.iter().all(|i| matches!(i, TextInvoke::Sentences(_))) {
+            return self.tokenize(&invokes.iter().filter_map(sentences).flatten().collect::<Vec<_>>());
+        }
+        let tokenized = invokes.iter().filter_map(sentences).map(|v| self.tokenize(&v)).collect::<Result<Vec<_>>>()?;
+        let mut next_tokenized = tokenized.iter();
+        let parts: Vec<&TextBatch> = invokes
+            .iter()
+            .map(|i| match i {
+                TextInvoke::Tokens(b) => b,
+                TextInvoke::Sentences(_) => next_tokenized.next().expect("one batch per sentence invoke"),
+            })
+            .collect();
+        let seq = parts.iter().map(|b| b.seq_len()).max().unwrap_or(0);
+        let padded = parts.iter().enumerate().map(|(i, b)| self.pad_to(b, seq, i)).collect::<Result<Vec<_>>>()?;
+        let cat = |f: fn(&TextBatch) -> &Tensor| Tensor::cat(&padded.iter().map(f).collect::<Vec<_>>(), 0);
+        Ok(TextBatch {
+            input_ids: cat(|b| &b.input_ids),
+            attention_mask: cat(|b| &b.attention_mask),
+            token_type_ids: cat(|b| &b.token_type_ids),
+            tokens: padded.iter().flat_map(|b| b.tokens.iter().cloned()).collect(),
+        })
+    }
+
+    /// `b` padded to `seq` positions with the tokenizer's padding (invoke `i`, for errors).
+    fn pad_to(&self, b: &TextBatch, seq: i64, i: usize) -> Result<TextBatch> {
+        let n = seq - b.seq_len();
+        if n == 0 {
+            return Ok(shared(b));
+        }
+        let p = self.tokenizer().get_padding().ok_or_else(|| {
+            Error::Input(format!(
+                "invoke {i} has {} positions and the longest invoke has {seq}, but the tokenizer has no padding token",
+                b.seq_len()
+            ))
+        })?;
+        let left = matches!(p.direction, PaddingDirection::Left);
+        let rows = b.batch_size();
+        let fill = |t: &Tensor, value: i64| {
+            let pad = Tensor::full([rows, n], value, (Kind::Int64, t.device()));
+            if left {
+                Tensor::cat(&[&pad, t], 1)
+            } else {
+                Tensor::cat(&[t, &pad], 1)
+            }
+        };
+        let pads = std::iter::repeat_n(p.pad_token.clone(), n as usize);
+        let tokens = b
+            .tokens
+            .iter()
+            .map(|row| if left { pads.clone().chain(row.iter().cloned()).collect() } else { row.iter().cloned().chain(pads.clone()).collect() })
+            .collect();
+        Ok(TextBatch {
+            input_ids: fill(&b.input_ids, p.pad_id as i64),
+            attention_mask: fill(&b.attention_mask, 0),
+            token_type_ids: fill(&b.token_type_ids, p.pad_type_id as i64),
+            tokens,
+        })
+    }
+
+    /// A tokenized batch checked for an invoke: the three tensors `[rows, seq]` with `rows,
+    /// seq >= 1` and an integer dtype (converted to i64 on the model's device), `tokens` one row
+    /// of `seq` strings per batch row (filled from the ids when empty), `seq` within
+    /// [`TextModel::max_positions`].
+    fn checked_tokens(&self, b: TextBatch) -> Result<TextBatch> {
+        let device = self.device();
+        let ids = integer_2d("input_ids", &b.input_ids, device)?;
+        let (rows, seq) = (ids.size()[0], ids.size()[1]);
+        let same_shape = |name: &str, t: &Tensor| -> Result<Tensor> {
+            let t = integer_2d(name, t, device)?;
+            if t.size() != ids.size() {
+                return Err(Error::Input(format!(
+                    "a tokenized invoke's `{name}` must have the shape of `input_ids` [{rows}, {seq}], got {}",
+                    t.describe()
+                )));
+            }
+            Ok(t)
+        };
+        let attention_mask = same_shape("attention_mask", &b.attention_mask)?;
+        let token_type_ids = same_shape("token_type_ids", &b.token_type_ids)?;
+        if let Some(max) = self.root().max_positions() {
+            if seq > max {
+                return Err(Error::Input(format!(
+                    "a tokenized invoke has {seq} positions; the model accepts at most {max} (max_position_embeddings)"
+                )));
+            }
+        }
+        let tokens = if b.tokens.is_empty() {
+            self.token_strings(&ids)?
+        } else if b.tokens.len() as i64 != rows || b.tokens.iter().any(|r| r.len() as i64 != seq) {
+            let lens: Vec<usize> = b.tokens.iter().map(Vec::len).collect();
+            return Err(Error::Input(format!(
+                "a tokenized invoke's `tokens` must be {rows} rows of {seq} strings (the shape of `input_ids`), got rows of lengths {lens:?}; leave it empty to have it filled from the ids"
+            )));
+        } else {
+            b.tokens
+        };
+        Ok(TextBatch { input_ids: ids, attention_mask, token_type_ids, tokens })
+    }
+
+    /// Token ids `[rows, seq]` (or `[seq]`, one row) as an invoke: every position attended to,
+    /// segment 0.
+    fn ids_invoke(&self, ids: &Tensor) -> Result<TextInvoke> {
+        let ids = if ids.defined() && ids.dim() == 1 { ids.unsqueeze(0) } else { ids.shallow_clone() };
+        let ids = integer_2d("input_ids", &ids, self.device())?;
+        let batch = TextBatch {
+            attention_mask: ids.ones_like(),
+            token_type_ids: ids.zeros_like(),
+            input_ids: ids,
+            tokens: Vec::new(),
+        };
+        self.checked_tokens(batch).map(TextInvoke::Tokens)
+    }
+
+    /// The tokenizer's strings for ids `[rows, seq]` (`<id N>` for an id it does not know).
+    fn token_strings(&self, ids: &Tensor) -> Result<Vec<Vec<String>>> {
+        let seq = ids.size()[1] as usize;
+        let flat = Vec::<i64>::try_from(ids.flatten(0, -1).to_device(Device::Cpu)).map_err(|e| Error::Input(e.to_string()))?;
+        let tok = self.tokenizer();
+        let name = |id: i64| u32::try_from(id).ok().and_then(|i| tok.id_to_token(i)).unwrap_or_else(|| format!("<id {id}>"));
+        Ok(flat.chunks(seq).map(|row| row.iter().map(|&id| name(id)).collect()).collect())
+    }
+}
+
+/// `t` as a `[rows, seq]` i64 tensor on `device`, `rows, seq >= 1` ([`Error::Input`] naming
+/// the field otherwise).
+fn integer_2d(name: &str, t: &Tensor, device: Device) -> Result<Tensor> {
+    let integer = t.defined() && matches!(t.kind(), Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8);
+    if !integer || t.dim() != 2 || t.size().contains(&0) {
+        return Err(Error::Input(format!(
+            "a tokenized invoke's `{name}` must be a [batch, seq] tensor of token ids (an integer dtype, batch and seq at least 1), got {}",
+            t.describe()
+        )));
+    }
+    Ok(if t.kind() == Kind::Int64 && t.device() == device { t.shallow_clone() } else { t.to_device(device).to_kind(Kind::Int64) })
+}
+
+/// A copy of `b` whose tensors share `b`'s storage.
+fn shared(b: &TextBatch) -> TextBatch {
+    TextBatch {
+        input_ids: b.input_ids.shallow_clone(),
+        attention_mask: b.attention_mask.shallow_clone(),
+        token_type_ids: b.token_type_ids.shallow_clone(),
+        tokens: b.tokens.clone(),
+    }
+}
+
+fn no_sentence() -> Error {
+    Error::Input("an invoke needs at least one sentence, got an empty list".into())
+}
+
+fn sentences<S: AsRef<str>>(texts: impl IntoIterator<Item = S>) -> Result<TextInvoke> {
+    let v: Vec<String> = texts.into_iter().map(|s| s.as_ref().to_string()).collect();
+    if v.is_empty() {
+        return Err(no_sentence());
+    }
+    Ok(TextInvoke::Sentences(v))
+}
+
+macro_rules! text_invokes {
+    ($($(#[$doc:meta])* [$($lt:lifetime),*] $t:ty => |$x:ident, $m:ident| $e:expr;)*) => {$(
+        $(#[$doc])*
+        impl<$($lt,)* M: TextModel> IntoInvoke<LanguageModel<M>> for $t {
+            fn into_invoke(self, $m: &LanguageModel<M>) -> Result<TextInvoke> {
+                let $x = self;
+                $e
+            }
+        }
+    )*};
+}
+text_invokes! {
+    /// One sentence.
+    ['a] &'a str => |s, _m| Ok(TextInvoke::Sentences(vec![s.to_string()]));
+    /// One sentence.
+    [] String => |s, _m| Ok(TextInvoke::Sentences(vec![s]));
+    /// One sentence.
+    ['a] &'a String => |s, _m| Ok(TextInvoke::Sentences(vec![s.clone()]));
+    /// Several sentences, one row each.
+    ['a, 'b] &'a [&'b str] => |v, _m| sentences(v);
+    /// Several sentences, one row each.
+    ['a] &'a [String] => |v, _m| sentences(v);
+    /// Several sentences, one row each.
+    ['a] Vec<&'a str> => |v, _m| sentences(v);
+    /// Several sentences, one row each.
+    [] Vec<String> => |v, _m| sentences(v);
+    /// Several sentences, one row each.
+    ['a] &'a Vec<String> => |v, _m| sentences(v);
+    /// Several sentences.
+    ['a, 'b] &'a Vec<&'b str> => |v, _m| sentences(v);
+    /// A batch tokenized beforehand (e.g. by [`LanguageModel::tokenize`]): its rows. Errors:
+    /// [`Error::Input`] naming the field for tensors that are not `[batch, seq]` token ids of
+    /// one shape, `tokens` of another shape, or more positions than the model accepts.
+    [] TextBatch => |b, m| m.checked_tokens(b).map(TextInvoke::Tokens);
+    /// A batch tokenized beforehand, borrowed (the tensors are shared, not copied).
+    ['a] &'a TextBatch => |b, m| m.checked_tokens(shared(b)).map(TextInvoke::Tokens);
+    /// Token ids `[batch, seq]` (or `[seq]` for one row) of an integer dtype, every position
+    /// attended to (no padding), segment 0 — Python nnsight's `input_ids`.
+    [] Tensor => |t, m| m.ids_invoke(&t);
+    /// Token ids `[batch, seq]` or `[seq]`, borrowed.
+    ['a] &'a Tensor => |t, m| m.ids_invoke(t);
+    /// Token ids of one row (no padding).
+    [] Vec<i64> => |v, m| m.ids_invoke(&Tensor::from_slice(&v));
+    /// Token ids of one row (no padding).
+    ['a] &'a [i64] => |v, m| m.ids_invoke(&Tensor::from_slice(v));
+}
+
+/// Several sentences, one row each.
+impl<M: TextModel, const N: usize> IntoInvoke<LanguageModel<M>> for [&str; N] {
+    fn into_invoke(self, _: &LanguageModel<M>) -> Result<TextInvoke> {
+        sentences(self)
+    }
+}
+
+/// Several sentences, one row each.
+impl<M: TextModel, const N: usize> IntoInvoke<LanguageModel<M>> for &[&str; N] {
+    fn into_invoke(self, _: &LanguageModel<M>) -> Result<TextInvoke> {
+        sentences(self)
+    }
+}
