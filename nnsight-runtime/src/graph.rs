@@ -136,10 +136,15 @@ pub(crate) struct Node<'env> {
 }
 
 impl Node<'_> {
-    /// Display name used in errors: `%3 encoder.layer.2.output (src/main.rs:12)`.
+    /// Display name used in errors: `%3 encoder.layer.2.output (at src/main.rs:12)`.
     pub fn name(&self, id: NodeId) -> String {
-        format!("%{id} {} (at {}:{})", self.label, self.location.file(), self.location.line())
+        node_name(id, &self.label, self.location)
     }
+}
+
+/// `%{id} {label} (at {file}:{line})`: how errors name a node.
+pub(crate) fn node_name(id: NodeId, label: &str, location: &Location<'_>) -> String {
+    format!("%{id} {label} (at {}:{})", location.file(), location.line())
 }
 
 /// All nodes and hook-point effects built by one trace.

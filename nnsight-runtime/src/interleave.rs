@@ -15,12 +15,12 @@
 use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::panic::{self, AssertUnwindSafe};
+use std::panic::{self, AssertUnwindSafe, Location};
 use std::rc::Rc;
 
 use crate::activation::Activation;
 use crate::error::{panic_message, Error, Result};
-use crate::graph::{AddrMap, Effect, EffectKind, Graph, Io, NodeKind, Part, Value};
+use crate::graph::{node_name, AddrMap, Effect, EffectKind, Graph, Io, NodeKind, Part, Value};
 use crate::proxy::NodeId;
 use crate::tensor_hook::GradHooks;
 
@@ -107,12 +107,21 @@ pub(crate) struct Interleaver<'env> {
 /// Values left after a run: the saved nodes' values, by node id.
 pub struct Outcome {
     slots: Vec<Slot>,
-    names: Vec<String>,
+    /// Saved nodes' labels and source locations, for errors (formatted only when one occurs).
+    labels: Vec<Option<(String, &'static Location<'static>)>>,
     stopped_at: Option<String>,
     trace: u32,
 }
 
 impl Outcome {
+    /// Display name of node `id` (see [`crate::graph::node_name`]).
+    fn name(&self, id: NodeId) -> String {
+        match &self.labels[id] {
+            Some((label, location)) => node_name(id, label, location),
+            None => format!("%{id}"),
+        }
+    }
+
     pub(crate) fn set_trace(&mut self, trace: u32) {
         self.trace = trace;
     }
@@ -133,28 +142,28 @@ impl Outcome {
                     return Ok(copy);
                 }
                 let Slot::Ready(v) = std::mem::replace(&mut self.slots[id], Slot::Taken) else { unreachable!() };
-                value_as::<T>(v, &self.names[id])
+                value_as::<T>(v, &self.name(id))
             }
             Slot::Taken => Err(Error::NotComputed {
-                node: self.names[id].clone(),
+                node: self.name(id),
                 reason: format!(
                     "it is returned more than once, and a {} cannot be shared (tensors, numbers, strings and Vecs or pairs of them can): return it once",
                     std::any::type_name::<T>()
                 ),
             }),
             Slot::Skipped => Err(Error::NotComputed {
-                node: self.names[id].clone(),
+                node: self.name(id),
                 reason: "a condition it depends on was false".into(),
             }),
             Slot::Empty => Err(Error::NotComputed {
-                node: self.names[id].clone(),
+                node: self.name(id),
                 reason: match &self.stopped_at {
                     Some(s) => format!("the run stopped early at {s} before it was computed"),
                     None => "its inputs were never provided".into(),
                 },
             }),
             Slot::Freed => Err(Error::NotComputed {
-                node: self.names[id].clone(),
+                node: self.name(id),
                 reason: "its value was freed after its last use (it was not saved)".into(),
             }),
         }
@@ -203,9 +212,10 @@ fn shallow_any<T: 'static>(v: &T) -> Option<T> {
     boxed.downcast::<T>().ok().map(|b| *b)
 }
 
-fn activation_from<T: Activation>(v: Value, node: &str) -> Result<T> {
+/// Unwraps a swap's value into the hook point's type; `node` names the node for the error only.
+fn activation_from<T: Activation>(v: Value, node: impl FnOnce() -> String) -> Result<T> {
     let rc = v.downcast::<T>().map_err(|_| Error::Node {
-        node: node.to_string(),
+        node: node(),
         message: format!("internal: value is not a {}", std::any::type_name::<T>()),
     })?;
     Ok(Rc::try_unwrap(rc).unwrap_or_else(|rc| rc.shallow()))
@@ -339,10 +349,11 @@ impl<'env> Interleaver<'env> {
                 }
             }
         }
-        // Names are only needed for errors about saved values.
-        let names = graph.nodes.iter().enumerate().map(|(i, n)| if n.saved { n.name(i) } else { String::new() }).collect();
+        // Labels are only needed for errors about saved values.
+        let mut graph = graph;
+        let labels = graph.nodes.iter_mut().map(|n| n.saved.then(|| (std::mem::take(&mut n.label), n.location))).collect();
         drop(graph); // intervention closures and their borrows end here
-        Ok(Outcome { slots: state.slots, names, stopped_at, trace: 0 })
+        Ok(Outcome { slots: state.slots, labels, stopped_at, trace: 0 })
     }
 
     /// Counts a call of a traced module; `None` for modules the graph does not use.
@@ -391,9 +402,9 @@ impl<'env> Interleaver<'env> {
                     Err(err) => Err(err),
                     Ok(Some(v)) => {
                         let spliced = match part {
-                            Part::Whole => activation_from::<A>(v, &self.node_name(node))
+                            Part::Whole => activation_from::<A>(v, || self.node_name(node))
                                 .and_then(|new| self.splice(act.shallow(), new, key, io, &e)),
-                            Part::First => activation_from::<A::First>(v, &self.node_name(node))
+                            Part::First => activation_from::<A::First>(v, || self.node_name(node))
                                 .and_then(|new| self.splice(act.first().shallow(), new, key, io, &e))
                                 .map(|first| act.shallow().with_first(first)),
                         };

@@ -40,7 +40,10 @@ pub struct TextBatch {
     pub attention_mask: Tensor,
     /// Segment ids `[batch, seq]` (all 0 for single sentences).
     pub token_type_ids: Tensor,
-    /// The tokens as strings, one `Vec` of length `seq` per row (`"[CLS]"`, `"the"`, ..., `"[PAD]"`).
+    /// The tokens as strings, one `Vec` of length `seq` per row (`"[CLS]"`, `"the"`, ..., `"[PAD]"`),
+    /// as [`LanguageModel::tokenize`] returns them. Not needed to run the model: a batch given
+    /// to `trace!` may leave it empty, and the batch the forward pass gets inside a trace of
+    /// token-id invokes has it empty.
     pub tokens: Vec<Vec<String>>,
 }
 
@@ -62,6 +65,8 @@ pub trait TextModel: HookModule + Sized {
     fn load(dir: &Path, device: Device) -> Result<Self>;
 
     /// The forward's input built from a tokenized batch (tensors already on the model's device).
+    /// Build it from the tensors only: inside a trace whose invokes were given as token ids or
+    /// as a [`TextBatch`], `batch.tokens` is empty.
     fn text_input(&self, batch: &TextBatch) -> Self::Input;
 
     /// Longest input, in tokens, the model accepts (e.g. `max_position_embeddings`); `None`

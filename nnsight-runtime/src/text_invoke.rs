@@ -31,7 +31,8 @@ pub enum TextInvoke {
     /// Sentences, one batch row each, tokenized by the trace with the model's tokenizer.
     Sentences(Vec<String>),
     /// Rows tokenized beforehand: `[rows, seq]` i64 tensors on the model's device, checked
-    /// (shapes, dtypes, `seq` within the model's limit) when the invoke was made.
+    /// (shapes, dtypes, `seq` within the model's limit) when the invoke was made; `tokens` is
+    /// empty (strings are not needed by the forward pass).
     Tokens(TextBatch),
 }
 
@@ -90,7 +91,7 @@ impl<M: TextModel> LanguageModel<M> {
             input_ids: cat(|b| &b.input_ids),
             attention_mask: cat(|b| &b.attention_mask),
             token_type_ids: cat(|b| &b.token_type_ids),
-            tokens: padded.iter().flat_map(|b| b.tokens.iter().cloned()).collect(),
+            tokens: Vec::new(),
         })
     }
 
@@ -98,7 +99,12 @@ impl<M: TextModel> LanguageModel<M> {
     fn pad_to(&self, b: &TextBatch, seq: i64, i: usize) -> Result<TextBatch> {
         let n = seq - b.seq_len();
         if n == 0 {
-            return Ok(shared(b));
+            return Ok(TextBatch {
+                input_ids: b.input_ids.shallow_clone(),
+                attention_mask: b.attention_mask.shallow_clone(),
+                token_type_ids: b.token_type_ids.shallow_clone(),
+                tokens: Vec::new(),
+            });
         }
         let p = self.tokenizer().get_padding().ok_or_else(|| {
             Error::Input(format!(
@@ -116,27 +122,21 @@ impl<M: TextModel> LanguageModel<M> {
                 Tensor::cat(&[t, &pad], 1)
             }
         };
-        let pads = std::iter::repeat_n(p.pad_token.clone(), n as usize);
-        let tokens = b
-            .tokens
-            .iter()
-            .map(|row| if left { pads.clone().chain(row.iter().cloned()).collect() } else { row.iter().cloned().chain(pads.clone()).collect() })
-            .collect();
         Ok(TextBatch {
             input_ids: fill(&b.input_ids, p.pad_id as i64),
             attention_mask: fill(&b.attention_mask, 0),
             token_type_ids: fill(&b.token_type_ids, p.pad_type_id as i64),
-            tokens,
+            tokens: Vec::new(),
         })
     }
 
     /// A tokenized batch checked for an invoke: the three tensors `[rows, seq]` with `rows,
-    /// seq >= 1` and an integer dtype (converted to i64 on the model's device), `tokens` one row
-    /// of `seq` strings per batch row (filled from the ids when empty), `seq` within
-    /// [`TextModel::max_positions`].
-    fn checked_tokens(&self, b: TextBatch) -> Result<TextBatch> {
+    /// seq >= 1` and an integer dtype (converted to i64 on the model's device), `seq` within
+    /// [`TextModel::max_positions`]. The token strings are not carried into the forward pass
+    /// (the invoke's `tokens` is empty).
+    fn checked_tokens(&self, input_ids: &Tensor, attention_mask: &Tensor, token_type_ids: &Tensor) -> Result<TextBatch> {
         let device = self.device();
-        let ids = integer_2d("input_ids", &b.input_ids, device)?;
+        let ids = integer_2d("input_ids", input_ids, device)?;
         let (rows, seq) = (ids.size()[0], ids.size()[1]);
         let same_shape = |name: &str, t: &Tensor| -> Result<Tensor> {
             let t = integer_2d(name, t, device)?;
@@ -148,8 +148,8 @@ impl<M: TextModel> LanguageModel<M> {
             }
             Ok(t)
         };
-        let attention_mask = same_shape("attention_mask", &b.attention_mask)?;
-        let token_type_ids = same_shape("token_type_ids", &b.token_type_ids)?;
+        let attention_mask = same_shape("attention_mask", attention_mask)?;
+        let token_type_ids = same_shape("token_type_ids", token_type_ids)?;
         if let Some(max) = self.root().max_positions() {
             if seq > max {
                 return Err(Error::Input(format!(
@@ -157,17 +157,7 @@ impl<M: TextModel> LanguageModel<M> {
                 )));
             }
         }
-        let tokens = if b.tokens.is_empty() {
-            self.token_strings(&ids)?
-        } else if b.tokens.len() as i64 != rows || b.tokens.iter().any(|r| r.len() as i64 != seq) {
-            let lens: Vec<usize> = b.tokens.iter().map(Vec::len).collect();
-            return Err(Error::Input(format!(
-                "a tokenized invoke's `tokens` must be {rows} rows of {seq} strings (the shape of `input_ids`), got rows of lengths {lens:?}; leave it empty to have it filled from the ids"
-            )));
-        } else {
-            b.tokens
-        };
-        Ok(TextBatch { input_ids: ids, attention_mask, token_type_ids, tokens })
+        Ok(TextBatch { input_ids: ids, attention_mask, token_type_ids, tokens: Vec::new() })
     }
 
     /// Token ids `[rows, seq]` (or `[seq]`, one row) as an invoke: every position attended to,
@@ -175,22 +165,7 @@ impl<M: TextModel> LanguageModel<M> {
     fn ids_invoke(&self, ids: &Tensor) -> Result<TextInvoke> {
         let ids = if ids.defined() && ids.dim() == 1 { ids.unsqueeze(0) } else { ids.shallow_clone() };
         let ids = integer_2d("input_ids", &ids, self.device())?;
-        let batch = TextBatch {
-            attention_mask: ids.ones_like(),
-            token_type_ids: ids.zeros_like(),
-            input_ids: ids,
-            tokens: Vec::new(),
-        };
-        self.checked_tokens(batch).map(TextInvoke::Tokens)
-    }
-
-    /// The tokenizer's strings for ids `[rows, seq]` (`<id N>` for an id it does not know).
-    fn token_strings(&self, ids: &Tensor) -> Result<Vec<Vec<String>>> {
-        let seq = ids.size()[1] as usize;
-        let flat = Vec::<i64>::try_from(ids.flatten(0, -1).to_device(Device::Cpu)).map_err(|e| Error::Input(e.to_string()))?;
-        let tok = self.tokenizer();
-        let name = |id: i64| u32::try_from(id).ok().and_then(|i| tok.id_to_token(i)).unwrap_or_else(|| format!("<id {id}>"));
-        Ok(flat.chunks(seq).map(|row| row.iter().map(|&id| name(id)).collect()).collect())
+        self.checked_tokens(&ids, &ids.ones_like(), &ids.zeros_like()).map(TextInvoke::Tokens)
     }
 }
 
@@ -205,16 +180,6 @@ fn integer_2d(name: &str, t: &Tensor, device: Device) -> Result<Tensor> {
         )));
     }
     Ok(if t.kind() == Kind::Int64 && t.device() == device { t.shallow_clone() } else { t.to_device(device).to_kind(Kind::Int64) })
-}
-
-/// A copy of `b` whose tensors share `b`'s storage.
-fn shared(b: &TextBatch) -> TextBatch {
-    TextBatch {
-        input_ids: b.input_ids.shallow_clone(),
-        attention_mask: b.attention_mask.shallow_clone(),
-        token_type_ids: b.token_type_ids.shallow_clone(),
-        tokens: b.tokens.clone(),
-    }
 }
 
 fn no_sentence() -> Error {
@@ -261,10 +226,10 @@ text_invokes! {
     ['a, 'b] &'a Vec<&'b str> => |v, _m| sentences(v);
     /// A batch tokenized beforehand (e.g. by [`LanguageModel::tokenize`]): its rows. Errors:
     /// [`Error::Input`] naming the field for tensors that are not `[batch, seq]` token ids of
-    /// one shape, `tokens` of another shape, or more positions than the model accepts.
-    [] TextBatch => |b, m| m.checked_tokens(b).map(TextInvoke::Tokens);
+    /// one shape, or more positions than the model accepts. Its `tokens` strings are ignored.
+    [] TextBatch => |b, m| m.checked_tokens(&b.input_ids, &b.attention_mask, &b.token_type_ids).map(TextInvoke::Tokens);
     /// A batch tokenized beforehand, borrowed (the tensors are shared, not copied).
-    ['a] &'a TextBatch => |b, m| m.checked_tokens(shared(b)).map(TextInvoke::Tokens);
+    ['a] &'a TextBatch => |b, m| m.checked_tokens(&b.input_ids, &b.attention_mask, &b.token_type_ids).map(TextInvoke::Tokens);
     /// Token ids `[batch, seq]` (or `[seq]` for one row) of an integer dtype, every position
     /// attended to (no padding), segment 0 — Python nnsight's `input_ids`.
     [] Tensor => |t, m| m.ids_invoke(&t);

@@ -92,7 +92,7 @@ impl<'env> Interleaver<'env> {
                         };
                         self.release(v);
                         if let Some(x) = value {
-                            let new = activation_from::<tch::Tensor>(x, &self.node_name(v))?;
+                            let new = activation_from::<tch::Tensor>(x, || self.node_name(v))?;
                             full = full.shallow_clone().splice_batch(new, start, len, total).map_err(|(expected, actual)| {
                                 Error::Node {
                                     node: self.node_name(gn),
