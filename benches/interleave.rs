@@ -68,7 +68,7 @@ use nnsight::tch::nn;
 use nnsight::tokenizers::models::wordlevel::WordLevel;
 use nnsight::tokenizers::pre_tokenizers::whitespace::Whitespace;
 use nnsight::tokenizers::Tokenizer;
-use nnsight::{Bert, Call, GenerateOptions, LanguageModel, ModuleList, TextModel};
+use nnsight::{Bert, Call, GenerateOptions, IntoInvoke, LanguageModel, ModuleList, TextModel};
 
 // ---------------------------------------------------------------------------------------------
 // Inputs
@@ -297,6 +297,29 @@ fn paired(group: &str, cases: &[Case<'_>], rounds: usize) {
 // ---------------------------------------------------------------------------------------------
 // MiniLM
 
+/// A trace saving the 6 layer outputs of MiniLM.
+fn save_every_layer(model: &LanguageModel<Bert>, input: impl IntoInvoke<LanguageModel<Bert>>) -> Vec<Tensor> {
+    trace!(model, input, {
+        let mut v = Vec::new();
+        for l in 0..6 {
+            v.push(model.encoder.layer[l].output.save());
+        }
+        v
+    })
+    .unwrap()
+}
+
+/// A trace swapping every layer's output for itself times 1.0, saving the last one.
+fn swap_every_layer(model: &LanguageModel<Bert>, input: impl IntoInvoke<LanguageModel<Bert>>) -> Tensor {
+    trace!(model, input, {
+        for l in 0..6 {
+            model.encoder.layer[l].output = model.encoder.layer[l].output * 1.0;
+        }
+        model.encoder.layer[5].output.save()
+    })
+    .unwrap()
+}
+
 fn minilm_group(c: &mut Criterion, model: &LanguageModel<Bert>, name: &str, texts: &[&str], threads: i32) {
     if !selected(name) {
         return;
@@ -305,49 +328,16 @@ fn minilm_group(c: &mut Criterion, model: &LanguageModel<Bert>, name: &str, text
     let batch = model.tokenize(texts).unwrap();
     let input = model.root().text_input(&batch);
     let reference = model.forward(texts).unwrap();
-    let save_all = || {
-        trace!(model, black_box(texts), {
-            let mut v = Vec::new();
-            for l in 0..6 {
-                v.push(model.encoder.layer[l].output.save());
-            }
-            v
-        })
-        .unwrap()
-    };
+    // Each on text (tokenized inside the trace) and on the batch tokenized once (what Python
+    // nnsight's figures time: its traces of the wrapped BertModel take tensors tokenized
+    // beforehand).
+    let save_all = || save_every_layer(model, black_box(texts));
+    let swap_all = || swap_every_layer(model, black_box(texts));
+    let save_all_pre = || save_every_layer(model, black_box(&batch));
+    let swap_all_pre = || swap_every_layer(model, black_box(&batch));
     assert!(save_all()[5].equal(&reference), "layer 5 output = last hidden state");
-    let swap_all = || {
-        trace!(model, black_box(texts), {
-            for l in 0..6 {
-                model.encoder.layer[l].output = model.encoder.layer[l].output * 1.0;
-            }
-            model.encoder.layer[5].output.save()
-        })
-        .unwrap()
-    };
     assert!(swap_all().equal(&reference), "x * 1.0 swaps leave the output unchanged");
-    // The same on the batch tokenized once (what Python nnsight's figures time: its traces of
-    // the wrapped BertModel take tensors tokenized beforehand).
-    let save_all_pre = || {
-        trace!(model, black_box(&batch), {
-            let mut v = Vec::new();
-            for l in 0..6 {
-                v.push(model.encoder.layer[l].output.save());
-            }
-            v
-        })
-        .unwrap()
-    };
     assert!(save_all_pre()[5].equal(&reference), "pre-tokenized: layer 5 output = last hidden state");
-    let swap_all_pre = || {
-        trace!(model, black_box(&batch), {
-            for l in 0..6 {
-                model.encoder.layer[l].output = model.encoder.layer[l].output * 1.0;
-            }
-            model.encoder.layer[5].output.save()
-        })
-        .unwrap()
-    };
     assert!(swap_all_pre().equal(&reference), "pre-tokenized: x * 1.0 swaps leave the output unchanged");
     let cases = [
         case("plain_forward", || model.forward(black_box(texts)).unwrap()),
