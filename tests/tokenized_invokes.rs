@@ -132,17 +132,62 @@ fn bad_tokenized_input_is_an_error_naming_the_field() {
         assert!(matches!(e, Error::Input(_)), "{e:?}");
         assert!(e.to_string().contains(needle), "`{e}` should mention `{needle}`");
     };
-    expect(with(&|b| b.input_ids = b.input_ids.to_kind(Kind::Float)), "`input_ids` must be a [batch, seq] tensor of token ids");
+    expect(with(&|b| b.input_ids = b.input_ids.to_kind(Kind::Float)), "invoke 0: `input_ids` must be a [batch, seq] tensor of token ids");
+    expect(with(&|b| b.attention_mask = b.attention_mask.to_kind(Kind::Float)), "`attention_mask` must be a [batch, seq] tensor of 1 (attend) / 0 (padding)");
     expect(with(&|b| b.attention_mask = b.attention_mask.narrow(1, 0, 5)), "`attention_mask` must have the shape of `input_ids` [2, 14], got Tensor[2, 5]");
     expect(with(&|b| b.token_type_ids = b.token_type_ids.flatten(0, -1)), "`token_type_ids`");
     // The strings are not needed to run the model: a batch whose `tokens` do not match still runs.
     let ok = trace!(model, with(&|b| b.tokens.truncate(1)), { model.output.save() }).unwrap();
     assert_eq!(ok.size(), vec![2, 14, 384]);
     let e = trace!(model, Tensor::zeros([1, 513], (Kind::Int64, Device::Cpu)), { model.output.save() }).unwrap_err();
-    assert!(e.to_string().contains("513 positions; the model accepts at most 512"), "{e}");
+    assert!(e.to_string().contains("the tokenized input has 513 positions; the model accepts at most 512"), "{e}");
     let e = trace!(model, Vec::<i64>::new(), { model.output.save() }).unwrap_err();
-    assert!(e.to_string().contains("batch and seq at least 1"), "{e}");
+    assert!(e.to_string().contains("must hold at least one id, got Tensor[0]"), "{e}");
+    // Ids outside the vocabulary (30522) or segment ids outside type_vocab_size (2): named
+    // with their position before the model runs, not an opaque lookup failure inside it.
+    let e = trace!(model, vec![101i64, 30522, 102], { model.output.save() }).unwrap_err();
+    assert_eq!(e.to_string(), "invoke 0: `input_ids` holds 30522 at row 0, position 1; the model's vocab_size is 30522, so ids must be in 0..30522");
+    let e = trace!(model, vec![-1i64, 102], { model.output.save() }).unwrap_err();
+    assert!(e.to_string().contains("`input_ids` holds -1 at row 0, position 0"), "{e}");
+    expect(with(&|b| { let _ = b.token_type_ids.get(1).get(3).fill_(2); }), "`token_type_ids` holds 2 at row 1, position 3; the model's type_vocab_size is 2");
+    // A bool mask is a mask.
+    let bool_mask = with(&|b| b.attention_mask = b.attention_mask.to_kind(Kind::Bool));
+    assert!(trace!(model, bool_mask, { model.output.save() }).unwrap().equal(&trace!(model, &good, { model.output.save() }).unwrap()));
+    // Which invoke was wrong.
+    let e = trace!(model, {
+        invoke(&good) {}
+        invoke(Tensor::ones([1, 4], (Kind::Float, Device::Cpu))) { model.output.save() }
+    })
+    .unwrap_err();
+    assert!(e.to_string().starts_with("invoke 1: `input_ids` must be a [batch, seq] tensor of token ids"), "{e}");
     // The model still works afterwards (nothing stayed hooked).
     let ok = trace!(model, &good, { model.output.save() }).unwrap();
     assert_eq!(ok.size(), vec![2, 14, 384]);
 }
+
+#[test]
+fn edits_of_the_ids_inside_a_trace_leave_the_callers_tensors_alone() {
+    let model = minilm();
+    let batch = model.tokenize(&[PARIS, ROME]).unwrap();
+    let ids: Vec<i64> = Vec::try_from(batch.input_ids.get(0)).unwrap();
+    let ids_tensor = Tensor::from_slice(&ids);
+    let before = trace!(model, &batch, { model.output.save() }).unwrap();
+    let ids_before = batch.input_ids.copy();
+    // In-place edits of the word-embedding lookup's input (the ids tensor itself) and of the
+    // segment ids, on the batch and on a borrowed ids tensor.
+    let edited = trace!(model, &batch, {
+        model.embeddings.word_embeddings.input[.., 1] = 0i64;
+        model.embeddings.token_type_embeddings.input[.., 0] = 1i64;
+        model.output.save()
+    })
+    .unwrap();
+    assert!(!edited.equal(&before), "the edit changed this trace's output");
+    trace!(model, &ids_tensor, {
+        model.embeddings.word_embeddings.input[.., 2] = 0i64;
+    })
+    .unwrap();
+    assert!(batch.input_ids.equal(&ids_before) && batch.token_type_ids.equal(&batch.token_type_ids.zeros_like()));
+    assert_eq!(Vec::<i64>::try_from(&ids_tensor).unwrap(), ids);
+    assert!(trace!(model, &batch, { model.output.save() }).unwrap().equal(&before), "the next trace sees the batch unchanged");
+}
+

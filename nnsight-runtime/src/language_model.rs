@@ -75,6 +75,19 @@ pub trait TextModel: HookModule + Sized {
         None
     }
 
+    /// Number of token ids the model embeds (`vocab_size`): token ids given to a trace must be
+    /// in `0..n`, else an [`Error::Input`] naming the id and its position before the model runs.
+    /// `None`: not checked.
+    fn input_vocab_size(&self) -> Option<i64> {
+        None
+    }
+
+    /// Number of segment ids the model embeds (BERT's `type_vocab_size`), checked like
+    /// [`TextModel::input_vocab_size`]; `None` for models without segment embeddings.
+    fn type_vocab_size(&self) -> Option<i64> {
+        None
+    }
+
     /// Pad id used when the tokenizer has neither padding settings nor a `[PAD]` token (GPT-2
     /// and Llama tokenizers: the config's `pad_token_id`, else its first `eos_token_id`).
     /// `None`: no fallback, so sentences of different lengths cannot be batched.

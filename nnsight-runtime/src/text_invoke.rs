@@ -131,55 +131,109 @@ impl<M: TextModel> LanguageModel<M> {
     }
 
     /// A tokenized batch checked for an invoke: the three tensors `[rows, seq]` with `rows,
-    /// seq >= 1` and an integer dtype (converted to i64 on the model's device), `seq` within
-    /// [`TextModel::max_positions`]. The token strings are not carried into the forward pass
-    /// (the invoke's `tokens` is empty).
+    /// seq >= 1` and an integer dtype (a bool mask too), ids within the model's vocabularies
+    /// ([`TextModel::input_vocab_size`], [`TextModel::type_vocab_size`]), `seq` within
+    /// [`TextModel::max_positions`]. The result is the invoke's own i64 copy on the model's
+    /// device, so an in-place edit during the trace never writes into the caller's tensors;
+    /// the token strings are not carried into the forward pass (its `tokens` is empty).
     fn checked_tokens(&self, input_ids: &Tensor, attention_mask: &Tensor, token_type_ids: &Tensor) -> Result<TextBatch> {
         let device = self.device();
-        let ids = integer_2d("input_ids", input_ids, device)?;
+        let ids = owned_ids(Field::InputIds, input_ids, device)?;
         let (rows, seq) = (ids.size()[0], ids.size()[1]);
-        let same_shape = |name: &str, t: &Tensor| -> Result<Tensor> {
-            let t = integer_2d(name, t, device)?;
+        let same_shape = |field: Field, t: &Tensor| -> Result<Tensor> {
+            let t = owned_ids(field, t, device)?;
             if t.size() != ids.size() {
                 return Err(Error::Input(format!(
-                    "a tokenized invoke's `{name}` must have the shape of `input_ids` [{rows}, {seq}], got {}",
+                    "`{}` must have the shape of `input_ids` [{rows}, {seq}], got {}",
+                    field.name(),
                     t.describe()
                 )));
             }
             Ok(t)
         };
-        let attention_mask = same_shape("attention_mask", attention_mask)?;
-        let token_type_ids = same_shape("token_type_ids", token_type_ids)?;
+        let attention_mask = same_shape(Field::AttentionMask, attention_mask)?;
+        let token_type_ids = same_shape(Field::TokenTypeIds, token_type_ids)?;
         if let Some(max) = self.root().max_positions() {
             if seq > max {
                 return Err(Error::Input(format!(
-                    "a tokenized invoke has {seq} positions; the model accepts at most {max} (max_position_embeddings)"
+                    "the tokenized input has {seq} positions; the model accepts at most {max} (max_position_embeddings)"
                 )));
             }
         }
+        let root: &M = self.root();
+        in_vocabulary("input_ids", &ids, root.input_vocab_size(), "vocab_size")?;
+        in_vocabulary("token_type_ids", &token_type_ids, root.type_vocab_size(), "type_vocab_size")?;
         Ok(TextBatch { input_ids: ids, attention_mask, token_type_ids, tokens: Vec::new() })
     }
 
     /// Token ids `[rows, seq]` (or `[seq]`, one row) as an invoke: every position attended to,
     /// segment 0.
     fn ids_invoke(&self, ids: &Tensor) -> Result<TextInvoke> {
+        if ids.defined() && ids.dim() == 1 && ids.size()[0] == 0 {
+            return Err(Error::Input(format!("token ids for an invoke must hold at least one id, got {}", ids.describe())));
+        }
         let ids = if ids.defined() && ids.dim() == 1 { ids.unsqueeze(0) } else { ids.shallow_clone() };
-        let ids = integer_2d("input_ids", &ids, self.device())?;
+        let ids = owned_ids(Field::InputIds, &ids, self.device())?;
         self.checked_tokens(&ids, &ids.ones_like(), &ids.zeros_like()).map(TextInvoke::Tokens)
     }
 }
 
-/// `t` as a `[rows, seq]` i64 tensor on `device`, `rows, seq >= 1` ([`Error::Input`] naming
-/// the field otherwise).
-fn integer_2d(name: &str, t: &Tensor, device: Device) -> Result<Tensor> {
-    let integer = t.defined() && matches!(t.kind(), Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8);
-    if !integer || t.dim() != 2 || t.size().contains(&0) {
+/// The three tensors of a tokenized invoke, for checks and errors.
+#[derive(Clone, Copy, PartialEq)]
+enum Field {
+    InputIds,
+    AttentionMask,
+    TokenTypeIds,
+}
+
+impl Field {
+    fn name(self) -> &'static str {
+        match self {
+            Field::InputIds => "input_ids",
+            Field::AttentionMask => "attention_mask",
+            Field::TokenTypeIds => "token_type_ids",
+        }
+    }
+
+    fn holds(self) -> &'static str {
+        match self {
+            Field::InputIds => "token ids",
+            Field::AttentionMask => "1 (attend) / 0 (padding), integer or bool",
+            Field::TokenTypeIds => "segment ids",
+        }
+    }
+}
+
+/// `t` as a new `[rows, seq]` i64 tensor on `device` (never sharing `t`'s storage), `rows, seq
+/// >= 1`; [`Error::Input`] naming the field otherwise.
+fn owned_ids(field: Field, t: &Tensor, device: Device) -> Result<Tensor> {
+    let integer = matches!(t.kind(), Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8);
+    let ok_kind = t.defined() && (integer || (field == Field::AttentionMask && t.kind() == Kind::Bool));
+    if !ok_kind || t.dim() != 2 || t.size().contains(&0) {
         return Err(Error::Input(format!(
-            "a tokenized invoke's `{name}` must be a [batch, seq] tensor of token ids (an integer dtype, batch and seq at least 1), got {}",
+            "`{}` must be a [batch, seq] tensor of {} (batch and seq at least 1), got {}",
+            field.name(),
+            field.holds(),
             t.describe()
         )));
     }
-    Ok(if t.kind() == Kind::Int64 && t.device() == device { t.shallow_clone() } else { t.to_device(device).to_kind(Kind::Int64) })
+    Ok(if t.kind() == Kind::Int64 && t.device() == device { t.copy() } else { t.to_device(device).to_kind(Kind::Int64) })
+}
+
+/// [`Error::Input`] when `t` holds an id outside `0..size` (`size` from the config key `key`):
+/// the embedding lookup would fail inside the model with no hint of where.
+fn in_vocabulary(name: &str, t: &Tensor, size: Option<i64>, key: &str) -> Result<()> {
+    let Some(size) = size else { return Ok(()) };
+    let (lo, hi) = (t.min().int64_value(&[]), t.max().int64_value(&[]));
+    if lo >= 0 && hi < size {
+        return Ok(());
+    }
+    let bad = if lo < 0 { lo } else { hi };
+    let at = t.eq(bad).nonzero().get(0);
+    let (row, pos) = (at.int64_value(&[0]), at.int64_value(&[1]));
+    Err(Error::Input(format!(
+        "`{name}` holds {bad} at row {row}, position {pos}; the model's {key} is {size}, so ids must be in 0..{size}"
+    )))
 }
 
 fn no_sentence() -> Error {

@@ -63,6 +63,8 @@ impl<M: HookModule<Input = Tensor>> IntoInvoke<Hooked<M>> for Tensor {
     }
 }
 
+/// The tensor is shared, not copied (inputs of tensor models can be large): with a single
+/// invoke, an in-place edit of the root's input writes into it; pass `x.copy()` to keep `x`.
 impl<M: HookModule<Input = Tensor>> IntoInvoke<Hooked<M>> for &Tensor {
     fn into_invoke(self, _: &Hooked<M>) -> Result<Tensor> {
         Ok(self.shallow_clone())

@@ -94,6 +94,7 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         let g = Group(self.invokes.len());
         match input.into_invoke(self.model) {
             Ok(inv) => self.invokes.push(inv),
+            Err(Error::Input(msg)) => self.fail(Error::Input(format!("invoke {}: {msg}", g.0))),
             Err(e) => self.fail(e),
         }
         g

@@ -338,6 +338,14 @@ impl TextModel for Bert {
     fn max_positions(&self) -> Option<i64> {
         Some(self.config.max_position_embeddings)
     }
+
+    fn input_vocab_size(&self) -> Option<i64> {
+        Some(self.config.vocab_size)
+    }
+
+    fn type_vocab_size(&self) -> Option<i64> {
+        Some(self.config.type_vocab_size)
+    }
 }
 
 /// The additive attention mask transformers builds from a padding mask:

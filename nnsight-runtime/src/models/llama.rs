@@ -123,6 +123,9 @@ impl TextModel for Llama {
     fn max_positions(&self) -> Option<i64> {
         Some(self.config.max_position_embeddings)
     }
+    fn input_vocab_size(&self) -> Option<i64> {
+        Some(self.config.vocab_size)
+    }
     /// The config's `pad_token_id`, else its first `eos_token_id`.
     fn fallback_pad_token_id(&self) -> Option<u32> {
         let id = self.config.pad_token_id.or_else(|| self.eos_token_ids().first().copied())?;
