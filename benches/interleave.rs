@@ -11,6 +11,11 @@
 //!   so that load which comes and goes (other builds on a shared 2-core machine) hits both sides
 //!   of a ratio alike; per-round times go to `target/interleave-paired/<group>.json` and ratios
 //!   are medians over rounds of per-round ratios. `PAIRED_ROUNDS=N` overrides the rounds.
+//!   A process's memory layout shifts its MiniLM times by a few hundredths of a millisecond
+//!   (more than the rounds' spread), so the time above the plain forward is best taken over
+//!   several processes: `PAIRED_TAG=run2 cargo bench --bench interleave -- minilm_b2_t1/paired`
+//!   runs only that group's paired rounds (the filter matches no criterion case) into
+//!   `<group>.run2.json`; `report.py` takes the median over all runs of a group.
 //!
 //! Groups (criterion ids `group/case`; every time is per iteration):
 //! - `minilm_b2_t1`, `minilm_b2_tall`: MiniLM on the two reference sentences (batch 2, 14
@@ -21,6 +26,9 @@
 //!   - `plain_call_pretokenized`: the root `Hooked::call` on an input tokenized once, under
 //!     `no_grad` — no tokenization (the apples-to-apples baseline of the Python library's
 //!     "plain forward", whose input is tokenized beforehand);
+//!   - `plain_keep_all_by_hand`, `plain_swap_all_by_hand`: the forward written out in plain tch
+//!     on the pre-tokenized input, keeping every layer's output / multiplying it by 1.0 — the
+//!     tensor work of saving / swapping every layer without any trace;
 //!   - `tokenize`: `model.tokenize(&texts)` alone;
 //!   - `trace_empty`: `trace!` with an empty block (no node at all);
 //!   - `trace_read_unsaved`: one node that reads `encoder.layer[5].output` and is never saved;
@@ -289,13 +297,48 @@ fn paired(group: &str, cases: &[Case<'_>], rounds: usize) {
     }
     json.push_str("}\n");
     let dir = paired_dir();
-    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(dir.join(format!("{group}.json")), json)) {
+    // `PAIRED_TAG=run2` writes `<group>.run2.json` beside the main file: further processes of
+    // the same group, which `benches/report.py` combines (see the module docs).
+    let file = match std::env::var("PAIRED_TAG") {
+        Ok(tag) if !tag.is_empty() => format!("{group}.{tag}.json"),
+        _ => format!("{group}.json"),
+    };
+    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(dir.join(file), json)) {
         eprintln!("cannot write the paired results to {}: {e}", dir.display());
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // MiniLM
+
+/// What the plain-tch-by-hand cases do at each encoder layer.
+#[derive(Clone, Copy, PartialEq)]
+enum Layers {
+    /// Keep every layer's output (the work of saving them, without a trace).
+    Keep,
+    /// Replace every layer's output with itself times 1.0 (the work of the swaps).
+    TimesOne,
+}
+
+/// MiniLM's forward written out in plain tch under `no_grad` (embeddings, mask, the layers in
+/// turn; no trace), doing `what` at every layer: the baseline that does the same tensor work
+/// as a trace saving or swapping every layer. Returns the kept outputs, then the last hidden state.
+fn by_hand(model: &LanguageModel<Bert>, input: &(Tensor, Tensor, Tensor), what: Layers) -> Vec<Tensor> {
+    tch::no_grad(|| {
+        let mut h = model.embeddings.call((input.0.shallow_clone(), input.2.shallow_clone()));
+        let mask = nnsight::models::bert::extended_attention_mask(&input.1, h.kind());
+        let mut kept = Vec::new();
+        for layer in &model.encoder.layer {
+            h = layer.call((h, mask.shallow_clone()));
+            match what {
+                Layers::Keep => kept.push(h.shallow_clone()),
+                Layers::TimesOne => h = &h * 1.0,
+            }
+        }
+        kept.push(h);
+        kept
+    })
+}
 
 /// A trace saving the 6 layer outputs of MiniLM.
 fn save_every_layer(model: &LanguageModel<Bert>, input: impl IntoInvoke<LanguageModel<Bert>>) -> Vec<Tensor> {
@@ -339,8 +382,12 @@ fn minilm_group(c: &mut Criterion, model: &LanguageModel<Bert>, name: &str, text
     assert!(swap_all().equal(&reference), "x * 1.0 swaps leave the output unchanged");
     assert!(save_all_pre()[5].equal(&reference), "pre-tokenized: layer 5 output = last hidden state");
     assert!(swap_all_pre().equal(&reference), "pre-tokenized: x * 1.0 swaps leave the output unchanged");
+    assert!(by_hand(model, &input, Layers::Keep)[5].equal(&reference), "by hand: layer 5 output = last hidden state");
+    assert!(by_hand(model, &input, Layers::TimesOne)[0].equal(&reference), "by hand: x * 1.0 leaves the output unchanged");
     let cases = [
         case("plain_forward", || model.forward(black_box(texts)).unwrap()),
+        case("plain_keep_all_by_hand", || by_hand(model, &input, Layers::Keep)),
+        case("plain_swap_all_by_hand", || by_hand(model, &input, Layers::TimesOne)),
         case("plain_call_pretokenized", || {
             let x = (input.0.shallow_clone(), input.1.shallow_clone(), input.2.shallow_clone());
             tch::no_grad(|| model.root().call(black_box(x)))

@@ -224,7 +224,8 @@ fn owned_ids(field: Field, t: &Tensor, device: Device) -> Result<Tensor> {
 /// the embedding lookup would fail inside the model with no hint of where.
 fn in_vocabulary(name: &str, t: &Tensor, size: Option<i64>, key: &str) -> Result<()> {
     let Some(size) = size else { return Ok(()) };
-    let (lo, hi) = (t.min().int64_value(&[]), t.max().int64_value(&[]));
+    let (lo, hi) = t.aminmax(None, false);
+    let (lo, hi) = (lo.int64_value(&[]), hi.int64_value(&[]));
     if lo >= 0 && hi < size {
         return Ok(());
     }
