@@ -410,7 +410,7 @@ fn minilm_group(c: &mut Criterion, model: &LanguageModel<Bert>, name: &str, text
     ];
     let big = texts.len() > 2;
     // Batch 2: 300 rounds, so that the median time above the plain forward (tens of µs on a
-    // 9 ms forward) is known to about ±0.01 ms.
+    // 9 ms forward) is known to a few hundredths of a ms within this process.
     run_group(c, name, &cases, big, if big { 10 } else { 300 });
 }
 

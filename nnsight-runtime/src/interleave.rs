@@ -310,7 +310,7 @@ impl<'env> Interleaver<'env> {
         // No backward hook may outlive the run (they point at `il`).
         let removed = il.state.borrow_mut().grad_hooks.remove_all();
         let mut state = il.state.into_inner();
-        let graph = il.graph.into_inner();
+        let mut graph = il.graph.into_inner();
         removed?;
         if let Some(e) = state.error.take() {
             return Err(e);
@@ -350,7 +350,6 @@ impl<'env> Interleaver<'env> {
             }
         }
         // Labels are only needed for errors about saved values.
-        let mut graph = graph;
         let labels = graph.nodes.iter_mut().map(|n| n.saved.then(|| (std::mem::take(&mut n.label), n.location))).collect();
         drop(graph); // intervention closures and their borrows end here
         Ok(Outcome { slots: state.slots, labels, stopped_at, trace: 0 })

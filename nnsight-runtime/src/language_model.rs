@@ -203,8 +203,8 @@ impl<M: TextModel> LanguageModel<M> {
                 .map_err(|e| Error::Tokenizer(e.to_string()))?;
             if let Some(p) = self.tokenizer.get_padding() {
                 let longest = encodings.iter().map(|e| e.len()).max().unwrap_or(0);
-                let target = match (p.strategy.clone(), p.pad_to_multiple_of) {
-                    (PaddingStrategy::Fixed(n), _) => n,
+                let target = match (&p.strategy, p.pad_to_multiple_of) {
+                    (PaddingStrategy::Fixed(n), _) => *n,
                     (PaddingStrategy::BatchLongest, Some(m)) if m > 0 => longest.div_ceil(m) * m,
                     (PaddingStrategy::BatchLongest, _) => longest,
                 };

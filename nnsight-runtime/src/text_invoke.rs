@@ -130,40 +130,16 @@ impl<M: TextModel> LanguageModel<M> {
         })
     }
 
-    /// A tokenized batch checked for an invoke: the three tensors `[rows, seq]` with `rows,
-    /// seq >= 1` and an integer dtype (a bool mask too), ids within the model's vocabularies
-    /// ([`TextModel::input_vocab_size`], [`TextModel::type_vocab_size`]), `seq` within
-    /// [`TextModel::max_positions`]. The result is the invoke's own i64 copy on the model's
-    /// device, so an in-place edit during the trace never writes into the caller's tensors;
-    /// the token strings are not carried into the forward pass (its `tokens` is empty).
-    fn checked_tokens(&self, input_ids: &Tensor, attention_mask: &Tensor, token_type_ids: &Tensor) -> Result<TextBatch> {
+    /// A tokenized batch as an invoke: the three tensors converted by [`owned_ids`] (the
+    /// invoke's own i64 copies on the model's device, so an in-place edit during the trace never
+    /// writes into the caller's tensors; a bool mask is fine), then [`Self::checked_tokens`].
+    fn batch_invoke(&self, input_ids: &Tensor, attention_mask: &Tensor, token_type_ids: &Tensor) -> Result<TextInvoke> {
         let device = self.device();
-        let ids = owned_ids(Field::InputIds, input_ids, device)?;
-        let (rows, seq) = (ids.size()[0], ids.size()[1]);
-        let same_shape = |field: Field, t: &Tensor| -> Result<Tensor> {
-            let t = owned_ids(field, t, device)?;
-            if t.size() != ids.size() {
-                return Err(Error::Input(format!(
-                    "`{}` must have the shape of `input_ids` [{rows}, {seq}], got {}",
-                    field.name(),
-                    t.describe()
-                )));
-            }
-            Ok(t)
-        };
-        let attention_mask = same_shape(Field::AttentionMask, attention_mask)?;
-        let token_type_ids = same_shape(Field::TokenTypeIds, token_type_ids)?;
-        if let Some(max) = self.root().max_positions() {
-            if seq > max {
-                return Err(Error::Input(format!(
-                    "the tokenized input has {seq} positions; the model accepts at most {max} (max_position_embeddings)"
-                )));
-            }
-        }
-        let root: &M = self.root();
-        in_vocabulary("input_ids", &ids, root.input_vocab_size(), "vocab_size")?;
-        in_vocabulary("token_type_ids", &token_type_ids, root.type_vocab_size(), "type_vocab_size")?;
-        Ok(TextBatch { input_ids: ids, attention_mask, token_type_ids, tokens: Vec::new() })
+        self.checked_tokens(
+            owned_ids(Field::InputIds, input_ids, device)?,
+            owned_ids(Field::AttentionMask, attention_mask, device)?,
+            owned_ids(Field::TokenTypeIds, token_type_ids, device)?,
+        )
     }
 
     /// Token ids `[rows, seq]` (or `[seq]`, one row) as an invoke: every position attended to,
@@ -174,7 +150,36 @@ impl<M: TextModel> LanguageModel<M> {
         }
         let ids = if ids.defined() && ids.dim() == 1 { ids.unsqueeze(0) } else { ids.shallow_clone() };
         let ids = owned_ids(Field::InputIds, &ids, self.device())?;
-        self.checked_tokens(&ids, &ids.ones_like(), &ids.zeros_like()).map(TextInvoke::Tokens)
+        let (mask, types) = (ids.ones_like(), ids.zeros_like());
+        self.checked_tokens(ids, mask, types)
+    }
+
+    /// Checks converted invoke tensors (`[rows, seq]` i64, see [`owned_ids`]): mask and segment
+    /// ids of the ids' shape, `seq` within [`TextModel::max_positions`], ids within the model's
+    /// vocabularies ([`TextModel::input_vocab_size`], [`TextModel::type_vocab_size`]). The token
+    /// strings are not carried into the forward pass (the invoke's `tokens` is empty).
+    fn checked_tokens(&self, ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> Result<TextInvoke> {
+        let (rows, seq) = (ids.size()[0], ids.size()[1]);
+        for (field, t) in [(Field::AttentionMask, &attention_mask), (Field::TokenTypeIds, &token_type_ids)] {
+            if t.size() != ids.size() {
+                return Err(Error::Input(format!(
+                    "`{}` must have the shape of `input_ids` [{rows}, {seq}], got {}",
+                    field.name(),
+                    t.describe()
+                )));
+            }
+        }
+        let root: &M = self.root();
+        if let Some(max) = root.max_positions() {
+            if seq > max {
+                return Err(Error::Input(format!(
+                    "the tokenized input has {seq} positions; the model accepts at most {max} (max_position_embeddings)"
+                )));
+            }
+        }
+        in_vocabulary("input_ids", &ids, root.input_vocab_size(), "vocab_size")?;
+        in_vocabulary("token_type_ids", &token_type_ids, root.type_vocab_size(), "type_vocab_size")?;
+        Ok(TextInvoke::Tokens(TextBatch { input_ids: ids, attention_mask, token_type_ids, tokens: Vec::new() }))
     }
 }
 
@@ -282,9 +287,9 @@ text_invokes! {
     /// A batch tokenized beforehand (e.g. by [`LanguageModel::tokenize`]): its rows. Errors:
     /// [`Error::Input`] naming the field for tensors that are not `[batch, seq]` token ids of
     /// one shape, or more positions than the model accepts. Its `tokens` strings are ignored.
-    [] TextBatch => |b, m| m.checked_tokens(&b.input_ids, &b.attention_mask, &b.token_type_ids).map(TextInvoke::Tokens);
+    [] TextBatch => |b, m| m.batch_invoke(&b.input_ids, &b.attention_mask, &b.token_type_ids);
     /// A batch tokenized beforehand, borrowed (the tensors are shared, not copied).
-    ['a] &'a TextBatch => |b, m| m.checked_tokens(&b.input_ids, &b.attention_mask, &b.token_type_ids).map(TextInvoke::Tokens);
+    ['a] &'a TextBatch => |b, m| m.batch_invoke(&b.input_ids, &b.attention_mask, &b.token_type_ids);
     /// Token ids `[batch, seq]` (or `[seq]` for one row) of an integer dtype, every position
     /// attended to (no padding), segment 0 — Python nnsight's `input_ids`.
     [] Tensor => |t, m| m.ids_invoke(&t);
