@@ -26,6 +26,9 @@
 //!   - `plain_call_pretokenized`: the root `Hooked::call` on an input tokenized once, under
 //!     `no_grad` — no tokenization (the apples-to-apples baseline of the Python library's
 //!     "plain forward", whose input is tokenized beforehand);
+//!   - `plain_call_pretokenized_libtorch_linear`: the same with
+//!     `set_linear_kernel(LinearKernel::Libtorch)`: every linear layer through libtorch's
+//!     `linear` (MKL, as PyTorch's `nn.Linear`) instead of oneDNN (`nnsight::models::linear`);
 //!   - `plain_keep_all_by_hand`, `plain_swap_all_by_hand`: the forward written out in plain tch
 //!     on the pre-tokenized input, keeping every layer's output / multiplying it by 1.0 — the
 //!     tensor work of saving / swapping every layer without any trace;
@@ -71,6 +74,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, SamplingMode};
 use nnsight::models::causal::{CausalLm, LoadOptions};
 use nnsight::models::gpt2::Gpt2;
+use nnsight::models::linear::{set_linear_kernel, LinearKernel};
 use nnsight::prelude::*;
 use nnsight::tch::nn;
 use nnsight::tokenizers::models::wordlevel::WordLevel;
@@ -391,6 +395,13 @@ fn minilm_group(c: &mut Criterion, model: &LanguageModel<Bert>, name: &str, text
         case("plain_call_pretokenized", || {
             let x = (input.0.shallow_clone(), input.1.shallow_clone(), input.2.shallow_clone());
             tch::no_grad(|| model.root().call(black_box(x)))
+        }),
+        case("plain_call_pretokenized_libtorch_linear", || {
+            let x = (input.0.shallow_clone(), input.1.shallow_clone(), input.2.shallow_clone());
+            let before = set_linear_kernel(LinearKernel::Libtorch);
+            let out = tch::no_grad(|| model.root().call(black_box(x)));
+            set_linear_kernel(before);
+            out
         }),
         case("tokenize", || model.tokenize(black_box(texts)).unwrap()),
         case("trace_empty", || trace!(model, black_box(texts), {}).unwrap()),

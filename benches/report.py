@@ -21,6 +21,7 @@ PY_LABEL = "Python nnsight 0.8.1, measured on the same kind of machine (2-core C
 MINILM_CASES = [
     ("plain_forward", "plain forward `model.forward(&texts)` (no_grad)", True, None),
     ("plain_call_pretokenized", "plain forward, pre-tokenized: root `Hooked::call` (no_grad)", False, "i"),
+    ("plain_call_pretokenized_libtorch_linear", "the same with libtorch's `linear` (MKL, as PyTorch) instead of oneDNN", False, None),
     ("plain_keep_all_by_hand", "plain tch by hand, pre-tokenized, keeping the 6 layer outputs (no trace)", False, None),
     ("plain_swap_all_by_hand", "plain tch by hand, pre-tokenized, 6 layer outputs * 1.0 (no trace)", False, None),
     ("tokenize", "tokenization alone", True, None),

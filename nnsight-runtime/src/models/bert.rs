@@ -16,7 +16,7 @@
 //! └── encoder                            BertEncoder
 //!     └── layer[i]                       BertLayer      (encoder.layer.0 .. encoder.layer.N-1)
 //!         ├── attention                  BertAttention
-//!         │   ├── self_    "self"        BertSelfAttention: query, key, value (nn::Linear)
+//!         │   ├── self_    "self"        BertSelfAttention: query, key, value (Linear)
 //!         │   └── output_  "output"      BertSelfOutput:    dense, LayerNorm
 //!         ├── intermediate               BertIntermediate:  dense, intermediate_act_fn
 //!         └── output_      "output"      BertOutput:        dense, LayerNorm
@@ -41,6 +41,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::hook::{HookModule, Hooked};
+use crate::models::linear::Linear;
 use crate::tree::ModuleTree;
 use nnsight_macros::ModuleTree;
 use crate::language_model::{TextBatch, TextModel};
@@ -403,11 +404,13 @@ pub struct BertEmbeddings {
 }
 
 impl BertEmbeddings {
-    /// Fresh embeddings under `p` (`embeddings`).
+    /// Zero embeddings under `p` (`embeddings`), to be filled from a checkpoint.
     pub fn new(p: &nn::Path, c: &BertConfig) -> Self {
         let emb = |name: &str, rows: i64, padding_idx: i64| {
             let q = p / name;
-            let cfg = nn::EmbeddingConfig { padding_idx, ..Default::default() };
+            // Zeros, not tch's default N(0, 1): the checkpoint overwrites every value, and
+            // drawing ~12M random numbers made loading MiniLM noticeably slower.
+            let cfg = nn::EmbeddingConfig { padding_idx, ws_init: nn::Init::Const(0.0), ..Default::default() };
             Hooked::new(&q, nn::embedding(&q, rows, c.hidden_size, cfg))
         };
         BertEmbeddings {
@@ -565,11 +568,11 @@ impl HookModule for BertAttention {
 #[module(crate = "crate")]
 pub struct BertSelfAttention {
     /// `query`: `[batch, seq, hidden]` → `[batch, seq, hidden]`.
-    pub query: Hooked<nn::Linear>,
+    pub query: Hooked<Linear>,
     /// `key`: `[batch, seq, hidden]` → `[batch, seq, hidden]`.
-    pub key: Hooked<nn::Linear>,
+    pub key: Hooked<Linear>,
     /// `value`: `[batch, seq, hidden]` → `[batch, seq, hidden]`.
-    pub value: Hooked<nn::Linear>,
+    pub value: Hooked<Linear>,
     /// Number of heads.
     pub num_attention_heads: i64,
     /// Width of one head (`hidden / heads`).
@@ -619,7 +622,7 @@ impl HookModule for BertSelfAttention {
 #[module(crate = "crate")]
 pub struct BertSelfOutput {
     /// `dense`: `[batch, seq, hidden]` → `[batch, seq, hidden]`.
-    pub dense: Hooked<nn::Linear>,
+    pub dense: Hooked<Linear>,
     /// `LayerNorm` over `hidden`.
     pub LayerNorm: Hooked<nn::LayerNorm>,
 }
@@ -655,7 +658,7 @@ impl HookModule for BertSelfOutput {
 #[module(crate = "crate")]
 pub struct BertIntermediate {
     /// `dense`: `[batch, seq, hidden]` → `[batch, seq, intermediate_size]`.
-    pub dense: Hooked<nn::Linear>,
+    pub dense: Hooked<Linear>,
     /// `intermediate_act_fn`: the config's `hidden_act` (exact GELU for MiniLM/BERT), no weights.
     pub intermediate_act_fn: Hooked<HiddenAct>,
 }
@@ -694,7 +697,7 @@ impl HookModule for BertIntermediate {
 #[module(crate = "crate")]
 pub struct BertOutput {
     /// `dense`: `[batch, seq, intermediate_size]` → `[batch, seq, hidden]`.
-    pub dense: Hooked<nn::Linear>,
+    pub dense: Hooked<Linear>,
     /// `LayerNorm` over `hidden`.
     pub LayerNorm: Hooked<nn::LayerNorm>,
 }
@@ -720,10 +723,9 @@ impl HookModule for BertOutput {
     }
 }
 
-/// `nn::Linear` named `name` under `p` (variables `weight [out, in]`, `bias [out]`).
-fn linear(p: &nn::Path, name: &str, in_dim: i64, out_dim: i64) -> Hooked<nn::Linear> {
-    let q = p / name;
-    Hooked::new(&q, nn::linear(&q, in_dim, out_dim, Default::default()))
+/// [`Linear`] named `name` under `p` (zero variables `weight [out, in]`, `bias [out]`).
+fn linear(p: &nn::Path, name: &str, in_dim: i64, out_dim: i64) -> Hooked<Linear> {
+    Linear::new(&(p / name), in_dim, out_dim, true)
 }
 
 /// `nn::LayerNorm` over `hidden_size` at `p` (variables `weight`, `bias`, as in the checkpoint).

@@ -109,7 +109,7 @@ pub fn text_input(batch: &TextBatch) -> CausalInput {
     (batch.input_ids.shallow_clone(), batch.attention_mask.shallow_clone(), pos, KvCacheHandle::disabled())
 }
 
-/// `lm_head`: hidden states to vocabulary logits, `x Wᵀ (+ b)`.
+/// `lm_head`: hidden states to vocabulary logits, `x Wᵀ (+ b)` (by [`super::linear::linear`]).
 ///
 /// Input `[batch, seq, hidden]`, output `[batch, seq, vocab]`. With tied embeddings `weight`
 /// is the token embedding matrix itself (shared storage).
@@ -144,7 +144,7 @@ impl HookModule for LmHead {
     /// `[batch, seq, vocab]`.
     type Output = Tensor;
     fn forward(&self, x: Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        super::linear::linear(&x, &self.weight, self.bias.as_ref())
     }
 }
 

@@ -14,7 +14,7 @@
 //! │   ├── rotary_emb                  RotaryEmbedding   (no weights) position ids → (cos, sin)
 //! │   ├── layers[i]                   LlamaDecoderLayer (model.layers.0 ..), Output [batch, seq, hidden]
 //! │   │   ├── input_layernorm         RmsNorm
-//! │   │   ├── self_attn               LlamaAttention: q_proj, k_proj, v_proj, o_proj (nn::Linear)
+//! │   │   ├── self_attn               LlamaAttention: q_proj, k_proj, v_proj, o_proj (Linear)
 //! │   │   ├── post_attention_layernorm RmsNorm
 //! │   │   └── mlp                     LlamaMlp: gate_proj, up_proj, down_proj, act_fn
 //! │   └── norm                        RmsNorm
@@ -35,6 +35,7 @@ use super::causal::{self, CausalInput, CausalLm, KvCacheHandle, LmHead, LoadOpti
 
 use crate::error::Result;
 use crate::hook::{HookModule, Hooked};
+use crate::models::linear::Linear;
 use crate::language_model::{TextBatch, TextModel};
 use crate::tree::ModuleTree;
 use nnsight_macros::ModuleTree;
@@ -249,13 +250,13 @@ impl HookModule for LlamaDecoderLayer {
 #[module(crate = "crate")]
 pub struct LlamaAttention {
     /// `q_proj`: `[batch, seq, hidden]` → `[batch, seq, heads * head_dim]`.
-    pub q_proj: Hooked<nn::Linear>,
+    pub q_proj: Hooked<Linear>,
     /// `k_proj`: `[batch, seq, hidden]` → `[batch, seq, kv_heads * head_dim]`.
-    pub k_proj: Hooked<nn::Linear>,
+    pub k_proj: Hooked<Linear>,
     /// `v_proj`: `[batch, seq, hidden]` → `[batch, seq, kv_heads * head_dim]`.
-    pub v_proj: Hooked<nn::Linear>,
+    pub v_proj: Hooked<Linear>,
     /// `o_proj`: `[batch, seq, heads * head_dim]` → `[batch, seq, hidden]`.
-    pub o_proj: Hooked<nn::Linear>,
+    pub o_proj: Hooked<Linear>,
     /// Index of the layer (the cache slot).
     pub layer_idx: usize,
     /// Query heads.
@@ -325,11 +326,11 @@ fn repeat_kv(x: &Tensor, groups: i64) -> Tensor {
 #[module(crate = "crate")]
 pub struct LlamaMlp {
     /// `gate_proj`: `[batch, seq, hidden]` → `[batch, seq, intermediate]`.
-    pub gate_proj: Hooked<nn::Linear>,
+    pub gate_proj: Hooked<Linear>,
     /// `up_proj`: `[batch, seq, hidden]` → `[batch, seq, intermediate]`.
-    pub up_proj: Hooked<nn::Linear>,
+    pub up_proj: Hooked<Linear>,
     /// `down_proj`: `[batch, seq, intermediate]` → `[batch, seq, hidden]`.
-    pub down_proj: Hooked<nn::Linear>,
+    pub down_proj: Hooked<Linear>,
     /// `act_fn`: the config's `hidden_act` (SiLU), no weights; `[batch, seq, intermediate]`.
     pub act_fn: Hooked<HiddenAct>,
 }
@@ -397,9 +398,7 @@ impl HookModule for RmsNorm {
     }
 }
 
-/// `nn::Linear` named `name` under `p` with zero weights (`weight [out, in]`, `bias [out]` if `bias`).
-fn linear(p: &nn::Path, name: &str, in_dim: i64, out_dim: i64, bias: bool) -> Hooked<nn::Linear> {
-    let q = p / name;
-    let cfg = nn::LinearConfig { ws_init: nn::Init::Const(0.0), bs_init: Some(nn::Init::Const(0.0)), bias };
-    Hooked::new(&q, nn::linear(&q, in_dim, out_dim, cfg))
+/// [`Linear`] named `name` under `p` with zero weights (`weight [out, in]`, `bias [out]` if `bias`).
+fn linear(p: &nn::Path, name: &str, in_dim: i64, out_dim: i64, bias: bool) -> Hooked<Linear> {
+    Linear::new(&(p / name), in_dim, out_dim, bias)
 }

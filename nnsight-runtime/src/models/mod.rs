@@ -11,6 +11,7 @@
 pub mod bert;
 pub mod causal;
 pub mod gpt2;
+pub mod linear;
 pub mod llama;
 
 use std::collections::HashMap;
