@@ -26,9 +26,6 @@
 //!   - `plain_call_pretokenized`: the root `Hooked::call` on an input tokenized once, under
 //!     `no_grad` — no tokenization (the apples-to-apples baseline of the Python library's
 //!     "plain forward", whose input is tokenized beforehand);
-//!   - `plain_call_pretokenized_libtorch_linear`: the same with
-//!     `set_linear_kernel(LinearKernel::Libtorch)`: every linear layer through libtorch's
-//!     `linear` (MKL, as PyTorch's `nn.Linear`) instead of oneDNN (`nnsight::models::linear`);
 //!   - `plain_keep_all_by_hand`, `plain_swap_all_by_hand`: the forward written out in plain tch
 //!     on the pre-tokenized input, keeping every layer's output / multiplying it by 1.0 — the
 //!     tensor work of saving / swapping every layer without any trace;
@@ -43,6 +40,11 @@
 //!     `trace_swap_all_pretokenized`: the same traces on the batch tokenized once
 //!     (`trace!(model, &batch, ..)`), like the Python library's traces of the wrapped
 //!     `BertModel`, whose input is tensors tokenized beforehand.
+//! - `minilm_b2_t1_kernel`, `minilm_b32_t1_kernel`: the linear layers' kernel. Cases
+//!   `plain_call_pretokenized` (oneDNN, the default) and `plain_call_pretokenized_libtorch_linear`
+//!   (the same call with `set_linear_kernel(LinearKernel::Libtorch)`: libtorch's `linear`, MKL,
+//!   as PyTorch's `nn.Linear`). A group of their own: the first oneDNN forward after an MKL one
+//!   runs a few percent slower (caches), which would tax whichever case came next in a round.
 //! - `minilm_invokes_t1`: 10 sentences: `plain_forward`, `one_invoke_10_sentences`,
 //!   `ten_invokes_1_sentence` (each saves `encoder.layer[5].output` of its rows).
 //! - `gpt2_t1`: the tiny GPT-2 fixture (2 layers, 64 wide, 7-token prompt, word-level tokenizer):
@@ -344,6 +346,31 @@ fn by_hand(model: &LanguageModel<Bert>, input: &(Tensor, Tensor, Tensor), what: 
     })
 }
 
+/// The root call on the tokenized `texts` with the default linear kernel (oneDNN) and with
+/// libtorch's (MKL).
+fn minilm_kernels(c: &mut Criterion, model: &LanguageModel<Bert>, name: &str, texts: &[&str]) {
+    if !selected(name) {
+        return;
+    }
+    tch::set_num_threads(1);
+    let input = model.root().text_input(&model.tokenize(texts).unwrap());
+    let call = || {
+        let x = (input.0.shallow_clone(), input.1.shallow_clone(), input.2.shallow_clone());
+        tch::no_grad(|| model.root().call(black_box(x)))
+    };
+    let with_libtorch = || {
+        let before = set_linear_kernel(LinearKernel::Libtorch);
+        let out = call();
+        set_linear_kernel(before);
+        out
+    };
+    let diff = f64::try_from((call() - with_libtorch()).abs().max()).unwrap();
+    assert!(diff < 1e-4, "the kernels agree to rounding: max diff {diff}");
+    let cases = [case("plain_call_pretokenized", call), case("plain_call_pretokenized_libtorch_linear", with_libtorch)];
+    let big = texts.len() > 2;
+    run_group(c, name, &cases, big, if big { 10 } else { 300 });
+}
+
 /// A trace saving the 6 layer outputs of MiniLM.
 fn save_every_layer(model: &LanguageModel<Bert>, input: impl IntoInvoke<LanguageModel<Bert>>) -> Vec<Tensor> {
     trace!(model, input, {
@@ -395,13 +422,6 @@ fn minilm_group(c: &mut Criterion, model: &LanguageModel<Bert>, name: &str, text
         case("plain_call_pretokenized", || {
             let x = (input.0.shallow_clone(), input.1.shallow_clone(), input.2.shallow_clone());
             tch::no_grad(|| model.root().call(black_box(x)))
-        }),
-        case("plain_call_pretokenized_libtorch_linear", || {
-            let x = (input.0.shallow_clone(), input.1.shallow_clone(), input.2.shallow_clone());
-            let before = set_linear_kernel(LinearKernel::Libtorch);
-            let out = tch::no_grad(|| model.root().call(black_box(x)));
-            set_linear_kernel(before);
-            out
         }),
         case("tokenize", || model.tokenize(black_box(texts)).unwrap()),
         case("trace_empty", || trace!(model, black_box(texts), {}).unwrap()),
@@ -735,6 +755,8 @@ fn main() {
     micro(&mut c);
     gpt2(&mut c);
     minilm_group(&mut c, &model, "minilm_b2_t1", &[PARIS, ROME], 1);
+    minilm_kernels(&mut c, &model, "minilm_b2_t1_kernel", &[PARIS, ROME]);
+    minilm_kernels(&mut c, &model, "minilm_b32_t1_kernel", &s32);
     minilm_group(&mut c, &model, "minilm_b2_tall", &[PARIS, ROME], all_threads);
     minilm_invokes(&mut c, &model, &s32);
     minilm_group(&mut c, &model, "minilm_b32_t1", &s32, 1);

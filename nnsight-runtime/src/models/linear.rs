@@ -2,16 +2,19 @@
 //!
 //! libtorch's `linear` on CPU f32 tensors calls MKL's `sgemm`, and MKL picks its AVX2 kernel on
 //! AMD CPUs even where AVX-512 is there. libtorch's oneDNN (`mkldnn_linear`) picks the widest
-//! kernel the CPU has; on the 2-core AMD EPYC (AVX-512) these benchmarks run on, MiniLM's
-//! feed-forward projection `[28, 384] x [384, 1536]` takes ~0.2 ms with it against ~0.37 ms with
-//! MKL. [`linear`] takes the oneDNN path when it is safe and otherwise calls `Tensor::linear`:
+//! kernel the CPU has. On the 2-core AMD EPYC (AVX-512) the benchmarks run on, MiniLM's
+//! feed-forward projection `[28, 384] x [384, 1536]` took ~0.28 ms with oneDNN against ~0.41 ms
+//! with MKL, and the whole forward pass is ~1.35x faster (`benches/interleave.rs`, group
+//! `minilm_b2_t1_kernel`). [`linear`] takes the oneDNN path when it is safe and otherwise calls
+//! `Tensor::linear`:
 //!
-//! - CPU, f32 input and weight (oneDNN's other dtypes are not faster here), input `[.., in]`
-//!   with at least 2 dims and at least one element, `weight [out, in]` (anything else goes to
-//!   `Tensor::linear`, whose error messages name the mismatched sizes);
+//! - CPU, f32 input and weight (other dtypes keep libtorch's own kernels), input `[.., in]`
+//!   with at least 2 dims and at least one element, a contiguous `weight [out, in]`, a bias of
+//!   `[out]` or none (anything else goes to `Tensor::linear`, whose error messages name the
+//!   mismatched sizes);
 //! - no autograd: grad mode off (`tch::no_grad`), or neither the input nor the weight nor the
-//!   bias requires grad (`mkldnn_linear` has no backward for dense tensors), so a trace that
-//!   takes `.grad` runs the MKL path;
+//!   bias requires grad, so a trace that takes `.grad` (or trains) runs libtorch's `linear` and
+//!   its usual backward;
 //! - the kernel is [`LinearKernel::Auto`] (the default; see [`set_linear_kernel`]).
 //!
 //! Both kernels compute in f32 with f32 accumulation; they round differently (sums in another

@@ -5,6 +5,9 @@
 //! whose dotted names are the Hugging Face safetensors keys, so the module path a user writes
 //! in `trace!` (`encoder.layer.0.attention.self.query`) is the checkpoint key prefix.
 //!
+//! [`linear`] is the linear layer they share (oneDNN for CPU f32 inference, libtorch's `linear`
+//! otherwise).
+//!
 //! [`load_safetensors`] fills a `VarStore` from a safetensors checkpoint, checking every name
 //! and shape first (tch's own `VarStore::load` would silently broadcast a wrongly shaped tensor).
 
