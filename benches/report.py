@@ -114,42 +114,36 @@ def load_paired(group):
         return {}
 
 
-def load_paired_runs(group):
-    """Per-round times of every process that ran a group's paired rounds: the main file and
-    any `<group>.<tag>.json` written with PAIRED_TAG. A list of {case: [t_round0, ...]}."""
+def load_json_runs(matches, times):
+    """`times(parsed_json)` of every file in the paired folder whose name `matches`, in name order."""
     folder = paired_folder()
-    runs = []
     try:
         names = sorted(os.listdir(folder))
     except OSError:
-        return runs
-    for name in names:
-        if name == f"{group}.json" or (name.startswith(f"{group}.") and name.endswith(".json")):
-            try:
-                with open(os.path.join(folder, name)) as f:
-                    runs.append({k: v["times_ns"] for k, v in json.load(f).items()})
-            except (OSError, KeyError, ValueError):
-                pass
+        return []
+    runs = []
+    for name in filter(matches, names):
+        try:
+            with open(os.path.join(folder, name)) as f:
+                runs.append(times(json.load(f)))
+        except (OSError, KeyError, ValueError):
+            pass
     return runs
+
+
+def load_paired_runs(group):
+    """Per-round times of every process that ran a group's paired rounds: the main file and
+    any `<group>.<tag>.json` written with PAIRED_TAG. A list of {case: [t_round0, ...]}."""
+    return load_json_runs(
+        lambda n: n == f"{group}.json" or (n.startswith(f"{group}.") and n.endswith(".json")),
+        lambda d: {k: v["times_ns"] for k, v in d.items()})
 
 
 def load_python_runs():
     """Per-round times (ns) of `benches/python_nnsight.py` runs on this machine
     (`python_minilm_b2_t1.<tag>.json`): a list of {case: [t_round0, ...]}."""
-    folder = paired_folder()
-    runs = []
-    try:
-        names = sorted(os.listdir(folder))
-    except OSError:
-        return runs
-    for name in names:
-        if name.startswith("python_minilm_b2_t1.") and name.endswith(".json"):
-            try:
-                with open(os.path.join(folder, name)) as f:
-                    runs.append(json.load(f)["times_ns"])
-            except (OSError, KeyError, ValueError):
-                pass
-    return runs
+    return load_json_runs(lambda n: n.startswith("python_minilm_b2_t1.") and n.endswith(".json"),
+                          lambda d: d["times_ns"])
 
 
 def median(v):
