@@ -68,10 +68,19 @@ fn libtorch_kernel_is_bit_identical_to_tch_linear() {
 fn which_path_is_taken() {
     let _lock = KERNEL_LOCK.lock().unwrap();
     let o = (Kind::Float, Device::Cpu);
-    let x = Tensor::randn([3, 4], o);
-    let w = Tensor::randn([5, 4], o);
-    let b = Tensor::randn([5], o);
+    // Big enough for oneDNN: 64 rows x 256 in x 256 out = 4.2M multiply-adds.
+    let x = Tensor::randn([64, 256], o);
+    let w = Tensor::randn([256, 256], o);
+    let b = Tensor::randn([256], o);
     tch::no_grad(|| {
+        assert!(!uses_one_dnn(&x.narrow(0, 0, 8), &w, Some(&b)), "too small a call goes to libtorch");
+        assert!(!uses_one_dnn(&Tensor::randn([3, 4], o), &Tensor::randn([5, 4], o), None), "a tiny layer goes to libtorch");
+        assert!(!uses_one_dnn(&x.view([2i64, 2, 2, 2, 2, 2, 256].as_slice()), &w, None), "more than 5 dims go to libtorch");
+        assert!(!uses_one_dnn(&x, &Tensor::randn([0, 256], o), None), "out = 0 goes to libtorch");
+        let strided = Tensor::randn([256, 2], o).select(1, 0);
+        assert!(!uses_one_dnn(&x, &w, Some(&strided)), "a non-contiguous bias goes to libtorch");
+        let y = linear(&x, &w, Some(&strided));
+        assert!(y.allclose(&x.linear(&w, Some(&strided)), 1e-5, 1e-4, false), "and is right");
         assert!(uses_one_dnn(&x, &w, Some(&b)));
         assert!(uses_one_dnn(&x, &w, None));
         assert!(!uses_one_dnn(&x.to_kind(Kind::Double), &w.to_kind(Kind::Double), None), "f64 goes to libtorch");
@@ -81,7 +90,7 @@ fn which_path_is_taken() {
         assert!(!uses_one_dnn(&x, &w, Some(&b.narrow(0, 0, 4))), "a bias of the wrong size goes to libtorch");
         assert!(with_kernel(LinearKernel::Libtorch, || !uses_one_dnn(&x, &w, Some(&b))));
         // A non-contiguous input is fine: oneDNN gets a contiguous copy.
-        let xt = Tensor::randn([4, 3], o).tr();
+        let xt = Tensor::randn([256, 64], o).tr();
         assert!(uses_one_dnn(&xt, &w, Some(&b)));
         let rel = max_abs(&(linear(&xt, &w, Some(&b)) - xt.linear(&w, Some(&b)))) / max_abs(&xt.linear(&w, Some(&b)));
         assert!(rel < 1e-6, "{rel:e}");

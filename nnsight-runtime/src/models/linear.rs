@@ -9,9 +9,11 @@
 //! `Tensor::linear`:
 //!
 //! - CPU, f32 input and weight (other dtypes keep libtorch's own kernels), input `[.., in]`
-//!   with at least 2 dims and at least one element, a contiguous `weight [out, in]`, a bias of
-//!   `[out]` or none (anything else goes to `Tensor::linear`, whose error messages name the
-//!   mismatched sizes);
+//!   with 2 to 5 dims, a contiguous `weight [out, in]`, a contiguous bias of `[out]` or none
+//!   (anything else goes to `Tensor::linear`, whose error messages name the mismatched sizes);
+//! - a layer call big enough to repay oneDNN's fixed ~40 µs: `rows * in * out` >= 4M
+//!   multiply-adds (MiniLM's projections on the 28-token reference batch qualify; one-token
+//!   decode steps of small models and batch-1 calls of 384-wide layers do not);
 //! - no autograd: grad mode off (`tch::no_grad`), or neither the input nor the weight nor the
 //!   bias requires grad, so a trace that takes `.grad` (or trains) runs libtorch's `linear` and
 //!   its usual backward;
@@ -73,6 +75,20 @@ fn grad_enabled() -> bool {
     }
 }
 
+/// oneDNN costs a fixed ~40 µs per call (conversions, primitive look-up); it wins from about
+/// 4M multiply-adds (`rows * in * out`) on the benchmark machine: 384x384 layers from ~24 rows,
+/// 384x1536 and 768x768 from ~6 rows, 2048x2048 at 1 row.
+const MIN_MULTIPLY_ADDS: i64 = 4_000_000;
+
+fn big_enough(x: &Tensor, weight: &Tensor) -> bool {
+    let (out, inf) = (weight.size()[0], weight.size()[1]);
+    if out == 0 || inf == 0 {
+        return false;
+    }
+    let rows = x.numel() as i64 / inf;
+    rows > 0 && rows.saturating_mul(inf).saturating_mul(out) >= MIN_MULTIPLY_ADDS
+}
+
 /// Whether [`linear`] takes the oneDNN path for these arguments, in the current grad mode and
 /// with the current [`linear_kernel`] (the conditions in the module docs).
 pub fn uses_one_dnn(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
@@ -81,12 +97,12 @@ pub fn uses_one_dnn(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool 
         && x.kind() == Kind::Float
         && weight.kind() == Kind::Float
         && weight.device() == Device::Cpu
-        && x.dim() >= 2
-        && x.numel() > 0
+        && (2..=5).contains(&x.dim())
         && weight.dim() == 2
         && weight.is_contiguous()
         && x.size().last() == weight.size().last()
-        && bias.is_none_or(|b| b.kind() == Kind::Float && b.size() == [weight.size()[0]])
+        && big_enough(x, weight)
+        && bias.is_none_or(|b| b.kind() == Kind::Float && b.is_contiguous() && b.size() == [weight.size()[0]])
         && (!grad_enabled()
             || !(x.requires_grad() || weight.requires_grad() || bias.is_some_and(|b| b.requires_grad())))
         && tch::utils::has_mkldnn()
