@@ -50,7 +50,11 @@ pub fn set_linear_kernel(kernel: LinearKernel) -> LinearKernel {
         LinearKernel::Auto => 0,
         LinearKernel::Libtorch => 1,
     };
-    match KERNEL.swap(code, Ordering::Relaxed) {
+    decode(KERNEL.swap(code, Ordering::Relaxed))
+}
+
+fn decode(code: u8) -> LinearKernel {
+    match code {
         0 => LinearKernel::Auto,
         _ => LinearKernel::Libtorch,
     }
@@ -58,10 +62,7 @@ pub fn set_linear_kernel(kernel: LinearKernel) -> LinearKernel {
 
 /// The kernel set by [`set_linear_kernel`] (default [`LinearKernel::Auto`]).
 pub fn linear_kernel() -> LinearKernel {
-    match KERNEL.load(Ordering::Relaxed) {
-        0 => LinearKernel::Auto,
-        _ => LinearKernel::Libtorch,
-    }
+    decode(KERNEL.load(Ordering::Relaxed))
 }
 
 /// Whether autograd records operations right now (`torch::autograd::GradMode::is_enabled`).
@@ -80,8 +81,8 @@ fn grad_enabled() -> bool {
 /// 384x1536 and 768x768 from ~6 rows, 2048x2048 at 1 row.
 const MIN_MULTIPLY_ADDS: i64 = 4_000_000;
 
-fn big_enough(x: &Tensor, weight: &Tensor) -> bool {
-    let (out, inf) = (weight.size()[0], weight.size()[1]);
+/// Whether `x [.., in]` times `weight [out, in]` (sizes as given) is worth oneDNN's fixed cost.
+fn big_enough(x: &Tensor, out: i64, inf: i64) -> bool {
     if out == 0 || inf == 0 {
         return false;
     }
@@ -92,17 +93,20 @@ fn big_enough(x: &Tensor, weight: &Tensor) -> bool {
 /// Whether [`linear`] takes the oneDNN path for these arguments, in the current grad mode and
 /// with the current [`linear_kernel`] (the conditions in the module docs).
 pub fn uses_one_dnn(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
-    linear_kernel() == LinearKernel::Auto
-        && x.device() == Device::Cpu
+    if linear_kernel() != LinearKernel::Auto || weight.dim() != 2 {
+        return false;
+    }
+    let w = weight.size();
+    let (out, inf) = (w[0], w[1]);
+    x.device() == Device::Cpu
         && x.kind() == Kind::Float
         && weight.kind() == Kind::Float
         && weight.device() == Device::Cpu
         && (2..=5).contains(&x.dim())
-        && weight.dim() == 2
         && weight.is_contiguous()
-        && x.size().last() == weight.size().last()
-        && big_enough(x, weight)
-        && bias.is_none_or(|b| b.kind() == Kind::Float && b.is_contiguous() && b.size() == [weight.size()[0]])
+        && x.size().last() == Some(&inf)
+        && big_enough(x, out, inf)
+        && bias.is_none_or(|b| b.kind() == Kind::Float && b.is_contiguous() && b.size() == [out])
         && (!grad_enabled()
             || !(x.requires_grad() || weight.requires_grad() || bias.is_some_and(|b| b.requires_grad())))
         && tch::utils::has_mkldnn()
