@@ -67,6 +67,11 @@ pub fn trace(input: TraceInput, mode: Mode) -> TokenStream {
     let mut value_span = proc_macro2::Span::call_site();
     let n = input.segments.len();
     let mut invokes = 0usize;
+    // Statements outside the invoke blocks address every row of the batch.
+    let all = format_ident!("__nn_all");
+    if input.segments.iter().any(|s| s.invoke.is_none()) {
+        body.extend(quote!(#[allow(unused_variables)] let #all = ::nnsight::Group::ALL;));
+    }
     for (i, seg) in input.segments.iter().enumerate() {
         match &seg.invoke {
             Some(inp) => {
@@ -75,7 +80,7 @@ pub fn trace(input: TraceInput, mode: Mode) -> TokenStream {
                 body.extend(quote!(let #g = #tr.invoke(#inp);));
                 ctx.group = Some(g);
             }
-            None => ctx.group = None,
+            None => ctx.group = Some(all.clone()),
         }
         let (stmts, tail) = ctx.stmts(&seg.stmts);
         body.extend(stmts);

@@ -28,7 +28,7 @@ pub(crate) const MAX_ARGS: usize = 8;
 pub struct Ctx {
     pub model: Ident,
     pub tr: Ident,
-    /// The current invoke's batch-group variable; `None` outside invokes.
+    /// The current batch-group variable: the invoke's, or `Group::ALL` outside invokes.
     pub group: Option<Ident>,
     pub proxies: HashSet<String>,
     pub errors: Vec<syn::Error>,

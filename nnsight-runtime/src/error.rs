@@ -6,6 +6,8 @@
 
 use thiserror::Error;
 
+use crate::tracer::Group;
+
 /// Errors returned by tracing, loading models and tokenizing.
 #[derive(Debug, Error)]
 pub enum Error {
@@ -34,7 +36,7 @@ pub enum Error {
     /// A swap or in-place edit at a hook point needed a value that was not computed yet when the
     /// module ran (for example setting layer 0 from layer 3's output).
     #[error(
-        "cannot change `{point}` (call {call}, invoke {invoke}): node {node} is not computed yet when the module runs; \
+        "cannot change `{point}` (call {call}, {invoke}): node {node} is not computed yet when the module runs; \
          its value depends on an activation that comes later in the forward pass"
     )]
     NotReady {
@@ -42,27 +44,67 @@ pub enum Error {
         point: String,
         /// Call index.
         call: usize,
-        /// Invoke (batch group) index.
-        invoke: usize,
+        /// The batch group (an invoke, or all of them).
+        invoke: Group,
         /// The node whose value was missing.
         node: String,
     },
 
     /// A swap's new value does not have the layout of the value it replaces.
     #[error(
-        "swap at `{point}` (call {call}, invoke {invoke}) has the wrong layout: expected {expected}, got {actual}"
+        "swap at `{point}` (call {call}, {invoke}) has the wrong layout: expected {expected}, got {actual}"
     )]
     SwapMismatch {
         /// Hook point being swapped.
         point: String,
         /// Call index.
         call: usize,
-        /// Invoke (batch group) index.
-        invoke: usize,
+        /// The batch group (an invoke, or all of them).
+        invoke: Group,
         /// Shape, dtype and device of the value being replaced (the invoke's rows).
         expected: String,
         /// Shape, dtype and device of the new value.
         actual: String,
+    },
+
+    /// An intervention inside one invoke of several would change a value that every row of the
+    /// batch shares (a tensor without a batch axis, or a plain value): an in-place edit of it
+    /// or a swap that changes it. Interventions on such values apply to the whole batch.
+    #[error(
+        "cannot change `{point}` (call {call}) from {invoke}: {what} is shared by all {batch} rows of the batch, so {by} \
+         would change every invoke's value. Intervene on the whole batch instead: in a trace with a single invoke, or \
+         with statements written outside the invoke blocks (they apply to every row)"
+    )]
+    SharedChange {
+        /// Hook point, e.g. `embeddings.position_embeddings.output`.
+        point: String,
+        /// Call index.
+        call: usize,
+        /// The invoke that tried.
+        invoke: Group,
+        /// The shared value's shape, dtype and device and why it is shared, e.g.
+        /// `Tensor[1, 14, 384] Float Cpu (declared shared (no batch axis))`.
+        what: String,
+        /// Rows in the batch.
+        batch: i64,
+        /// The intervention, e.g. `the in-place edit by node %3 ... (at src/main.rs:9)`.
+        by: String,
+    },
+
+    /// A module's declared batch layout does not fit the value at its hook point (a batch axis
+    /// that is missing or of another size than the batch).
+    #[error("the batch layout declared for `{point}` (call {call}) does not fit its value: {reason} (declared: {layout}; value: {value})")]
+    Layout {
+        /// Hook point.
+        point: String,
+        /// Call index.
+        call: usize,
+        /// The declared layout, e.g. `(batch axis 0, shared)`.
+        layout: String,
+        /// The value, e.g. `Tensor[6, 4] Float Cpu`.
+        value: String,
+        /// What does not fit.
+        reason: String,
     },
 
     /// An intervention node failed (a tch error or a panic inside the user's code).

@@ -17,14 +17,38 @@ use std::ops::Deref;
 
 use tch::{nn, Tensor};
 
-use crate::activation::Activation;
+use crate::activation::{Activation, Layout};
 use crate::error::{Error, Result};
 
-/// A module whose forward pass can be traced: typed input and output.
+/// A module whose forward pass can be traced: typed input and output, and where their batch
+/// rows are.
 ///
 /// `Input` is everything the forward takes, as one value (a tuple for several arguments, e.g.
 /// `(hidden_states [batch, seq, hidden], attention_mask [batch, 1, 1, seq])`); in `trace!`,
 /// `.inputs` is the whole tuple and `.input` its first element.
+///
+/// The layouts say how a batch of several invokes is shared out (see
+/// [`crate::activation`]): which tensors hold one slice per batch row, on which axis, and which
+/// are shared by every row. Declare them whenever a value is not `[batch, ..]` on dim 0:
+///
+/// ```
+/// use nnsight_runtime::{HookModule, Layout};
+/// use tch::Tensor;
+///
+/// /// `(h [batch, 4], mean over the batch [1, 4])`.
+/// struct Stats;
+/// impl HookModule for Stats {
+///     type Input = Tensor;
+///     type Output = (Tensor, Tensor);
+///     fn forward(&self, h: Tensor) -> (Tensor, Tensor) {
+///         let m = h.mean_dim(0, true, tch::Kind::Float);
+///         (h, m)
+///     }
+///     fn output_layout(&self) -> Layout {
+///         Layout::Tuple(&[Layout::Batch(0), Layout::Shared])
+///     }
+/// }
+/// ```
 pub trait HookModule {
     /// The forward's arguments as one value.
     type Input: Activation;
@@ -32,6 +56,14 @@ pub trait HookModule {
     type Output: Activation;
     /// The module's own computation. Call it through [`Hooked::call`] so traces can see it.
     fn forward(&self, input: Self::Input) -> Self::Output;
+    /// Where the batch rows are in the input; default [`Layout::Auto`] (the dim-0 rule).
+    fn input_layout(&self) -> Layout {
+        Layout::Auto
+    }
+    /// Where the batch rows are in the output; default [`Layout::Auto`] (the dim-0 rule).
+    fn output_layout(&self) -> Layout {
+        Layout::Auto
+    }
 }
 
 /// A module with its dotted module path, whose forward goes through the interleaver.
@@ -40,6 +72,8 @@ pub trait HookModule {
 pub struct Hooked<M> {
     path: String,
     inner: M,
+    /// Layouts of this instance's input and output, in place of the type's declaration.
+    layouts: Option<(Layout, Layout)>,
 }
 
 impl<M> Hooked<M> {
@@ -51,7 +85,17 @@ impl<M> Hooked<M> {
 
     /// Wraps `inner` under an explicit module path (empty for a root model).
     pub fn with_path(path: impl Into<String>, inner: M) -> Self {
-        Hooked { path: path.into(), inner }
+        Hooked { path: path.into(), inner, layouts: None }
+    }
+
+    /// This module with its own batch layouts for input and output, overriding what its type
+    /// declares (see [`HookModule::input_layout`]). For a module type used in several ways,
+    /// e.g. an `nn::Embedding` that embeds token ids `[batch, seq]` in one place and a position
+    /// table `[1, seq]` shared by every row in another:
+    /// `Hooked::new(&p, emb).with_layouts(Layout::Shared, Layout::Shared)`.
+    pub fn with_layouts(mut self, input: Layout, output: Layout) -> Self {
+        self.layouts = Some((input, output));
+        self
     }
 
     /// The dotted module path, e.g. `encoder.layer.3`.
@@ -75,7 +119,23 @@ impl<M> Hooked<M> {
 impl<M: HookModule> Hooked<M> {
     /// Runs the module's forward, letting an active trace see and change its input and output.
     pub fn call(&self, input: M::Input) -> M::Output {
-        crate::interleave::module_call(self.key(), input, |x| self.inner.forward(x))
+        crate::interleave::module_call(self, input)
+    }
+
+    /// The batch layout of this module's input: [`Hooked::with_layouts`]'s, else the type's.
+    pub fn input_layout(&self) -> Layout {
+        match self.layouts {
+            Some((input, _)) => input,
+            None => self.inner.input_layout(),
+        }
+    }
+
+    /// The batch layout of this module's output: [`Hooked::with_layouts`]'s, else the type's.
+    pub fn output_layout(&self) -> Layout {
+        match self.layouts {
+            Some((_, output)) => output,
+            None => self.inner.output_layout(),
+        }
     }
 }
 
@@ -88,7 +148,7 @@ impl<M> Deref for Hooked<M> {
 
 impl<M: fmt::Debug> fmt::Debug for Hooked<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Hooked").field("path", &self.path).field("module", &self.inner).finish()
+        f.debug_struct("Hooked").field("path", &self.path).field("module", &self.inner).field("layouts", &self.layouts).finish()
     }
 }
 

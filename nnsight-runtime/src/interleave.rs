@@ -4,32 +4,48 @@
 //! [`Hooked::call`](crate::Hooked::call) asks it whether its module is traced (one hash lookup,
 //! nothing else for modules nobody asked for). For traced modules it counts the call (counters
 //! are per module) and processes the effects registered for that hook point and call index, in
-//! creation order: reads hand the invoke's rows to hook nodes, which then run every node whose
-//! inputs are all there; swaps splice a node's value back into the invoke's rows; edits must have
-//! run before the module returns. A node's value is freed as soon as its last listener has run,
-//! unless it is saved.
+//! creation order: reads hand a batch group's share of the value to hook nodes, which then run
+//! every node whose inputs are all there; swaps splice a node's value back into the group's
+//! rows; edits must have run before the module returns. A node's value is freed as soon as its
+//! last listener has run, unless it is saved.
 //!
-//! Errors and `.stop()` end the forward pass by unwinding to [`run`] with a private payload;
-//! the thread-local is reset by a guard, so nothing stays hooked whatever happens.
+//! How a value is shared out among batch groups follows the module's declared [`Layout`] (see
+//! [`crate::activation`]). A group is one invoke's rows, or every row for statements written
+//! outside the invokes ([`Group::ALL`]). When one invoke among several reads a value that every
+//! row shares, it gets a private copy whose libtorch version counter is watched (module
+//! [`shared`]): an in-place edit of it is refused with [`Error::SharedChange`] instead of
+//! silently changing the other invokes' values.
+//!
+//! Errors and `.stop()` end the forward pass by unwinding to [`Interleaver::run`] with a private
+//! payload; the thread-local is reset by a guard, so nothing stays hooked whatever happens.
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::panic::{self, AssertUnwindSafe, Location};
+use std::panic::{self, AssertUnwindSafe};
 use std::rc::Rc;
 
-use crate::activation::Activation;
+use crate::activation::{Activation, Layout, Narrow, Refusal, Rows};
 use crate::error::{panic_message, Error, Result};
-use crate::graph::{node_name, AddrMap, Effect, EffectKind, Graph, Io, NodeKind, Part, Value};
+use crate::graph::{AddrMap, Effect, EffectKind, Graph, Io, NodeKind, Part, Value};
+use crate::hook::{HookModule, Hooked};
 use crate::proxy::NodeId;
 use crate::tensor_hook::GradHooks;
+use crate::tracer::Group;
 
+mod audit;
 mod grad;
+mod outcome;
+mod shared;
+
+pub use audit::HookPointLayout;
+pub use outcome::Outcome;
 
 thread_local! {
     static ACTIVE: Cell<*const ()> = const { Cell::new(std::ptr::null()) };
-    /// Set while a run is on this thread: panics inside it become errors, so the panic hook
-    /// stays quiet instead of printing "thread panicked" for what is reported as an `Err`.
+    /// Set while a run (or a backward hook of one) is on this thread: panics inside it become
+    /// errors, so the panic hook stays quiet instead of printing "thread panicked" for what is
+    /// reported as an `Err`.
     static QUIET: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -47,7 +63,8 @@ fn install_quiet_panic_hook() {
     });
 }
 
-/// Keeps the panic hook quiet while alive (restores the previous setting, also on unwind).
+/// Keeps the panic hook quiet on this thread while alive (restores the previous setting, also
+/// on unwind).
 struct QuietGuard(bool);
 
 impl QuietGuard {
@@ -86,8 +103,9 @@ struct RunState {
     stop_requested: Option<NodeId>,
     /// Backward hooks on activation tensors (for `.grad`), removed when the run ends.
     grad_hooks: GradHooks,
+    /// Private copies of shared values handed to one invoke among several (see [`shared`]).
+    watched: Vec<shared::Watched>,
 }
-
 
 /// Batch layout of a run: each invoke's `(start, rows)` and the total batch size.
 #[derive(Clone, Debug)]
@@ -96,120 +114,24 @@ pub(crate) struct Batch {
     pub total: i64,
 }
 
+impl Batch {
+    /// The rows of batch group `group` (every row for [`Group::ALL`]).
+    pub(crate) fn rows(&self, group: usize) -> Rows {
+        match self.groups.get(group) {
+            Some(&(start, len)) => Rows::new(start, len, self.total),
+            None => Rows::all(self.total),
+        }
+    }
+}
+
 pub(crate) struct Interleaver<'env> {
     graph: RefCell<Graph<'env>>,
     state: RefCell<RunState>,
     batch: Batch,
     /// Autograd on for this run.
     grad: bool,
-}
-
-/// Values left after a run: the saved nodes' values, by node id.
-pub struct Outcome {
-    slots: Vec<Slot>,
-    /// Saved nodes' labels and source locations, for errors (formatted only when one occurs).
-    labels: Vec<Option<(String, &'static Location<'static>)>>,
-    stopped_at: Option<String>,
-    trace: u32,
-}
-
-impl Outcome {
-    /// Display name of node `id` (see [`crate::graph::node_name`]).
-    fn name(&self, id: NodeId) -> String {
-        match &self.labels[id] {
-            Some((label, location)) => node_name(id, label, location),
-            None => format!("%{id}"),
-        }
-    }
-
-    pub(crate) fn set_trace(&mut self, trace: u32) {
-        self.trace = trace;
-    }
-
-    /// The value of saved node `id` of trace `trace` (it may be taken several times: tensors
-    /// are shared, numbers and strings copied). Errors with [`Error::NotComputed`] when it has
-    /// none, and [`Error::Input`] for a node of another trace.
-    pub(crate) fn take<T: 'static>(&mut self, trace: u32, id: NodeId) -> Result<T> {
-        if trace != self.trace || id >= self.slots.len() {
-            return Err(Error::Input(format!(
-                "the block returns a saved value of another trace (node %{id}): saved values come out of the trace that saved them"
-            )));
-        }
-        match &self.slots[id] {
-            Slot::Ready(v) => {
-                // Shared or copied when the type allows (it may be returned twice), else moved.
-                if let Some(copy) = v.downcast_ref::<T>().and_then(shallow_any::<T>) {
-                    return Ok(copy);
-                }
-                let Slot::Ready(v) = std::mem::replace(&mut self.slots[id], Slot::Taken) else { unreachable!() };
-                value_as::<T>(v, &self.name(id))
-            }
-            Slot::Taken => Err(Error::NotComputed {
-                node: self.name(id),
-                reason: format!(
-                    "it is returned more than once, and a {} cannot be shared (tensors, numbers, strings and Vecs or pairs of them can): return it once",
-                    std::any::type_name::<T>()
-                ),
-            }),
-            Slot::Skipped => Err(Error::NotComputed {
-                node: self.name(id),
-                reason: "a condition it depends on was false".into(),
-            }),
-            Slot::Empty => Err(Error::NotComputed {
-                node: self.name(id),
-                reason: match &self.stopped_at {
-                    Some(s) => format!("the run stopped early at {s} before it was computed"),
-                    None => "its inputs were never provided".into(),
-                },
-            }),
-            Slot::Freed => Err(Error::NotComputed {
-                node: self.name(id),
-                reason: "its value was freed after its last use (it was not saved)".into(),
-            }),
-        }
-    }
-}
-
-/// Unwraps a node value into `T` (shares tensor storage if others still hold it).
-pub(crate) fn value_as<T: 'static>(v: Value, node: &str) -> Result<T> {
-    let rc = v.downcast::<T>().map_err(|_| Error::Node {
-        node: node.to_string(),
-        message: format!("internal: value is not a {}", std::any::type_name::<T>()),
-    })?;
-    match Rc::try_unwrap(rc) {
-        Ok(t) => Ok(t),
-        Err(rc) => shallow_any::<T>(&rc).ok_or_else(|| Error::Node {
-            node: node.to_string(),
-            message: format!(
-                "a saved value of type {} is taken more than once; only tensors, numbers, strings and Vecs of them can be: return it once",
-                std::any::type_name::<T>()
-            ),
-        }),
-    }
-}
-
-/// A second owned copy of a value that is still held elsewhere: tensors share their storage
-/// (`shallow_clone`); numbers, strings and `Vec`s of them are cloned. `None` for other types.
-fn shallow_any<T: 'static>(v: &T) -> Option<T> {
-    let any: &dyn Any = v;
-    let boxed: Box<dyn Any> = if let Some(t) = any.downcast_ref::<tch::Tensor>() {
-        Box::new(t.shallow_clone())
-    } else if let Some(ts) = any.downcast_ref::<Vec<tch::Tensor>>() {
-        Box::new(ts.iter().map(tch::Tensor::shallow_clone).collect::<Vec<_>>())
-    } else if let Some((a, b)) = any.downcast_ref::<(tch::Tensor, tch::Tensor)>() {
-        Box::new((a.shallow_clone(), b.shallow_clone()))
-    } else if let Some(t) = any.downcast_ref::<Option<tch::Tensor>>() {
-        Box::new(t.as_ref().map(tch::Tensor::shallow_clone))
-    } else {
-        macro_rules! cloned {
-            ($($t:ty),*) => {
-                $(if let Some(x) = any.downcast_ref::<$t>() { return Some(*(Box::new(x.clone()) as Box<dyn Any>).downcast::<T>().ok()?); })*
-            };
-        }
-        cloned!(f64, f32, i64, i32, u64, u32, usize, bool, String, Vec<i64>, Vec<f64>, Vec<f32>, Vec<usize>, Vec<bool>);
-        return None;
-    };
-    boxed.downcast::<T>().ok().map(|b| *b)
+    /// Set for [`Interleaver::audit`]: every module's hook points are recorded, none changed.
+    audit: Option<RefCell<Vec<HookPointLayout>>>,
 }
 
 /// Unwraps a swap's value into the hook point's type; `node` names the node for the error only.
@@ -236,20 +158,21 @@ pub fn is_tracing() -> bool {
 }
 
 /// Entry point of every hooked module call. See the module docs.
-pub(crate) fn module_call<I: Activation, O: Activation>(key: usize, input: I, f: impl FnOnce(I) -> O) -> O {
+pub(crate) fn module_call<M: HookModule>(m: &Hooked<M>, input: M::Input) -> M::Output {
     let p = ACTIVE.with(Cell::get);
     if p.is_null() {
-        return f(input);
+        return m.inner().forward(input);
     }
-    // SAFETY: `ACTIVE` is only non-null while `Interleaver::run` is on this thread's stack with
-    // the interleaver alive; the guard resets it before the interleaver is dropped.
+    // SAFETY: `ACTIVE` is only non-null while `Interleaver::drive` is on this thread's stack
+    // with the interleaver alive; the guard resets it before the interleaver is dropped.
     let il = unsafe { &*(p as *const Interleaver<'static>) };
+    let key = m.key();
     match il.enter(key) {
-        None => f(input),
+        None => m.inner().forward(input),
         Some(call) => {
-            let input = il.hook(key, Io::Input, call, input);
-            let out = f(input);
-            il.hook(key, Io::Output, call, out)
+            let input = il.hook(key, Io::Input, call, input, || m.input_layout(), m.path());
+            let out = m.inner().forward(input);
+            il.hook(key, Io::Output, call, out, || m.output_layout(), m.path())
         }
     }
 }
@@ -268,8 +191,23 @@ impl<'env> Interleaver<'env> {
             error: None,
             stop_requested: None,
             grad_hooks: GradHooks::new(),
+            watched: Vec::new(),
         };
-        Interleaver { graph: RefCell::new(graph), state: RefCell::new(state), batch, grad }
+        Interleaver { graph: RefCell::new(graph), state: RefCell::new(state), batch, grad, audit: None }
+    }
+
+    /// Runs `forward` with this interleaver active on this thread; a panic (or an interrupt)
+    /// inside it comes back as `Err(payload)`.
+    fn drive(&self, forward: impl FnOnce() -> Result<()>) -> std::thread::Result<Result<()>> {
+        let prev = ACTIVE.with(|a| a.replace(self as *const Interleaver<'env> as *const ()));
+        let _guard = ActiveGuard(prev);
+        let grad = self.grad;
+        panic::catch_unwind(AssertUnwindSafe(|| {
+            // A guard, not `tch::no_grad(..)`: autograd must come back on also when an
+            // error or `.stop()` unwinds out of the forward pass.
+            let _no_grad = (!grad).then(tch::no_grad_guard);
+            forward()
+        }))
     }
 
     /// Runs `forward` with this graph interleaved. `grad`: keep autograd on (traces that call
@@ -296,19 +234,11 @@ impl<'env> Interleaver<'env> {
             il.settle(r)?;
         }
 
-        let result = {
-            let prev = ACTIVE.with(|a| a.replace(&il as *const Interleaver<'env> as *const ()));
-            let _guard = ActiveGuard(prev);
-            panic::catch_unwind(AssertUnwindSafe(|| {
-                // A guard, not `tch::no_grad(..)`: autograd must come back on also when an
-                // error or `.stop()` unwinds out of the forward pass.
-                let _no_grad = (!grad).then(tch::no_grad_guard);
-                forward()
-            }))
-        };
+        let result = il.drive(forward);
 
         // No backward hook may outlive the run (they point at `il`).
         let removed = il.state.borrow_mut().grad_hooks.remove_all();
+        let shared = il.check_shared(None);
         let mut state = il.state.into_inner();
         let mut graph = il.graph.into_inner();
         removed?;
@@ -325,6 +255,7 @@ impl<'env> Interleaver<'env> {
                 }
             }
         }
+        shared?;
         if stopped_at.is_none() && !lenient() {
             for (id, n) in graph.nodes.iter().enumerate() {
                 if let (NodeKind::Grad { of, pass }, Slot::Empty) = (&n.kind, &state.slots[id]) {
@@ -352,13 +283,17 @@ impl<'env> Interleaver<'env> {
         // Labels are only needed for errors about saved values.
         let labels = graph.nodes.iter_mut().map(|n| n.saved.then(|| (std::mem::take(&mut n.label), n.location))).collect();
         drop(graph); // intervention closures and their borrows end here
-        Ok(Outcome { slots: state.slots, labels, stopped_at, trace: 0 })
+        Ok(Outcome::new(state.slots, labels, stopped_at))
     }
 
     /// Counts a call of a traced module; `None` for modules the graph does not use.
     fn enter(&self, key: usize) -> Option<usize> {
         let mut st = self.state.borrow_mut();
-        let c = st.counters.get_mut(&key)?;
+        let c = match st.counters.get_mut(&key) {
+            Some(c) => c,
+            None if self.audit.is_some() => st.counters.entry(key).or_insert(0),
+            None => return None,
+        };
         let call = *c;
         *c += 1;
         Some(call)
@@ -374,7 +309,13 @@ impl<'env> Interleaver<'env> {
         panic::resume_unwind(Box::new(Interrupt))
     }
 
-    fn hook<A: Activation>(&self, key: usize, io: Io, call: usize, mut act: A) -> A {
+    /// A module's input or output: processes this call's effects and returns the value the
+    /// model goes on with. `layout` is asked only when the call has effects.
+    fn hook<A: Activation>(&self, key: usize, io: Io, call: usize, mut act: A, layout: impl FnOnce() -> Layout, path: &str) -> A {
+        if let Some(audit) = &self.audit {
+            audit.borrow_mut().push(HookPointLayout::new(path, io, call, &act, layout(), self.batch.total));
+            return act;
+        }
         let effects: Vec<Effect> = {
             let g = self.graph.borrow();
             match g.modules.get(&key) {
@@ -385,30 +326,15 @@ impl<'env> Interleaver<'env> {
         if effects.is_empty() {
             return act;
         }
-        let total = self.batch.total;
+        let layout = layout();
         let mut requires = Vec::new();
         for e in effects {
-            let (start, len) = self.batch.groups[e.group];
             let r = match e.kind {
-                EffectKind::Read(node, Part::Whole) => self
-                    .watch_grad(node, &act as &dyn Any, &e)
-                    .and_then(|_| self.provide(node, Rc::new(act.narrow_batch(start, len, total)))),
-                EffectKind::Read(node, Part::First) => self
-                    .watch_grad(node, act.first() as &dyn Any, &e)
-                    .and_then(|_| self.provide(node, Rc::new(act.first().narrow_batch(start, len, total)))),
+                EffectKind::Read(node, part) => self.read(node, part, &act, layout, key, io, &e),
                 EffectKind::Swap(node, part) => match self.swap_value(node, key, io, &e) {
                     Ok(None) => Ok(()),
                     Err(err) => Err(err),
-                    Ok(Some(v)) => {
-                        let spliced = match part {
-                            Part::Whole => activation_from::<A>(v, || self.node_name(node))
-                                .and_then(|new| self.splice(act.shallow(), new, key, io, &e)),
-                            Part::First => activation_from::<A::First>(v, || self.node_name(node))
-                                .and_then(|new| self.splice(act.first().shallow(), new, key, io, &e))
-                                .map(|first| act.shallow().with_first(first)),
-                        };
-                        spliced.map(|new_act| act = new_act)
-                    }
+                    Ok(Some(v)) => self.splice(v, node, part, &act, layout, key, io, &e).map(|new_act| act = new_act),
                 },
                 EffectKind::Require(node) => {
                     requires.push((node, e));
@@ -432,16 +358,61 @@ impl<'env> Interleaver<'env> {
         act
     }
 
+    /// Hands read `node` its group's share of `act` (`.output`/`.inputs`, or `.input`).
+    #[allow(clippy::too_many_arguments)]
+    fn read<A: Activation>(&self, node: NodeId, part: Part, act: &A, layout: Layout, key: usize, io: Io, e: &Effect) -> Result<()> {
+        let rows = self.batch.rows(e.group);
+        let refused = |r: Refusal, layout: Layout| self.refused(r, key, io, e, layout, &|| act.describe(), String::new);
+        let mut copies = Vec::new();
+        let mut narrow = Narrow { rows, copies: (!rows.is_all()).then_some(&mut copies) };
+        let value: Value = match part {
+            Part::Whole => {
+                self.watch_grad(node, act as &dyn Any, layout, e)?;
+                Rc::new(act.map_leaves(layout, &mut narrow).map_err(|r| refused(r, layout))?)
+            }
+            Part::First => {
+                let layout = A::first_layout(layout).map_err(|r| refused(r, layout))?;
+                self.watch_grad(node, act.first() as &dyn Any, layout, e)?;
+                Rc::new(act.first().map_leaves(layout, &mut narrow).map_err(|r| refused(r, layout))?)
+            }
+        };
+        if !copies.is_empty() {
+            self.watch(copies, key, io, e);
+        }
+        self.provide(node, value)
+    }
 
-    fn splice<T: Activation>(&self, old: T, new: T, key: usize, io: Io, e: &Effect) -> Result<T> {
-        let (start, len) = self.batch.groups[e.group];
-        old.splice_batch(new, start, len, self.batch.total).map_err(|(expected, actual)| Error::SwapMismatch {
-            point: self.graph.borrow().point_name(key, io),
-            call: e.call,
-            invoke: e.group,
-            expected,
-            actual,
-        })
+    /// `act` with swap `node`'s value `v` put in place of the group's rows.
+    #[allow(clippy::too_many_arguments)]
+    fn splice<A: Activation>(&self, v: Value, node: NodeId, part: Part, act: &A, layout: Layout, key: usize, io: Io, e: &Effect) -> Result<A> {
+        let rows = self.batch.rows(e.group);
+        let by = || format!("the swap with node {}", self.node_name(node));
+        let refused = |r: Refusal, layout: Layout| self.refused(r, key, io, e, layout, &|| act.describe(), by);
+        match part {
+            Part::Whole => {
+                let new = activation_from::<A>(v, || self.node_name(node))?;
+                act.shallow().splice_batch(new, layout, rows).map_err(|r| refused(r, layout))
+            }
+            Part::First => {
+                let first_layout = A::first_layout(layout).map_err(|r| refused(r, layout))?;
+                let new = activation_from::<A::First>(v, || self.node_name(node))?;
+                let first = act.first().shallow().splice_batch(new, first_layout, rows).map_err(|r| refused(r, first_layout))?;
+                Ok(act.shallow().with_first(first))
+            }
+        }
+    }
+
+    /// The error for a value that could not be shared out or spliced at a hook point.
+    #[allow(clippy::too_many_arguments)]
+    fn refused(&self, r: Refusal, key: usize, io: Io, e: &Effect, layout: Layout, value: &dyn Fn() -> String, by: impl FnOnce() -> String) -> Error {
+        let point = self.graph.borrow().point_name(key, io);
+        match r {
+            Refusal::Mismatch { expected, actual } => Error::SwapMismatch { point, call: e.call, invoke: Group(e.group), expected, actual },
+            Refusal::Layout(reason) => Error::Layout { point, call: e.call, layout: layout.to_string(), value: value(), reason },
+            Refusal::Shared(what) => {
+                Error::SharedChange { point, call: e.call, invoke: Group(e.group), what, batch: self.batch.total, by: by() }
+            }
+        }
     }
 
     fn node_name(&self, id: NodeId) -> String {
@@ -450,7 +421,7 @@ impl<'env> Interleaver<'env> {
 
     fn not_ready(&self, node: NodeId, key: usize, io: Io, e: &Effect) -> Error {
         let g = self.graph.borrow();
-        Error::NotReady { point: g.point_name(key, io), call: e.call, invoke: e.group, node: g.nodes[node].name(node) }
+        Error::NotReady { point: g.point_name(key, io), call: e.call, invoke: Group(e.group), node: g.nodes[node].name(node) }
     }
 
     /// The value a swap puts in: `None` when a condition skipped it.
@@ -610,6 +581,9 @@ impl<'env> Interleaver<'env> {
         let slot = outcome?;
         if let Some(e) = self.state.borrow_mut().error.take() {
             return Err(e); // recorded by a backward hook while this node ran
+        }
+        if !self.state.borrow().watched.is_empty() {
+            self.check_shared(Some(id))?;
         }
         self.state.borrow_mut().slots[id] = slot;
         for a in args.iter().chain(gates.iter()) {

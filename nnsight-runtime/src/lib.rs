@@ -21,12 +21,12 @@ pub mod traced;
 pub mod tracer;
 pub mod tree;
 
-pub use activation::Activation;
+pub use activation::{Activation, LeafPairs, Leaves, Layout, Refusal, Rows, Split};
 pub use error::{Error, Result};
 pub use generation::{GenerateOptions, Generator, Prompt};
 pub use graph::Io;
 pub use hook::{AsModule, HookModule, Hooked, Leaf, ModuleList};
-pub use interleave::{is_tracing, Outcome};
+pub use interleave::{is_tracing, HookPointLayout, Outcome};
 pub use language_model::{LanguageModel, TextBatch, TextModel};
 pub use models::bert::{Bert, BertConfig};
 pub use proxy::{NodeId, Proxy, ProxyRef, Saved};

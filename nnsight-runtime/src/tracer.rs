@@ -22,7 +22,7 @@ use crate::activation::Activation;
 use crate::error::{Error, Result};
 use crate::graph::{Effect, EffectKind, Graph, Io, NodeKind, Part};
 use crate::hook::{AsModule, HookModule, Hooked};
-use crate::interleave::{Batch, Interleaver};
+use crate::interleave::{Batch, HookPointLayout, Interleaver};
 use crate::proxy::{NodeId, Proxy, ProxyRef, Saved};
 use crate::resolve::{Resolve, SwapValue};
 use crate::traced::{IntoInvoke, Traced};
@@ -45,9 +45,27 @@ impl From<usize> for Call {
 }
 
 
-/// A batch group: the rows of one invoke.
+/// A batch group: the rows of one invoke (`Group(i)` for invoke `i`), or every row of the
+/// batch ([`Group::ALL`], what `trace!` statements written outside the invoke blocks use).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Group(pub usize);
+
+impl Group {
+    /// Every row of the batch, whatever the invokes: reads see the whole batch, swaps and edits
+    /// change every row, also of values that all rows share.
+    pub const ALL: Group = Group(usize::MAX);
+}
+
+impl std::fmt::Display for Group {
+    /// `invoke 2`, or `all invokes` for [`Group::ALL`].
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if *self == Group::ALL {
+            f.write_str("all invokes")
+        } else {
+            write!(f, "invoke {}", self.0)
+        }
+    }
+}
 
 /// Builds one trace's intervention graph, then runs it with the model.
 pub struct Tracer<'env, M: ?Sized + Traced> {
@@ -156,8 +174,11 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         Proxy::new(self.trace, id)
     }
 
-    /// Records an error when `group` is not one of this trace's invokes.
+    /// Records an error when `group` is not one of this trace's invokes (or [`Group::ALL`]).
     fn check_group(&mut self, group: Group) -> bool {
+        if group == Group::ALL {
+            return true;
+        }
         if group.0 < self.invokes.len() || self.error.is_some() {
             return group.0 < self.invokes.len();
         }
@@ -188,7 +209,7 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
             (Io::Input, Part::Whole) => "inputs",
         };
         let label = if h.path().is_empty() { word.to_string() } else { format!("{}.{word}", h.path()) };
-        let label = if self.invokes.len() > 1 || group.0 > 0 { format!("{label} [invoke {}]", group.0) } else { label };
+        let label = if self.invokes.len() > 1 || group.0 > 0 { format!("{label} [{group}]") } else { label };
         let label = if call > 0 { format!("{label} [call {call}]") } else { label };
         let id = self.graph.add(
             label,
@@ -432,7 +453,33 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
     /// become their values). Errors recorded while building come out first, before the model
     /// runs; then run-time errors (see [`Error`]).
     pub fn finish<R: Resolve>(self, value: R) -> Result<R::Output> {
-        if let Some(e) = self.error {
+        let mut this = self;
+        let batch = this.batch()?;
+        let model = this.model;
+        let invokes = this.invokes;
+        let self_trace = this.trace;
+        let mut outcome = Interleaver::run(this.graph, batch, this.grad, &|| model.tolerates_missing(), || {
+            model.forward_invokes(&invokes)
+        })?;
+        outcome.set_trace(self_trace);
+        value.resolve(&mut outcome)
+    }
+
+    /// Runs the model once on the invokes without intervening, and lists every hook point of
+    /// every module call: its value and how its declared layout shares it out among this
+    /// batch's rows ([`HookPointLayout`]). A model author's check of the layouts declared with
+    /// [`HookModule::input_layout`] / [`Hooked::with_layouts`]: run it with two invokes and
+    /// look for `Layout::Auto` and for layouts that do not fit
+    /// ([`HookPointLayout::is_declared_and_fits`]).
+    pub fn layouts(mut self) -> Result<Vec<HookPointLayout>> {
+        let batch = self.batch()?;
+        let (model, invokes) = (self.model, self.invokes);
+        Interleaver::audit(batch, || model.forward_invokes(&invokes))
+    }
+
+    /// The rows of every invoke, once building succeeded.
+    fn batch(&mut self) -> Result<Batch> {
+        if let Some(e) = self.error.take() {
             return Err(e);
         }
         if self.invokes.is_empty() {
@@ -445,14 +492,7 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
             groups.push((total, rows));
             total += rows;
         }
-        let model = self.model;
-        let invokes = self.invokes;
-        let self_trace = self.trace;
-        let mut outcome = Interleaver::run(self.graph, Batch { groups, total }, self.grad, &|| model.tolerates_missing(), || {
-            model.forward_invokes(&invokes)
-        })?;
-        outcome.set_trace(self_trace);
-        value.resolve(&mut outcome)
+        Ok(Batch { groups, total })
     }
 }
 

@@ -5,7 +5,7 @@ use std::any::Any;
 use std::rc::Rc;
 
 use super::{activation_from, Interleaver, Slot};
-use crate::activation::Activation;
+use crate::activation::{split, Activation, Layout, Rows};
 use crate::error::{Error, Result};
 use crate::graph::{Effect, NodeKind};
 use crate::proxy::NodeId;
@@ -24,7 +24,7 @@ impl<'env> Interleaver<'env> {
     /// If hook read `node` has `.grad` nodes, puts a backward hook on the full-batch tensor
     /// `value` (hooking the invoke's narrowed view would miss the gradient: the model uses the
     /// full tensor).
-    pub(super) fn watch_grad(&self, node: NodeId, value: &dyn Any, e: &Effect) -> Result<()> {
+    pub(super) fn watch_grad(&self, node: NodeId, value: &dyn Any, layout: Layout, e: &Effect) -> Result<()> {
         if self.graph.borrow().nodes[node].grads.is_empty() {
             return Ok(());
         }
@@ -35,15 +35,20 @@ impl<'env> Interleaver<'env> {
             });
         };
         let ptr = InterleaverPtr(self as *const Interleaver<'env> as *const ());
-        let (start, len) = self.batch.groups[e.group];
-        let total = self.batch.total;
+        let rows = self.batch.rows(e.group);
+        // The tensor's own layout (`Batch`, `Flattened` or `Shared`), for its gradient.
+        let layout = if rows.is_all() {
+            Layout::Auto
+        } else {
+            split(t, layout, rows.total).map_err(|r| Error::Node { node: self.node_name(node), message: format!("`.grad`: {r}") })?.layout()
+        };
         let mut pass = 0usize;
         let hook = move |g: &tch::Tensor| {
             let ptr = ptr;
             // SAFETY: see `InterleaverPtr`.
             let il = unsafe { &*(ptr.0 as *const Interleaver<'static>) };
             pass += 1;
-            il.on_grad(node, pass - 1, g, start, len, total)
+            il.on_grad(node, pass - 1, g, rows, layout)
         };
         let mut st = self.state.borrow_mut();
         st.grad_hooks.register(t, hook).map(|_| ())
@@ -51,7 +56,7 @@ impl<'env> Interleaver<'env> {
 
     /// Backward reached hook read `read` (its `pass`-th time): hand the invoke's rows of the
     /// gradient to its grad nodes, and return the gradient with swapped rows if any `.grad = v`.
-    fn on_grad(&self, read: NodeId, pass: usize, g: &tch::Tensor, start: i64, len: i64, total: i64) -> Option<tch::Tensor> {
+    fn on_grad(&self, read: NodeId, pass: usize, g: &tch::Tensor, rows: Rows, layout: Layout) -> Option<tch::Tensor> {
         let grads: Vec<NodeId> = {
             let gr = self.graph.borrow();
             gr.nodes[read]
@@ -67,7 +72,10 @@ impl<'env> Interleaver<'env> {
         // may be computed from those gradients) splice their rows in.
         let result = grads
             .iter()
-            .try_for_each(|&gn| self.provide(gn, Rc::new(full.narrow_batch(start, len, total))))
+            .try_for_each(|&gn| {
+                let own = full.narrow_batch(layout, rows).map_err(|r| Error::Node { node: self.node_name(gn), message: r.to_string() })?;
+                self.provide(gn, Rc::new(own))
+            })
             .and_then(|_| {
                 for &gn in &grads {
                     let swaps = self.graph.borrow().nodes[gn].grads.clone();
@@ -93,11 +101,9 @@ impl<'env> Interleaver<'env> {
                         self.release(v);
                         if let Some(x) = value {
                             let new = activation_from::<tch::Tensor>(x, || self.node_name(v))?;
-                            full = full.shallow_clone().splice_batch(new, start, len, total).map_err(|(expected, actual)| {
-                                Error::Node {
-                                    node: self.node_name(gn),
-                                    message: format!("gradient swap has the wrong layout: expected {expected}, got {actual}"),
-                                }
+                            full = full.shallow_clone().splice_batch(new, layout, rows).map_err(|r| Error::Node {
+                                node: self.node_name(gn),
+                                message: format!("the new gradient cannot replace the invoke's rows: {r}"),
                             })?;
                             replaced = true;
                         }
@@ -115,3 +121,4 @@ impl<'env> Interleaver<'env> {
         replaced.then_some(full)
     }
 }
+

@@ -40,7 +40,9 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
+use crate::activation::Layout;
 use crate::hook::{HookModule, Hooked};
+use crate::models::ROWS;
 use crate::models::linear::Linear;
 use crate::tree::ModuleTree;
 use nnsight_macros::ModuleTree;
@@ -248,6 +250,14 @@ impl ModuleTree for HiddenAct {
 impl HookModule for HiddenAct {
     type Input = Tensor;
     type Output = Tensor;
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn input_layout(&self) -> Layout {
+        ROWS
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, x: Tensor) -> Tensor {
         match self {
             HiddenAct::Gelu => x.gelu("none"),
@@ -318,6 +328,14 @@ impl HookModule for Bert {
     type Input = (Tensor, Tensor, Tensor);
     /// `last_hidden_state [batch, seq, hidden]`.
     type Output = Tensor;
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn input_layout(&self) -> Layout {
+        ROWS
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, (input_ids, attention_mask, token_type_ids): Self::Input) -> Tensor {
         let h = self.embeddings.call((input_ids, token_type_ids));
         let mask = extended_attention_mask(&attention_mask, h.kind());
@@ -395,7 +413,8 @@ pub fn mean_pool_normalize(hidden: &Tensor, attention_mask: &Tensor) -> Tensor {
 pub struct BertEmbeddings {
     /// `word_embeddings`: `[vocab_size, hidden]`; input `[batch, seq]` ids, output `[batch, seq, hidden]`.
     pub word_embeddings: Hooked<nn::Embedding>,
-    /// `position_embeddings`: `[max_position_embeddings, hidden]`; input `[1, seq]`, output `[1, seq, hidden]`.
+    /// `position_embeddings`: `[max_position_embeddings, hidden]`; input `[1, seq]`, output
+    /// `[1, seq, hidden]`, both shared by every row of the batch (declared [`Layout::Shared`]).
     pub position_embeddings: Hooked<nn::Embedding>,
     /// `token_type_embeddings`: `[type_vocab_size, hidden]`; input `[batch, seq]`, output `[batch, seq, hidden]`.
     pub token_type_embeddings: Hooked<nn::Embedding>,
@@ -406,17 +425,18 @@ pub struct BertEmbeddings {
 impl BertEmbeddings {
     /// Zero embeddings under `p` (`embeddings`), to be filled from a checkpoint.
     pub fn new(p: &nn::Path, c: &BertConfig) -> Self {
-        let emb = |name: &str, rows: i64, padding_idx: i64| {
+        let emb = |name: &str, rows: i64, padding_idx: i64, layout: Layout| {
             let q = p / name;
             // Zeros, not tch's default N(0, 1): the checkpoint overwrites every value, and
             // drawing ~12M random numbers made loading MiniLM noticeably slower.
             let cfg = nn::EmbeddingConfig { padding_idx, ws_init: nn::Init::Const(0.0), ..Default::default() };
-            Hooked::new(&q, nn::embedding(&q, rows, c.hidden_size, cfg))
+            Hooked::new(&q, nn::embedding(&q, rows, c.hidden_size, cfg)).with_layouts(layout, layout)
         };
         BertEmbeddings {
-            word_embeddings: emb("word_embeddings", c.vocab_size, c.pad_token_id.unwrap_or(-1)),
-            position_embeddings: emb("position_embeddings", c.max_position_embeddings, -1),
-            token_type_embeddings: emb("token_type_embeddings", c.type_vocab_size, -1),
+            word_embeddings: emb("word_embeddings", c.vocab_size, c.pad_token_id.unwrap_or(-1), ROWS),
+            // Positions `0..seq` as `[1, seq]`: one table row per position, shared by every row.
+            position_embeddings: emb("position_embeddings", c.max_position_embeddings, -1, Layout::Shared),
+            token_type_embeddings: emb("token_type_embeddings", c.type_vocab_size, -1, ROWS),
             LayerNorm: layer_norm(&(p / "LayerNorm"), c),
         }
     }
@@ -427,6 +447,14 @@ impl HookModule for BertEmbeddings {
     type Input = (Tensor, Tensor);
     /// `[batch, seq, hidden]`.
     type Output = Tensor;
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn input_layout(&self) -> Layout {
+        ROWS
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, (input_ids, token_type_ids): Self::Input) -> Tensor {
         let seq = *input_ids.size().last().unwrap_or(&0);
         let position_ids = Tensor::arange(seq, (Kind::Int64, input_ids.device())).unsqueeze(0);
@@ -470,6 +498,14 @@ impl HookModule for BertEncoder {
     type Input = (Tensor, Tensor);
     /// `[batch, seq, hidden]`.
     type Output = Tensor;
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn input_layout(&self) -> Layout {
+        ROWS
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, (hidden, mask): Self::Input) -> Tensor {
         self.layer.iter().fold(hidden, |h, layer| layer.call((h, mask.shallow_clone())))
     }
@@ -510,6 +546,14 @@ impl HookModule for BertLayer {
     type Input = (Tensor, Tensor);
     /// `[batch, seq, hidden]`.
     type Output = Tensor;
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn input_layout(&self) -> Layout {
+        ROWS
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, (hidden, mask): Self::Input) -> Tensor {
         let attention_output = self.attention.call((hidden, mask));
         let intermediate_output = self.intermediate.call(attention_output.shallow_clone());
@@ -550,6 +594,14 @@ impl HookModule for BertAttention {
     type Input = (Tensor, Tensor);
     /// `[batch, seq, hidden]`.
     type Output = Tensor;
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn input_layout(&self) -> Layout {
+        ROWS
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, (hidden, mask): Self::Input) -> Tensor {
         let self_output = self.self_.call((hidden.shallow_clone(), mask));
         self.output_.call((self_output, hidden))
@@ -597,6 +649,14 @@ impl HookModule for BertSelfAttention {
     type Input = (Tensor, Tensor);
     /// Context `[batch, seq, hidden]`, heads merged.
     type Output = Tensor;
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn input_layout(&self) -> Layout {
+        ROWS
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, (hidden, mask): Self::Input) -> Tensor {
         let size = hidden.size();
         let (b, s) = (size[0], size[1]);
@@ -642,6 +702,14 @@ impl HookModule for BertSelfOutput {
     type Input = (Tensor, Tensor);
     /// `[batch, seq, hidden]`.
     type Output = Tensor;
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn input_layout(&self) -> Layout {
+        ROWS
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, (hidden, input_tensor): Self::Input) -> Tensor {
         let h = self.dense.call(hidden);
         self.LayerNorm.call(h + input_tensor)
@@ -681,6 +749,14 @@ impl HookModule for BertIntermediate {
     type Input = Tensor;
     /// `[batch, seq, intermediate_size]`.
     type Output = Tensor;
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn input_layout(&self) -> Layout {
+        ROWS
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, x: Tensor) -> Tensor {
         self.intermediate_act_fn.call(self.dense.call(x))
     }
@@ -717,6 +793,14 @@ impl HookModule for BertOutput {
     type Input = (Tensor, Tensor);
     /// `[batch, seq, hidden]`.
     type Output = Tensor;
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn input_layout(&self) -> Layout {
+        ROWS
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, (hidden, input_tensor): Self::Input) -> Tensor {
         let h = self.dense.call(hidden);
         self.LayerNorm.call(h + input_tensor)
@@ -731,5 +815,5 @@ fn linear(p: &nn::Path, name: &str, in_dim: i64, out_dim: i64) -> Hooked<Linear>
 /// `nn::LayerNorm` over `hidden_size` at `p` (variables `weight`, `bias`, as in the checkpoint).
 fn layer_norm(p: &nn::Path, c: &BertConfig) -> Hooked<nn::LayerNorm> {
     let cfg = nn::LayerNormConfig { eps: c.layer_norm_eps, ..Default::default() };
-    Hooked::new(p, nn::layer_norm(p, vec![c.hidden_size], cfg))
+    Hooked::new(p, nn::layer_norm(p, vec![c.hidden_size], cfg)).with_layouts(ROWS, ROWS)
 }

@@ -28,7 +28,9 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
+use crate::activation::Layout;
 use crate::hook::{HookModule, Hooked};
+use crate::models::ROWS;
 use crate::language_model::TextBatch;
 use crate::tree::ModuleTree;
 
@@ -143,6 +145,14 @@ impl HookModule for LmHead {
     type Input = Tensor;
     /// `[batch, seq, vocab]`.
     type Output = Tensor;
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn input_layout(&self) -> Layout {
+        ROWS
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, x: Tensor) -> Tensor {
         super::linear::linear(&x, &self.weight, self.bias.as_ref())
     }
@@ -266,16 +276,17 @@ pub(crate) fn load_model<M>(
     Ok(model)
 }
 
-/// `nn::LayerNorm` over `[dim]` at `p` (variables `weight`, `bias`).
+/// `nn::LayerNorm` over `[dim]` at `p` (variables `weight`, `bias`), input and output `[batch, ..]`.
 pub(crate) fn layer_norm(p: &nn::Path, dim: i64, eps: f64) -> Hooked<nn::LayerNorm> {
     let cfg = nn::LayerNormConfig { eps, ..Default::default() };
-    Hooked::new(p, nn::layer_norm(p, vec![dim], cfg))
+    Hooked::new(p, nn::layer_norm(p, vec![dim], cfg)).with_layouts(ROWS, ROWS)
 }
 
-/// `nn::Embedding` `[rows, dim]` at `p` (variable `weight`, zero until loaded).
+/// `nn::Embedding` `[rows, dim]` at `p` (variable `weight`, zero until loaded); ids `[batch, seq]`
+/// (token ids, or GPT-2's position ids) in, `[batch, seq, dim]` out.
 pub(crate) fn embedding(p: &nn::Path, rows: i64, dim: i64) -> Hooked<nn::Embedding> {
     let cfg = nn::EmbeddingConfig { ws_init: nn::Init::Const(0.0), ..Default::default() };
-    Hooked::new(p, nn::embedding(p, rows, dim, cfg))
+    Hooked::new(p, nn::embedding(p, rows, dim, cfg)).with_layouts(ROWS, ROWS)
 }
 
 /// Config error for `path` (or a description of the config when it came from memory).

@@ -30,7 +30,9 @@ use tch::{nn, Device, Kind, Tensor};
 use super::bert::HiddenAct;
 use super::causal::{self, CausalInput, CausalLm, KvCacheHandle, LmHead, LoadOptions, TokenIds};
 use crate::error::Result;
+use crate::activation::Layout;
 use crate::hook::{HookModule, Hooked};
+use crate::models::{CAUSAL_INPUT, ROWS};
 use crate::language_model::{TextBatch, TextModel};
 use crate::tree::ModuleTree;
 use nnsight_macros::ModuleTree;
@@ -71,6 +73,14 @@ impl HookModule for Gpt2 {
     type Input = CausalInput;
     /// Logits `[batch, seq, vocab]`.
     type Output = Tensor;
+    /// Ids, mask and position ids `[batch, ..]`; the KV cache handle shared.
+    fn input_layout(&self) -> Layout {
+        CAUSAL_INPUT
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, input: CausalInput) -> Tensor {
         self.lm_head.call(self.transformer.call(input))
     }
@@ -171,6 +181,14 @@ impl HookModule for Gpt2Transformer {
     type Input = CausalInput;
     /// `[batch, seq, hidden]`.
     type Output = Tensor;
+    /// Ids, mask and position ids `[batch, ..]`; the KV cache handle shared.
+    fn input_layout(&self) -> Layout {
+        CAUSAL_INPUT
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, (input_ids, attention_mask, position_ids, cache): CausalInput) -> Tensor {
         let seq = input_ids.size()[1];
         let mask = causal::causal_mask(&attention_mask, seq);
@@ -215,6 +233,14 @@ impl HookModule for Gpt2Block {
     type Input = (Tensor, Tensor, KvCacheHandle);
     /// `[batch, seq, hidden]`.
     type Output = Tensor;
+    /// Hidden states and mask `[batch, ..]`; the KV cache handle shared.
+    fn input_layout(&self) -> Layout {
+        Layout::Tuple(&[ROWS, ROWS, Layout::Shared])
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, (hidden, mask, cache): Self::Input) -> Tensor {
         let attn = self.attn.call((self.ln_1.call(hidden.shallow_clone()), mask, cache));
         let hidden = attn + hidden;
@@ -272,6 +298,14 @@ impl HookModule for Gpt2Attention {
     type Input = (Tensor, Tensor, KvCacheHandle);
     /// `[batch, seq, hidden]`.
     type Output = Tensor;
+    /// Hidden states and mask `[batch, ..]`; the KV cache handle shared.
+    fn input_layout(&self) -> Layout {
+        Layout::Tuple(&[ROWS, ROWS, Layout::Shared])
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, (hidden, mask, cache): Self::Input) -> Tensor {
         let size = hidden.size();
         let (b, s, width) = (size[0], size[1], size[2]);
@@ -316,6 +350,14 @@ impl HookModule for Gpt2Mlp {
     type Input = Tensor;
     /// `[batch, seq, hidden]`.
     type Output = Tensor;
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn input_layout(&self) -> Layout {
+        ROWS
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, x: Tensor) -> Tensor {
         self.c_proj.call(self.act.call(self.c_fc.call(x)))
     }
@@ -350,6 +392,14 @@ impl HookModule for Conv1D {
     type Input = Tensor;
     /// `[..., out]`.
     type Output = Tensor;
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn input_layout(&self) -> Layout {
+        ROWS
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, x: Tensor) -> Tensor {
         let mut shape = x.size();
         let in_dim = shape.pop().unwrap_or(0);

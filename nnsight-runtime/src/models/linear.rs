@@ -28,7 +28,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::activation::Layout;
 use crate::hook::{HookModule, Hooked};
+use crate::models::ROWS;
 use crate::tree::ModuleTree;
 
 /// Which kernel [`linear`] uses on the CPU (process-wide, see [`set_linear_kernel`]).
@@ -155,6 +157,14 @@ impl HookModule for Linear {
     type Input = Tensor;
     /// `[.., out]`.
     type Output = Tensor;
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn input_layout(&self) -> Layout {
+        ROWS
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, x: Tensor) -> Tensor {
         linear(&x, &self.ws, self.bs.as_ref())
     }

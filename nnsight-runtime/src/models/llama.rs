@@ -34,7 +34,9 @@ use super::bert::HiddenAct;
 use super::causal::{self, CausalInput, CausalLm, KvCacheHandle, LmHead, LoadOptions, TokenIds};
 
 use crate::error::Result;
+use crate::activation::Layout;
 use crate::hook::{HookModule, Hooked};
+use crate::models::{CAUSAL_INPUT, ROWS};
 use crate::models::linear::Linear;
 use crate::language_model::{TextBatch, TextModel};
 use crate::tree::ModuleTree;
@@ -79,6 +81,14 @@ impl HookModule for Llama {
     type Input = CausalInput;
     /// Logits `[batch, seq, vocab]`.
     type Output = Tensor;
+    /// Ids, mask and position ids `[batch, ..]`; the KV cache handle shared.
+    fn input_layout(&self) -> Layout {
+        CAUSAL_INPUT
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, input: CausalInput) -> Tensor {
         self.lm_head.call(self.model.call(input))
     }
@@ -179,6 +189,14 @@ impl HookModule for LlamaModel {
     type Input = CausalInput;
     /// `[batch, seq, hidden]`.
     type Output = Tensor;
+    /// Ids, mask and position ids `[batch, ..]`; the KV cache handle shared.
+    fn input_layout(&self) -> Layout {
+        CAUSAL_INPUT
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, (input_ids, attention_mask, position_ids, cache): CausalInput) -> Tensor {
         let seq = input_ids.size()[1];
         let mask = causal::causal_mask(&attention_mask, seq);
@@ -195,6 +213,10 @@ impl HookModule for LlamaModel {
 /// [batch, 1, seq, past + seq] f32 (see [`causal::causal_mask`]), (cos, sin) each
 /// [batch, seq, head_dim], cache)`.
 pub type LayerInput = (Tensor, Tensor, (Tensor, Tensor), KvCacheHandle);
+
+/// Layout of [`LayerInput`]: hidden states, mask and `(cos, sin)` `[batch, ..]`, the KV cache
+/// handle shared by every row.
+pub const LAYER_INPUT: Layout = Layout::Tuple(&[ROWS, ROWS, ROWS, Layout::Shared]);
 
 /// `model.layers.{i}`: `x + self_attn(input_layernorm(x))`, then
 /// `x + mlp(post_attention_layernorm(x))` (transformers' `LlamaDecoderLayer`).
@@ -231,6 +253,14 @@ impl HookModule for LlamaDecoderLayer {
     type Input = LayerInput;
     /// `[batch, seq, hidden]`.
     type Output = Tensor;
+    /// Hidden states, mask and `(cos, sin)` `[batch, ..]`; the KV cache handle shared.
+    fn input_layout(&self) -> Layout {
+        LAYER_INPUT
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, (hidden, mask, rope, cache): LayerInput) -> Tensor {
         let attn = self.self_attn.call((self.input_layernorm.call(hidden.shallow_clone()), mask, rope, cache));
         let hidden = hidden + attn;
@@ -290,6 +320,14 @@ impl HookModule for LlamaAttention {
     type Input = LayerInput;
     /// `[batch, seq, hidden]`.
     type Output = Tensor;
+    /// Hidden states, mask and `(cos, sin)` `[batch, ..]`; the KV cache handle shared.
+    fn input_layout(&self) -> Layout {
+        LAYER_INPUT
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, (hidden, mask, (cos, sin), cache): LayerInput) -> Tensor {
         let size = hidden.size();
         let (b, s) = (size[0], size[1]);
@@ -354,6 +392,14 @@ impl HookModule for LlamaMlp {
     type Input = Tensor;
     /// `[batch, seq, hidden]`.
     type Output = Tensor;
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn input_layout(&self) -> Layout {
+        ROWS
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, x: Tensor) -> Tensor {
         let gate = self.act_fn.call(self.gate_proj.call(x.shallow_clone()));
         self.down_proj.call(gate * self.up_proj.call(x))
@@ -389,6 +435,14 @@ impl HookModule for RmsNorm {
     type Input = Tensor;
     /// `[..., hidden]`.
     type Output = Tensor;
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn input_layout(&self) -> Layout {
+        ROWS
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, x: Tensor) -> Tensor {
         let kind = x.kind();
         let x = x.to_kind(Kind::Float);

@@ -5,6 +5,10 @@
 //! whose dotted names are the Hugging Face safetensors keys, so the module path a user writes
 //! in `trace!` (`encoder.layer.0.attention.self.query`) is the checkpoint key prefix.
 //!
+//! Every hook point declares its batch layout (see [`crate::activation`]): [`ROWS`] for values
+//! `[batch, ..]`, [`Layout::Shared`] for values every row shares (BERT's position embeddings
+//! `[1, seq, hidden]`, the KV cache handle). `nnsight::Tracer::layouts` lists them for a run.
+//!
 //! [`linear`] is the linear layer they share (oneDNN for CPU f32 inference, libtorch's `linear`
 //! otherwise).
 //!
@@ -22,7 +26,17 @@ use std::path::Path;
 
 use tch::{nn, Tensor};
 
+use crate::activation::Layout;
 use crate::error::{Error, Result};
+
+/// The batch layout of most of the bundled models' hook points: every tensor `[batch, ..]`,
+/// rows on dim 0 (hidden states `[batch, seq, hidden]`, token ids and masks `[batch, seq]`,
+/// attention masks `[batch, 1, q, k]`, rotary tables `[batch, seq, head_dim]`).
+pub const ROWS: Layout = Layout::Batch(0);
+
+/// The batch layout of [`causal::CausalInput`]: ids, mask and position ids `[batch, ..]`, the
+/// KV cache handle shared by every row.
+pub const CAUSAL_INPUT: Layout = Layout::Tuple(&[ROWS, ROWS, ROWS, Layout::Shared]);
 
 /// Copies the tensors of the safetensors checkpoint `file` into the variables of `vs`.
 ///

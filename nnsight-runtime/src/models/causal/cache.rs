@@ -7,7 +7,7 @@ use std::rc::Rc;
 
 use tch::Tensor;
 
-use crate::activation::Activation;
+use crate::activation::{Activation, Layout, LeafPairs, Leaves, Refusal};
 
 /// A shared handle to the keys and values of every attention layer, kept between generation
 /// steps (transformers' `DynamicCache`).
@@ -18,8 +18,9 @@ use crate::activation::Activation;
 /// A [`KvCacheHandle::disabled`] handle stores nothing: every forward pass sees only its own
 /// tokens (a plain forward, or a trace).
 ///
-/// As a hook-point value it is passed through untouched: batch narrowing does not split it
-/// (it always holds the whole batch), a swap replaces the handle, `describe` shows its length.
+/// As a hook-point value it is shared by every row: batch narrowing does not split it (it
+/// always holds the whole batch); a swap may replace the handle only from a group of all rows
+/// (one invoke among several may only put the same handle back); `describe` shows its length.
 #[derive(Clone, Default)]
 pub struct KvCacheHandle(Option<Rc<RefCell<Layers>>>);
 
@@ -96,14 +97,6 @@ impl Activation for KvCacheHandle {
         self.clone()
     }
 
-    fn narrow_batch(&self, _: i64, _: i64, _: i64) -> Self {
-        self.clone()
-    }
-
-    fn splice_batch(self, value: Self, _: i64, _: i64, _: i64) -> Result<Self, (String, String)> {
-        Ok(value)
-    }
-
     fn describe(&self) -> String {
         if self.is_enabled() {
             format!("KvCache({} layers, {} cached positions)", self.num_layers(), self.past_len())
@@ -121,4 +114,20 @@ impl Activation for KvCacheHandle {
     }
 
     fn for_each_tensor(&self, _: &mut dyn FnMut(&Tensor)) {}
+
+    fn map_leaves(&self, _: Layout, _: &mut dyn Leaves) -> Result<Self, Refusal> {
+        Ok(self.clone())
+    }
+
+    /// The same handle (or, from a group of all rows, any handle): the cache is shared by every
+    /// row, so one invoke among several cannot replace it.
+    fn zip_leaves(self, new: Self, _: Layout, pairs: &mut dyn LeafPairs) -> Result<Self, Refusal> {
+        let same = match (&self.0, &new.0) {
+            (Some(a), Some(b)) => Rc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        pairs.plain(same, &|| self.describe())?;
+        Ok(new)
+    }
 }

@@ -4,7 +4,9 @@
 
 use tch::{Device, Kind, Tensor};
 
+use crate::activation::Layout;
 use crate::hook::HookModule;
+use crate::models::ROWS;
 use crate::tree::ModuleTree;
 
 /// Rotary position embedding parameters (transformers' `ROPE_INIT_FUNCTIONS`).
@@ -99,6 +101,14 @@ impl HookModule for RotaryEmbedding {
     type Input = (Tensor, Tensor);
     /// `(cos, sin)`, each `[batch, seq, head_dim]`.
     type Output = (Tensor, Tensor);
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn input_layout(&self) -> Layout {
+        ROWS
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
     fn forward(&self, (x, position_ids): (Tensor, Tensor)) -> (Tensor, Tensor) {
         let freqs = position_ids.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.to_device(x.device());
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
