@@ -2,7 +2,7 @@
 //! and the tiny model of the Python library's figures; plus micro-benchmarks of the interleaver.
 //!
 //! Run: `cargo bench --bench interleave` (about 3 to 4 minutes on a quiet 2-core machine), then
-//! `python3 benches/report.py` for the tables in the README's "Performance" section.
+//! `python3 benches/report.py` to write BENCHMARKS.md from the results.
 //! A filter selects groups: `cargo bench --bench interleave -- 'tiny_linear|micro'`.
 //!
 //! Two measurements per group of model cases:

@@ -1,12 +1,20 @@
 #!/usr/bin/env python3
-"""Markdown tables from `cargo bench --bench interleave` (criterion's estimates.json files).
+"""Writes BENCHMARKS.md from `cargo bench --bench interleave` (criterion's estimates.json files).
 
-Usage: python3 benches/report.py [CRITERION_DIR]
+Usage: python3 benches/report.py [--stdout] [CRITERION_DIR]
 CRITERION_DIR defaults to $CARGO_TARGET_DIR/criterion, else target/criterion next to this
 folder. Reads <dir>/<group>/<case>/new/estimates.json (the median, in ns, of the last run of
-each case) and benches/python_nnsight_reference.json (the Python library's figures, copied
-into the repository). Prints, per group, medians and ratios to the plain forward of the same
-run, the Python library's ratios beside ours, then the performance targets with the figures.
+each case), the paired runs beside it, and benches/python_nnsight_reference.json (the Python
+library's figures, copied into the repository). Makes, per group, medians and ratios to the
+plain forward of the same run, the Python library's ratios beside ours, then the performance
+targets with the figures.
+
+BENCHMARKS.md (at the repository root) is: a title, benches/benchmarks_notes.md (how to run and
+read the figures, written by hand), the tables, and the memory tables that
+`cargo run --release --example memory_report > <target>/memory_report.md` printed (when that
+file is missing, the memory section already in BENCHMARKS.md is kept). With --stdout the
+tables are printed instead and no file is written. Refuses to write when no criterion result
+is found, so the recorded figures are never replaced by empty tables.
 Python 3 standard library only.
 """
 
@@ -84,9 +92,7 @@ def target_dir():
 
 
 def criterion_dir():
-    if len(sys.argv) > 1:
-        return sys.argv[1]
-    return os.path.join(target_dir(), "criterion")
+    return criterion_dir_arg() or os.path.join(target_dir(), "criterion")
 
 
 def load(root, group, case):
@@ -217,6 +223,11 @@ def model_table(root, group, title, cases, py, with_python, baseline="plain_forw
                 row += ["", ""]
         lines.append("| " + " | ".join(row) + " |")
     return med, paired, "\n".join(lines) + "\n"
+
+
+def criterion_dir_arg():
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    return args[0] if args else None
 
 
 def main():
@@ -404,7 +415,47 @@ def main():
     out.append("**Targets**\n")
     out.append("| target | figure | |\n|---|---|---|")
     out.extend(t)
-    print("\n".join(out))
+    tables = "\n".join(out)
+    if "--stdout" in sys.argv[1:]:
+        print(tables)
+        return
+    if not groups_measured(groups, micro, gen):
+        sys.exit(f"no criterion results under {root}: run `cargo bench --bench interleave` first "
+                 f"(BENCHMARKS.md left as it is)")
+    write_benchmarks(tables)
+
+
+def groups_measured(groups, micro, gen):
+    """Whether any case of any group has a criterion result."""
+    meds = [v for med, _ in groups.values() for v in med.values()] + list(micro.values()) + list(gen.values())
+    return any(v is not None for v in meds)
+
+
+BENCHMARKS = os.path.join(os.path.dirname(HERE), "BENCHMARKS.md")
+MEMORY_HEADING = "## Memory"
+
+
+def write_benchmarks(tables):
+    """BENCHMARKS.md: title, the hand-written notes, the tables, the memory section."""
+    with open(os.path.join(HERE, "benchmarks_notes.md")) as f:
+        notes = f.read().strip()
+    memory_file = os.path.join(target_dir(), "memory_report.md")
+    if os.path.exists(memory_file):
+        with open(memory_file) as f:
+            memory = (f"{MEMORY_HEADING}\n\n`cargo run --release --example memory_report` (each row a fresh process, "
+                      f"whose peak is reset after loading the model and one warm-up forward):\n\n{f.read().strip()}")
+    else:
+        try:
+            with open(BENCHMARKS) as f:
+                old = f.read()
+            memory = old[old.index(MEMORY_HEADING):].strip()
+        except (OSError, ValueError):
+            memory = f"{MEMORY_HEADING}\n\nNot measured: run `cargo run --release --example memory_report > {memory_file}`."
+    text = (f"# Benchmarks\n\n<!-- Written by benches/report.py: edit benches/benchmarks_notes.md for the text, "
+            f"then run the script again. -->\n\n{notes}\n\n## Tables\n\n{tables}\n\n{memory}\n")
+    with open(BENCHMARKS, "w") as f:
+        f.write(text)
+    print(f"wrote {BENCHMARKS}")
 
 
 if __name__ == "__main__":

@@ -45,10 +45,15 @@ fn main() -> Result<(), Box<dyn Error>> {
         (layers, emb)
     })?;
     let clean_sim = cosine(&embeddings);
-    println!("\n1. Residual stream, layer by layer (mean-pooled cosine similarity of the two sentences):");
+    println!("\n1. Residual stream, layer by layer: its Frobenius norm over each sentence's real tokens");
+    println!("   (padding left out) and the mean-pooled cosine similarity of the two sentences:");
+    println!("   layer  shape         norm (Paris)  norm (Rome)  similarity");
+    let real = mask.to_kind(Kind::Float).unsqueeze(-1); // [2, seq, 1]: 1 for tokens, 0 for padding
     for (l, h) in layers.iter().enumerate() {
         let sim = cosine(&mean_pool_normalize(h, &mask));
-        println!("   layer {l}: {:?}  norm {:8.2}  similarity {sim:.4}", h.size(), h.norm().double_value(&[]));
+        let norms = (h * &real).square().sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Double).sqrt();
+        let shape = format!("{:?}", h.size());
+        println!("   {l:<5}  {shape:<12}  {:12.2}  {:11.2}  {sim:10.4}", norms.double_value(&[0]), norms.double_value(&[1]));
     }
     println!("   sentence-embedding similarity: {clean_sim:.4}");
 

@@ -170,6 +170,17 @@ pub enum Error {
     #[error("gradient hook: {0}")]
     GradHook(String),
 
+    /// Something the set-up provides is missing (the bundled model, libtorch's CUDA part); the
+    /// message says where it was looked for and which command provides it.
+    #[error("{0}")]
+    Setup(String),
+
+    /// A device that this build or this machine cannot use was asked for (a CUDA device without
+    /// a driver or GPU, or with a libtorch built without CUDA), or tensors on different devices
+    /// met; the message names the device and what is missing.
+    #[error("{0}")]
+    Device(String),
+
     /// An error from libtorch outside any node.
     #[error(transparent)]
     Tch(#[from] tch::TchError),

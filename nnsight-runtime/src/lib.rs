@@ -3,9 +3,10 @@
 //!
 //! The design follows nnsight's intervention module (deferred, data-driven execution of an
 //! intervention graph; counter-based injection per module and call; batch narrowing across
-//! invokes): see `DESIGN` notes in the repository README.
+//! invokes): see the guide chapter "How it works" (`nnsight::guide::how_it_works`).
 
 pub mod activation;
+pub mod bundled;
 pub mod error;
 pub mod generation;
 pub mod graph;
