@@ -14,7 +14,8 @@
 //! 7. [`errors`]: what fails at compile time, what at run time, and how errors read.
 //! 8. [`own_model`]: making your own tch model traceable.
 //! 9. [`models`]: the bundled architectures and `generate!`.
-//! 10. [`how_it_works`]: deferred execution, batch narrowing, clean-up, the linear kernel.
+//! 10. [`loading`]: a checkpoint folder from anywhere: what loaders check, and the fuzzer.
+//! 11. [`how_it_works`]: deferred execution, batch narrowing, clean-up, the linear kernel.
 //!
 //! A new chapter is a markdown file in `docs/guide/` plus one `chapter!` line below.
 
@@ -34,4 +35,5 @@ chapter!(control_flow, "control_flow.md");
 chapter!(errors, "errors.md");
 chapter!(own_model, "own_model.md");
 chapter!(models, "models.md");
+chapter!(loading, "loading.md");
 chapter!(how_it_works, "how_it_works.md");

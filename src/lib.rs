@@ -15,7 +15,7 @@
 //! ```
 //!
 //! Start with the [`guide`]: set-up, tracing, interventions, invokes, gradients, control flow,
-//! errors, your own model, the bundled models, and how it works. The repository's README has the
+//! errors, your own model, the bundled models, loading checkpoints, and how it works. The repository's README has the
 //! commands to set up and run the examples and tests, and BENCHMARKS.md the performance figures.
 
 pub use nnsight_macros::{generate, trace};

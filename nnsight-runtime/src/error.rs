@@ -4,6 +4,10 @@
 //! point (`encoder.layer.3.output`), the call index, the invoke (batch group), the node, and the
 //! expected and actual shape/dtype where shapes are involved.
 
+use std::cell::Cell;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use thiserror::Error;
 
 use crate::tracer::Group;
@@ -175,6 +179,30 @@ pub enum Error {
         actual: Vec<i64>,
     },
 
+    /// A checkpoint tensor has a dtype the model cannot use as a weight (an integer or bool
+    /// tensor where a float weight belongs, or a float format libtorch cannot read).
+    #[error("checkpoint `{file}`: tensor `{key}` has dtype {dtype}, expected {expected}")]
+    WeightDtype {
+        /// The safetensors file.
+        file: String,
+        /// The key.
+        key: String,
+        /// The dtype in the file (safetensors' name, e.g. `I32`).
+        dtype: String,
+        /// What the model takes, e.g. `a float type (F32, F16, BF16 or F64)`.
+        expected: String,
+    },
+
+    /// Building a model from a checked checkpoint failed (allocating the weights on the device
+    /// ran out of memory, the device does not exist, ...).
+    #[error("cannot load the model from `{path}`: {message}")]
+    Load {
+        /// The model folder.
+        path: String,
+        /// What failed.
+        message: String,
+    },
+
     /// The tokenizer failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -230,4 +258,68 @@ fn tidy_libtorch_message(text: &str) -> String {
         .unwrap_or(inner.len());
     let inner = if cut == inner.len() { inner.strip_suffix("\")").unwrap_or(inner) } else { &inner[..cut] };
     inner.trim().to_string()
+}
+
+thread_local! {
+    /// Set while this thread runs code whose panics become returned errors: the panic hook then
+    /// stays quiet instead of printing "thread panicked" for what is reported as an `Err`.
+    static QUIET: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Number of [`QuietGuard::all_threads`] guards alive: while above 0, panics on every thread
+/// are quiet (for work handed to a thread pool, whose panics come back to the caller).
+static QUIET_ALL: AtomicUsize = AtomicUsize::new(0);
+
+/// Installs (once per process) a panic hook that stays silent for quiet panics (see
+/// [`QuietGuard`]) and defers to the previous hook otherwise.
+fn install_quiet_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            let quiet = QUIET.try_with(Cell::get).unwrap_or(false) || QUIET_ALL.load(Ordering::SeqCst) > 0;
+            if !quiet {
+                previous(info)
+            }
+        }));
+    });
+}
+
+/// Keeps the panic hook quiet while alive, for panics that the code holding it turns into
+/// errors (restores the previous setting, also on unwind).
+pub(crate) struct QuietGuard {
+    previous: bool,
+    all_threads: bool,
+}
+
+impl QuietGuard {
+    /// Quiet for panics on the current thread.
+    pub(crate) fn new() -> Self {
+        install_quiet_panic_hook();
+        QuietGuard { previous: QUIET.with(|q| q.replace(true)), all_threads: false }
+    }
+
+    /// Quiet for panics on every thread (work on a thread pool, e.g. batch tokenization).
+    pub(crate) fn all_threads() -> Self {
+        let mut g = Self::new();
+        QUIET_ALL.fetch_add(1, Ordering::SeqCst);
+        g.all_threads = true;
+        g
+    }
+}
+
+impl Drop for QuietGuard {
+    fn drop(&mut self) {
+        QUIET.with(|q| q.set(self.previous));
+        if self.all_threads {
+            QUIET_ALL.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Runs `f`; a panic inside it (ours, tch's on a libtorch error or failed allocation, a
+/// dependency's) becomes `Err(message)` and prints nothing.
+pub(crate) fn catch_quiet<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    let _quiet = QuietGuard::new();
+    panic::catch_unwind(AssertUnwindSafe(f)).map_err(|p| panic_message(&*p))
 }

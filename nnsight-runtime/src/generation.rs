@@ -11,7 +11,7 @@ use std::cell::{Cell, RefCell};
 
 use tch::Tensor;
 
-use crate::error::{Error, Result};
+use crate::error::{catch_quiet, Error, Result};
 use crate::hook::{AsModule, Hooked};
 use crate::language_model::{LanguageModel, TextModel};
 use crate::models::causal::{CausalLm, CausalLmExt, Eos, Sampling};
@@ -86,7 +86,9 @@ impl<'m, M: CausalLm + TextModel> Generator<'m, M> {
             rows.push(match p {
                 Prompt::Ids(ids) => ids.clone(),
                 Prompt::Text(t) => {
-                    let enc = self.lm.tokenizer().encode(t.as_str(), true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+                    let enc = catch_quiet(|| self.lm.tokenizer().encode(t.as_str(), true))
+                        .map_err(|m| Error::Tokenizer(format!("the tokenizer panicked: {m}")))?
+                        .map_err(|e| Error::Tokenizer(e.to_string()))?;
                     enc.get_ids().iter().map(|&i| i as i64).collect()
                 }
             });
@@ -114,12 +116,12 @@ impl<M: CausalLm + TextModel> Traced for Generator<'_, M> {
 
     fn forward_invokes(&self, invokes: &[Vec<Prompt>]) -> Result<()> {
         if self.options.max_new_tokens < 1 {
-            return Err(Error::Input(format!("max_new_tokens must be at least 1, got {}", self.options.max_new_tokens)));
+            return Err(Error::Input(format!("`max_new_tokens` must be at least 1, got {}", self.options.max_new_tokens)));
         }
         let (ids, mask) = self.batch(invokes)?;
         let eos = if self.options.stop_at_eos { Eos::from_config::<M>(self.lm.root()) } else { None };
         let out = self.lm.root().generate(&ids, &mask, self.options.max_new_tokens, &self.options.sampling(), eos.as_ref())?;
-        self.ended_early.set(out.size()[1] < ids.size()[1] + self.options.max_new_tokens);
+        self.ended_early.set(out.size()[1] < ids.size()[1].saturating_add(self.options.max_new_tokens));
         *self.tokens.borrow_mut() = Some(out);
         Ok(())
     }
@@ -178,8 +180,15 @@ impl<M: CausalLm + TextModel> LanguageModel<M> {
     }
 
     /// Text of token ids (special tokens skipped), e.g. one row of [`LanguageModel::generate`].
+    /// [`Error::Input`] for an id that is no token id (negative, or past `u32`).
     pub fn decode(&self, ids: &[i64]) -> Result<String> {
-        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-        self.tokenizer().decode(&ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
+        let ids: Vec<u32> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| u32::try_from(id).map_err(|_| Error::Input(format!("cannot decode id {id} at position {i}: not a token id"))))
+            .collect::<Result<_>>()?;
+        catch_quiet(|| self.tokenizer().decode(&ids, true))
+            .map_err(|m| Error::Tokenizer(format!("the tokenizer panicked: {m}")))?
+            .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 }

@@ -26,7 +26,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::rc::Rc;
 
 use crate::activation::{Activation, Layout, Narrow, Refusal, Rows};
-use crate::error::{panic_message, Error, Result};
+use crate::error::{panic_message, Error, QuietGuard, Result};
 use crate::graph::{AddrMap, Effect, EffectKind, Graph, Io, NodeKind, Part, Value};
 use crate::hook::{HookModule, Hooked};
 use crate::proxy::NodeId;
@@ -43,41 +43,6 @@ pub use outcome::Outcome;
 
 thread_local! {
     static ACTIVE: Cell<*const ()> = const { Cell::new(std::ptr::null()) };
-    /// Set while a run (or a backward hook of one) is on this thread: panics inside it become
-    /// errors, so the panic hook stays quiet instead of printing "thread panicked" for what is
-    /// reported as an `Err`.
-    static QUIET: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Installs (once per process) a panic hook that stays silent for panics inside a run on the
-/// current thread and defers to the previous hook otherwise.
-fn install_quiet_panic_hook() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let previous = panic::take_hook();
-        panic::set_hook(Box::new(move |info| {
-            if !QUIET.try_with(Cell::get).unwrap_or(false) {
-                previous(info)
-            }
-        }));
-    });
-}
-
-/// Keeps the panic hook quiet on this thread while alive (restores the previous setting, also
-/// on unwind).
-struct QuietGuard(bool);
-
-impl QuietGuard {
-    fn new() -> Self {
-        install_quiet_panic_hook();
-        QuietGuard(QUIET.with(|q| q.replace(true)))
-    }
-}
-
-impl Drop for QuietGuard {
-    fn drop(&mut self) {
-        QUIET.with(|q| q.set(self.0));
-    }
 }
 
 /// Payload of the unwind that ends a forward pass early (error or `.stop()`).

@@ -19,13 +19,13 @@
 
 use std::fmt;
 use std::ops::Deref;
-use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 
 use tch::{Device, Tensor};
-use tokenizers::{PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer};
+use tokenizers::{Encoding, PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer};
 
-use crate::error::{panic_message, Error, Result};
+use crate::error::{catch_quiet, Error, QuietGuard, Result};
+use crate::models::ModelDir;
 use crate::hook::{AsModule, HookModule, Hooked};
 use crate::interleave::is_tracing;
 
@@ -75,9 +75,9 @@ pub trait TextModel: HookModule + Sized {
         None
     }
 
-    /// Number of token ids the model embeds (`vocab_size`): token ids given to a trace must be
-    /// in `0..n`, else an [`Error::Input`] naming the id and its position before the model runs.
-    /// `None`: not checked.
+    /// Number of token ids the model embeds (`vocab_size`): token ids given to a trace, and
+    /// those the tokenizer makes of text, must be in `0..n`, else an [`Error::Input`] naming the
+    /// id and its position (and token) before the model runs. `None`: not checked.
     fn input_vocab_size(&self) -> Option<i64> {
         None
     }
@@ -122,9 +122,11 @@ impl<M: TextModel> LanguageModel<M> {
     /// Loads the model (see [`TextModel::load`]) and `tokenizer.json` from the folder `dir`,
     /// on the CPU.
     ///
-    /// Errors name the file: [`Error::Io`] for a missing folder or file, [`Error::Config`],
-    /// [`Error::MissingWeight`], [`Error::WeightShape`] from the model, [`Error::Tokenizer`] for
-    /// a `tokenizer.json` the tokenizers crate cannot read.
+    /// Errors name the file: [`Error::Io`] for a missing folder or file (or one that is not a
+    /// regular file inside the folder, or a `tokenizer.json` over [`MAX_TOKENIZER_BYTES`]),
+    /// [`Error::Config`], [`Error::MissingWeight`], [`Error::WeightShape`],
+    /// [`Error::WeightDtype`] from the model, [`Error::Tokenizer`] for a `tokenizer.json` the
+    /// tokenizers crate cannot read.
     pub fn from_pretrained(dir: impl AsRef<Path>) -> Result<Self> {
         Self::from_pretrained_on(dir, Device::Cpu)
     }
@@ -132,9 +134,9 @@ impl<M: TextModel> LanguageModel<M> {
     /// [`LanguageModel::from_pretrained`] with the weights (and token tensors) on `device`.
     pub fn from_pretrained_on(dir: impl AsRef<Path>, device: Device) -> Result<Self> {
         let dir = dir.as_ref();
-        crate::models::check_model_dir(dir)?;
+        let folder = ModelDir::new(dir)?;
         let model = M::load(dir, device)?;
-        let tokenizer = load_tokenizer(&dir.join("tokenizer.json"))?;
+        let tokenizer = load_tokenizer(&folder)?;
         Self::from_parts(model, tokenizer, device)
     }
 
@@ -185,12 +187,70 @@ impl<M: TextModel> LanguageModel<M> {
     /// `seq` = the longest sentence in tokens (special tokens included), padded on the right
     /// (left for [`TextModel::padding_left`] models).
     ///
-    /// Errors: [`Error::Input`] for an empty list or a sentence longer than the model accepts;
-    /// [`Error::Tokenizer`] when tokenization fails.
+    /// Errors: [`Error::Input`] for an empty list, a sentence with no tokens (an empty or
+    /// whitespace-only text, for tokenizers that add no special tokens: GPT-2's), a sentence
+    /// longer than the model accepts, or a token id outside the model's vocabulary (a tokenizer
+    /// made for another model), naming the sentence, position, token and id;
+    /// [`Error::Tokenizer`] when tokenization fails (or the tokenizer panics).
     pub fn tokenize(&self, texts: &[&str]) -> Result<TextBatch> {
         if texts.is_empty() {
             return Err(Error::Input("nothing to tokenize: give at least one sentence".into()));
         }
+        let encodings = catch_quiet(|| self.encode(texts))
+            .map_err(|m| Error::Tokenizer(format!("the tokenizer panicked: {m}")))??;
+        self.check_encodings(texts, &encodings)?;
+        let seq = encodings.iter().map(|e| e.len()).max().unwrap_or(0);
+        if let Some(max) = self.root.max_positions() {
+            if seq as i64 > max {
+                return Err(Error::Input(format!(
+                    "the longest sentence has {seq} tokens; the model accepts at most {max} (max_position_embeddings)"
+                )));
+            }
+        }
+        let flat = |f: fn(&tokenizers::Encoding) -> &[u32]| -> Tensor {
+            let v: Vec<i64> = encodings.iter().flat_map(|e| f(e).iter().map(|&x| x as i64)).collect();
+            Tensor::from_slice(&v).view([encodings.len() as i64, seq as i64]).to_device(self.device)
+        };
+        Ok(TextBatch {
+            input_ids: flat(|e| e.get_ids()),
+            attention_mask: flat(|e| e.get_attention_mask()),
+            token_type_ids: flat(|e| e.get_type_ids()),
+            tokens: encodings.iter().map(|e| e.get_tokens().to_vec()).collect(),
+        })
+    }
+
+    /// Every sentence has a token, all rows one length, every id in the model's vocabulary.
+    fn check_encodings(&self, texts: &[&str], encodings: &[Encoding]) -> Result<()> {
+        if let Some(i) = encodings.iter().position(|e| e.get_attention_mask().iter().all(|&m| m == 0)) {
+            return Err(Error::Input(format!(
+                "sentence {i} ({:?}) has no tokens: this tokenizer adds no special tokens, so an empty or \
+                 whitespace-only text gives the model nothing to run on",
+                texts[i]
+            )));
+        }
+        let seq = encodings.iter().map(|e| e.len()).max().unwrap_or(0);
+        if let Some((i, e)) = encodings.iter().enumerate().find(|(_, e)| e.len() != seq) {
+            return Err(Error::Tokenizer(format!(
+                "sentence {i} has {} tokens and the longest has {seq}, but the tokenizer has no padding token",
+                e.len()
+            )));
+        }
+        let Some(vocab) = self.root.input_vocab_size() else { return Ok(()) };
+        for (i, e) in encodings.iter().enumerate() {
+            if let Some(pos) = e.get_ids().iter().position(|&id| id as i64 >= vocab) {
+                let (id, token) = (e.get_ids()[pos], &e.get_tokens()[pos]);
+                let what = if e.get_attention_mask()[pos] == 0 { "the padding token" } else { "token" };
+                return Err(Error::Input(format!(
+                    "sentence {i}: {what} {token:?} (id {id}) at position {pos} is outside the model's vocabulary \
+                     (vocab_size {vocab}): the tokenizer's vocabulary is larger than the model's (a tokenizer for another model?)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The encodings of `texts`, padded as set in [`LanguageModel::from_parts`].
+    fn encode(&self, texts: &[&str]) -> Result<Vec<Encoding>> {
         let encodings = if texts.len() <= SERIAL_TOKENIZE_MAX {
             // Small batches: one by one, then pad, all on this thread. `encode_batch` and
             // `tokenizers::utils::padding::pad_encodings` hand even two sentences to rayon's
@@ -214,57 +274,43 @@ impl<M: TextModel> LanguageModel<M> {
             }
             encodings
         } else {
+            // The tokenizers crate encodes on rayon's pool: its panics come back here, and must
+            // not print on the pool's threads either.
+            let _quiet = QuietGuard::all_threads();
             self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| Error::Tokenizer(e.to_string()))?
         };
-        let seq = encodings.iter().map(|e| e.len()).max().unwrap_or(0);
-        if let Some((i, e)) = encodings.iter().enumerate().find(|(_, e)| e.len() != seq) {
-            return Err(Error::Tokenizer(format!(
-                "sentence {i} has {} tokens and the longest has {seq}, but the tokenizer has no padding token",
-                e.len()
-            )));
-        }
-        if let Some(max) = self.root.max_positions() {
-            if seq as i64 > max {
-                return Err(Error::Input(format!(
-                    "the longest sentence has {seq} tokens; the model accepts at most {max} (max_position_embeddings)"
-                )));
-            }
-        }
-        let flat = |f: fn(&tokenizers::Encoding) -> &[u32]| -> Tensor {
-            let v: Vec<i64> = encodings.iter().flat_map(|e| f(e).iter().map(|&x| x as i64)).collect();
-            Tensor::from_slice(&v).view([encodings.len() as i64, seq as i64]).to_device(self.device)
-        };
-        Ok(TextBatch {
-            input_ids: flat(|e| e.get_ids()),
-            attention_mask: flat(|e| e.get_attention_mask()),
-            token_type_ids: flat(|e| e.get_type_ids()),
-            tokens: encodings.iter().map(|e| e.get_tokens().to_vec()).collect(),
-        })
+        Ok(encodings)
     }
 
     /// Plain forward pass (no trace) on `texts` batched as in [`LanguageModel::tokenize`], for
     /// inference: it runs under `no_grad` (for gradients, trace with `.backward()`). For BERT
-    /// the result is `last_hidden_state [batch, seq, hidden]`. A panic inside the model becomes
-    /// [`Error::Model`].
+    /// the result is `last_hidden_state [batch, seq, hidden]`. Errors as
+    /// [`LanguageModel::tokenize`]; a panic inside the model becomes [`Error::Model`] (nothing
+    /// printed).
     pub fn forward(&self, texts: &[&str]) -> Result<M::Output> {
         let batch = self.tokenize(texts)?;
         let input = self.root.text_input(&batch);
         if is_tracing() {
             return Ok(self.root.call(input));
         }
-        tch::no_grad(|| panic::catch_unwind(AssertUnwindSafe(|| self.root.call(input))))
-            .map_err(|p| Error::Model(panic_message(&*p)))
+        tch::no_grad(|| catch_quiet(|| self.root.call(input))).map_err(Error::Model)
     }
 }
 
 /// Batches up to this many sentences are tokenized on the calling thread.
 const SERIAL_TOKENIZE_MAX: usize = 16;
 
-/// Reads a `tokenizer.json` ([`Error::Io`] if missing, [`Error::Tokenizer`] if unreadable).
-fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
-    let p = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: p.clone(), source })?;
-    text.parse::<Tokenizer>().map_err(|e| Error::Tokenizer(format!("cannot load `{p}`: {e}")))
+/// Largest `tokenizer.json` read (real ones are up to a few tens of MB).
+pub const MAX_TOKENIZER_BYTES: u64 = 512 << 20;
+
+/// Reads `tokenizer.json` of the folder ([`Error::Io`] if missing, not a regular file inside
+/// the folder, or too large; [`Error::Tokenizer`] if unreadable).
+fn load_tokenizer(folder: &ModelDir) -> Result<Tokenizer> {
+    let text = folder.read_text("tokenizer.json", MAX_TOKENIZER_BYTES)?;
+    let p = folder.join("tokenizer.json").display().to_string();
+    catch_quiet(|| text.parse::<Tokenizer>())
+        .map_err(|m| Error::Tokenizer(format!("cannot load `{p}`: the tokenizer panicked: {m}")))?
+        .map_err(|e| Error::Tokenizer(format!("cannot load `{p}`: {e}")))
 }
 
 impl<M> Deref for LanguageModel<M> {

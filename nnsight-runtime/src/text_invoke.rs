@@ -227,7 +227,7 @@ fn owned_ids(field: Field, t: &Tensor, device: Device) -> Result<Tensor> {
 
 /// [`Error::Input`] when `t` holds an id outside `0..size` (`size` from the config key `key`):
 /// the embedding lookup would fail inside the model with no hint of where.
-fn in_vocabulary(name: &str, t: &Tensor, size: Option<i64>, key: &str) -> Result<()> {
+pub(crate) fn in_vocabulary(name: &str, t: &Tensor, size: Option<i64>, key: &str) -> Result<()> {
     let Some(size) = size else { return Ok(()) };
     let (lo, hi) = t.aminmax(None, false);
     let (lo, hi) = (lo.int64_value(&[]), hi.int64_value(&[]));

@@ -1,2 +1,5 @@
+#[macro_use]
+pub mod isolate;
+pub mod folders;
 pub mod minilm;
 pub mod tiny;

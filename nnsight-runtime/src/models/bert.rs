@@ -121,41 +121,9 @@ impl BertConfig {
     /// no `model_type` and no `Bert*` class in `architectures`), has a field of the wrong type,
     /// or fails [`BertConfig::validate`].
     pub fn from_file(path: &Path) -> Result<Self> {
-        let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: p.clone(), source })?;
-        let bad = |message: String| Error::Config { path: p.clone(), message };
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        match json.get("model_type") {
-            Some(serde_json::Value::String(t)) if t == "bert" => {}
-            Some(t) => {
-                return Err(bad(format!("expected a BERT config (model_type \"bert\"), found model_type {t}")));
-            }
-            None => {
-                let archs = json.get("architectures").and_then(|a| a.as_array());
-                let is_bert = archs.is_some_and(|a| a.iter().any(|s| s.as_str().is_some_and(|s| s.starts_with("Bert"))));
-                if !is_bert {
-                    let found = match archs {
-                        Some(a) => format!("no model_type and architectures {}", serde_json::Value::Array(a.clone())),
-                        None => "neither model_type nor architectures".to_string(),
-                    };
-                    return Err(bad(format!("expected a BERT config (model_type \"bert\"), found {found}")));
-                }
-            }
-        }
-        let config: BertConfig = serde_json::from_value(json.clone()).map_err(|e| {
-            // serde_json does not say which field had the wrong type: find it by trying each alone.
-            let field = json.as_object().and_then(|o| {
-                o.iter().find_map(|(k, v)| {
-                    let one = serde_json::Value::Object([(k.clone(), v.clone())].into_iter().collect());
-                    serde_json::from_value::<BertConfig>(one).is_err().then(|| k.clone())
-                })
-            });
-            match field {
-                Some(k) => bad(format!("field `{k}`: {e}")),
-                None => bad(e.to_string()),
-            }
-        })?;
-        config.validate().map_err(bad)?;
+        let json = super::validate::read_config(path, "BERT", &["bert"], "Bert")?;
+        let config: BertConfig = super::validate::parse_config(path, json)?;
+        config.validate().map_err(|m| super::validate::config_error(&path.display().to_string(), m))?;
         Ok(config)
     }
 
@@ -163,30 +131,18 @@ impl BertConfig {
     /// `hidden_size` divisible by `num_attention_heads`, a supported `hidden_act`, absolute
     /// positions, no decoder or cross-attention. The message names the offending field.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        for (name, v) in [
+        use super::validate as v;
+        v::positive(&[
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
             ("num_attention_heads", self.num_attention_heads),
             ("intermediate_size", self.intermediate_size),
             ("max_position_embeddings", self.max_position_embeddings),
             ("type_vocab_size", self.type_vocab_size),
-        ] {
-            if v <= 0 {
-                return Err(format!("`{name}` must be positive, found {v}"));
-            }
-        }
-        if self.num_hidden_layers < 0 {
-            return Err(format!("`num_hidden_layers` must not be negative, found {}", self.num_hidden_layers));
-        }
-        if self.hidden_size % self.num_attention_heads != 0 {
-            return Err(format!(
-                "`hidden_size` {} is not a multiple of `num_attention_heads` {}",
-                self.hidden_size, self.num_attention_heads
-            ));
-        }
-        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
-            return Err(format!("`layer_norm_eps` must be positive, found {}", self.layer_norm_eps));
-        }
+        ])?;
+        v::non_negative("num_hidden_layers", self.num_hidden_layers)?;
+        v::multiple_of(("hidden_size", self.hidden_size), ("num_attention_heads", self.num_attention_heads))?;
+        v::positive_finite("layer_norm_eps", self.layer_norm_eps)?;
         HiddenAct::parse(&self.hidden_act)?;
         if self.position_embedding_type != "absolute" {
             return Err(format!(
@@ -197,12 +153,7 @@ impl BertConfig {
         if self.is_decoder || self.add_cross_attention {
             return Err("`is_decoder` / `add_cross_attention`: decoder BERT is not supported".into());
         }
-        if let Some(pad) = self.pad_token_id {
-            if pad < 0 || pad >= self.vocab_size {
-                return Err(format!("`pad_token_id` {pad} is outside the vocabulary of {}", self.vocab_size));
-            }
-        }
-        Ok(())
+        v::token_ids_in_vocab("pad_token_id", self.pad_token_id.as_slice(), self.vocab_size)
     }
 
     /// Width of one attention head: `hidden_size / num_attention_heads`.
@@ -288,33 +239,37 @@ pub struct Bert {
 impl Bert {
     /// Builds a BERT with fresh (random) weights as variables under `p` (use `vs.root()` so the
     /// variable names are the checkpoint keys, e.g. `embeddings.word_embeddings.weight`).
-    /// Fails with [`Error::Config`] when `config` does not pass [`BertConfig::validate`].
+    /// Fails with [`Error::Config`] when `config` does not pass [`BertConfig::validate`], and
+    /// with [`Error::Load`] when allocating the weights fails.
     pub fn new(p: &nn::Path, config: &BertConfig) -> Result<Bert> {
-        config.validate().map_err(|message| Error::Config { path: "<BertConfig given to Bert::new>".into(), message })?;
-        let pe = p / "embeddings";
-        let pn = p / "encoder";
-        Ok(Bert {
-            embeddings: Hooked::new(&pe, BertEmbeddings::new(&pe, config)),
-            encoder: Hooked::new(&pn, BertEncoder::new(&pn, config)?),
-            config: config.clone(),
+        const WHAT: &str = "<BertConfig given to Bert::new>";
+        config.validate().map_err(|message| Error::Config { path: WHAT.into(), message })?;
+        super::params::building(WHAT, || {
+            let pe = p / "embeddings";
+            let pn = p / "encoder";
+            Ok(Bert {
+                embeddings: Hooked::new(&pe, BertEmbeddings::new(&pe, config)),
+                encoder: Hooked::new(&pn, BertEncoder::new(&pn, config)?),
+                config: config.clone(),
+            })
         })
     }
 
-    /// Loads a Hugging Face BERT checkpoint folder: `config.json` and `model.safetensors`
-    /// (keys with or without a `bert.` prefix; extra keys such as the pooler's are ignored).
-    /// Weights are loaded as f32 on `device`.
+    /// Loads a Hugging Face BERT checkpoint folder: `config.json` and `model.safetensors` (or
+    /// shards listed by `model.safetensors.index.json`; keys with or without a `bert.` prefix;
+    /// extra keys such as the pooler's are ignored). Weights are loaded as f32 on `device`,
+    /// after every shape and dtype was checked against the safetensors headers (see
+    /// [`super::checkpoint`]).
     ///
-    /// Errors, each naming the file (and key): [`Error::Io`] for a missing folder or file,
-    /// [`Error::Config`] for a config that is not BERT's or is invalid, [`Error::MissingWeight`]
-    /// for a key the checkpoint lacks, [`Error::WeightShape`] for a tensor whose shape is not the
-    /// one the config implies.
+    /// Errors, each naming the file (and key): [`Error::Io`] for a missing folder or file (or
+    /// one that is not a regular file inside the folder), [`Error::Config`] for a config that is
+    /// not BERT's or is invalid, [`Error::MissingWeight`] for a key the checkpoint lacks,
+    /// [`Error::WeightShape`] for a tensor whose shape is not the one the config implies,
+    /// [`Error::WeightDtype`] for a tensor that is not floating-point.
     pub fn load(dir: &Path, device: Device) -> Result<Bert> {
         super::check_model_dir(dir)?;
         let config = BertConfig::from_file(&dir.join("config.json"))?;
-        let vs = nn::VarStore::new(device);
-        let bert = Bert::new(&vs.root(), &config)?;
-        super::load_safetensors(&vs, &dir.join("model.safetensors"), &["bert."])?;
-        Ok(bert)
+        super::checkpoint::load_model(dir, device, Some(Kind::Float), &["bert."], |p| Bert::new(p, &config))
     }
 
     /// The device the weights live on.
@@ -430,7 +385,7 @@ impl BertEmbeddings {
             // Zeros, not tch's default N(0, 1): the checkpoint overwrites every value, and
             // drawing ~12M random numbers made loading MiniLM noticeably slower.
             let cfg = nn::EmbeddingConfig { padding_idx, ws_init: nn::Init::Const(0.0), ..Default::default() };
-            Hooked::new(&q, nn::embedding(&q, rows, c.hidden_size, cfg)).with_layouts(layout, layout)
+            Hooked::new(&q, super::params::embedding(&q, rows, c.hidden_size, cfg)).with_layouts(layout, layout)
         };
         BertEmbeddings {
             word_embeddings: emb("word_embeddings", c.vocab_size, c.pad_token_id.unwrap_or(-1), ROWS),
@@ -815,5 +770,5 @@ fn linear(p: &nn::Path, name: &str, in_dim: i64, out_dim: i64) -> Hooked<Linear>
 /// `nn::LayerNorm` over `hidden_size` at `p` (variables `weight`, `bias`, as in the checkpoint).
 fn layer_norm(p: &nn::Path, c: &BertConfig) -> Hooked<nn::LayerNorm> {
     let cfg = nn::LayerNormConfig { eps: c.layer_norm_eps, ..Default::default() };
-    Hooked::new(p, nn::layer_norm(p, vec![c.hidden_size], cfg)).with_layouts(ROWS, ROWS)
+    Hooked::new(p, super::params::layer_norm(p, c.hidden_size, cfg)).with_layouts(ROWS, ROWS)
 }

@@ -19,7 +19,6 @@
 //! transformers' `generate` computes them), so a padded row computes what it computes alone.
 
 mod cache;
-mod checkpoint;
 mod generate;
 
 use std::path::Path;
@@ -27,15 +26,17 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::error::{Error, Result};
+use super::params;
 use crate::activation::Layout;
+use crate::error::Result;
 use crate::hook::{HookModule, Hooked};
 use crate::models::ROWS;
 use crate::language_model::TextBatch;
 use crate::tree::ModuleTree;
 
 pub use cache::KvCacheHandle;
-pub use checkpoint::{checkpoint_kind, checkpoint_tensors, kind_of_dtype, load_into, TensorInfo};
+pub use super::checkpoint::{checkpoint_kind, checkpoint_tensors, kind_of_dtype, load_into, TensorInfo};
+pub(crate) use super::validate::config_error;
 pub use generate::{CausalLmExt, Eos, Sampling};
 
 /// The root input of a causal LM (and of its `transformer` / `model` body):
@@ -70,9 +71,9 @@ impl Default for LoadOptions {
 pub trait CausalLm: HookModule<Input = CausalInput, Output = Tensor> + Sized {
     /// Loads `config.json` and the safetensors checkpoint from the folder `dir`.
     ///
-    /// Errors name the file: [`Error::Io`] (missing folder or file), [`Error::Config`]
-    /// (another architecture, bad or unsupported value), [`Error::MissingWeight`],
-    /// [`Error::WeightShape`].
+    /// Errors name the file: [`crate::Error::Io`] (missing folder or file), [`crate::Error::Config`]
+    /// (another architecture, bad or unsupported value), [`crate::Error::MissingWeight`],
+    /// [`crate::Error::WeightShape`].
     fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self>;
 
     /// [`CausalLm::load_with`] on the CPU in the checkpoint's dtype, wrapped as the root
@@ -129,7 +130,7 @@ impl LmHead {
     pub fn new(p: &nn::Path, embedding: Option<&Tensor>, vocab: i64, hidden: i64) -> Hooked<LmHead> {
         let weight = match embedding {
             Some(w) => w.shallow_clone(),
-            None => p.zeros("weight", &[vocab, hidden]),
+            None => params::param(p, "weight", &[vocab, hidden], nn::Init::Const(0.0)),
         };
         Hooked::new(p, LmHead { weight, bias: None })
     }
@@ -206,7 +207,7 @@ pub fn eager_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scalin
 
 /// A config's `eos_token_id` / `bos_token_id`: one id or a list.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "expected a token id or a list of token ids")]
 pub enum TokenIds {
     /// One id.
     One(i64),
@@ -224,80 +225,28 @@ impl TokenIds {
     }
 }
 
-/// Reads `config.json` at `path` and checks it describes `family`: `model_type` equal to one of
-/// `model_types`, or (without `model_type`) an `architectures` entry starting with
-/// `arch_prefix`. Returns the JSON for the caller to deserialise.
-pub(crate) fn read_config(path: &Path, family: &str, model_types: &[&str], arch_prefix: &str) -> Result<serde_json::Value> {
-    let p = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: p.clone(), source })?;
-    let bad = |message: String| Error::Config { path: p.clone(), message };
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-    let expected = model_types.iter().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(" or ");
-    match json.get("model_type") {
-        Some(serde_json::Value::String(t)) if model_types.contains(&t.as_str()) => Ok(json),
-        Some(t) => Err(bad(format!("expected a {family} config (model_type {expected}), found model_type {t}"))),
-        None => {
-            let archs = json.get("architectures").and_then(|a| a.as_array());
-            if archs.is_some_and(|a| a.iter().any(|s| s.as_str().is_some_and(|s| s.starts_with(arch_prefix)))) {
-                return Ok(json);
-            }
-            let found = match archs {
-                Some(a) => format!("no model_type and architectures {}", serde_json::Value::Array(a.clone())),
-                None => "neither model_type nor architectures".to_string(),
-            };
-            Err(bad(format!("expected a {family} config (model_type {expected}), found {found}")))
-        }
-    }
-}
-
-/// Deserialises a checked config JSON, errors naming `path`.
-pub(crate) fn parse_config<C: serde::de::DeserializeOwned>(path: &Path, json: serde_json::Value) -> Result<C> {
-    serde_json::from_value(json).map_err(|e| Error::Config { path: path.display().to_string(), message: e.to_string() })
-}
-
-/// Loads a checkpoint folder into a model built by `build` on a fresh `VarStore` whose default
-/// kind is the requested (or the checkpoint's) dtype. `strip_prefixes`: see [`load_into`].
+/// Loads a checkpoint folder into a model built by `build` (see
+/// [`super::checkpoint::load_model`]: every weight is checked against the safetensors headers
+/// before any is allocated). `strip_prefixes`: key prefixes the checkpoint may lack
+/// (`transformer.`, `model.`), see [`super::checkpoint::Checkpoint::check`].
 pub(crate) fn load_model<M>(
     dir: &Path,
     options: &LoadOptions,
     strip_prefixes: &[&str],
-    build: impl FnOnce(&nn::Path) -> Result<M>,
+    build: impl Fn(&nn::Path) -> Result<M>,
 ) -> Result<M> {
-    let (index, table) = checkpoint_tensors(dir)?;
-    let kind = match options.dtype {
-        None => checkpoint_kind(&table),
-        Some(k @ (Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double)) => k,
-        Some(k) => return Err(Error::Input(format!("cannot load weights as {k:?}: use Float, Half, BFloat16 or Double"))),
-    };
-    let mut vs = nn::VarStore::new(options.device);
-    vs.set_kind(kind);
-    let model = build(&vs.root())?;
-    load_into(&vs, &index, &table, strip_prefixes)?;
-    Ok(model)
+    super::checkpoint::load_model(dir, options.device, options.dtype, strip_prefixes, build)
 }
 
 /// `nn::LayerNorm` over `[dim]` at `p` (variables `weight`, `bias`), input and output `[batch, ..]`.
 pub(crate) fn layer_norm(p: &nn::Path, dim: i64, eps: f64) -> Hooked<nn::LayerNorm> {
     let cfg = nn::LayerNormConfig { eps, ..Default::default() };
-    Hooked::new(p, nn::layer_norm(p, vec![dim], cfg)).with_layouts(ROWS, ROWS)
+    Hooked::new(p, params::layer_norm(p, dim, cfg)).with_layouts(ROWS, ROWS)
 }
 
 /// `nn::Embedding` `[rows, dim]` at `p` (variable `weight`, zero until loaded); ids `[batch, seq]`
 /// (token ids, or GPT-2's position ids) in, `[batch, seq, dim]` out.
 pub(crate) fn embedding(p: &nn::Path, rows: i64, dim: i64) -> Hooked<nn::Embedding> {
     let cfg = nn::EmbeddingConfig { ws_init: nn::Init::Const(0.0), ..Default::default() };
-    Hooked::new(p, nn::embedding(p, rows, dim, cfg)).with_layouts(ROWS, ROWS)
-}
-
-/// Config error for `path` (or a description of the config when it came from memory).
-pub(crate) fn config_error(path: &str, message: impl Into<String>) -> Error {
-    Error::Config { path: path.to_string(), message: message.into() }
-}
-
-/// Errors for non-positive sizes, naming the field.
-pub(crate) fn check_positive(fields: &[(&str, i64)]) -> std::result::Result<(), String> {
-    match fields.iter().find(|(_, v)| *v <= 0) {
-        Some((name, v)) => Err(format!("`{name}` must be positive, found {v}")),
-        None => Ok(()),
-    }
+    Hooked::new(p, params::embedding(p, rows, dim, cfg)).with_layouts(ROWS, ROWS)
 }

@@ -29,6 +29,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::bert::HiddenAct;
 use super::causal::{self, CausalInput, CausalLm, KvCacheHandle, LmHead, LoadOptions, TokenIds};
+use super::params;
 use crate::error::Result;
 use crate::activation::Layout;
 use crate::hook::{HookModule, Hooked};
@@ -57,14 +58,19 @@ pub struct Gpt2 {
 
 impl Gpt2 {
     /// A GPT-2 with zero weights as variables under `p` (use `vs.root()`: the variable names are
-    /// the checkpoint keys, `transformer.h.0.attn.c_attn.weight`, ...).
+    /// the checkpoint keys, `transformer.h.0.attn.c_attn.weight`, ...). Errors:
+    /// [`crate::Error::Config`] for a config failing [`Gpt2Config::validate`],
+    /// [`crate::Error::Load`] when allocating the weights fails.
     pub fn new(p: &nn::Path, config: &Gpt2Config) -> Result<Gpt2> {
-        config.validate().map_err(|m| causal::config_error("<Gpt2Config given to Gpt2::new>", m))?;
-        let pt = p / "transformer";
-        let transformer = Gpt2Transformer::new(&pt, config)?;
-        let tied = config.tie_word_embeddings.then_some(&transformer.wte.ws);
-        let lm_head = LmHead::new(&(p / "lm_head"), tied, config.vocab_size, config.n_embd);
-        Ok(Gpt2 { transformer: Hooked::new(&pt, transformer), lm_head, config: config.clone() })
+        const WHAT: &str = "<Gpt2Config given to Gpt2::new>";
+        config.validate().map_err(|m| causal::config_error(WHAT, m))?;
+        params::building(WHAT, || {
+            let pt = p / "transformer";
+            let transformer = Gpt2Transformer::new(&pt, config)?;
+            let tied = config.tie_word_embeddings.then_some(&transformer.wte.ws);
+            let lm_head = LmHead::new(&(p / "lm_head"), tied, config.vocab_size, config.n_embd);
+            Ok(Gpt2 { transformer: Hooked::new(&pt, transformer), lm_head, config: config.clone() })
+        })
     }
 }
 
@@ -378,7 +384,9 @@ pub struct Conv1D {
 impl Conv1D {
     /// Zero variables `weight [in, out]`, `bias [out]` under `p`.
     pub fn new(p: &nn::Path, in_dim: i64, out_dim: i64) -> Hooked<Conv1D> {
-        Hooked::new(p, Conv1D { weight: p.zeros("weight", &[in_dim, out_dim]), bias: p.zeros("bias", &[out_dim]) })
+        let zeros = nn::Init::Const(0.0);
+        let weight = params::param(p, "weight", &[in_dim, out_dim], zeros);
+        Hooked::new(p, Conv1D { weight, bias: params::param(p, "bias", &[out_dim], zeros) })
     }
 }
 

@@ -141,8 +141,9 @@ impl Linear {
     /// Zero variables `weight [out, in]` and, if `bias`, `bias [out]` under `p`, wrapped as the
     /// hooked module at `p` (the checkpoint's values are copied in afterwards).
     pub fn new(p: &nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> Hooked<Linear> {
-        let ws = p.zeros("weight", &[out_dim, in_dim]);
-        let bs = bias.then(|| p.zeros("bias", &[out_dim]));
+        let zeros = nn::Init::Const(0.0);
+        let ws = super::params::param(p, "weight", &[out_dim, in_dim], zeros);
+        let bs = bias.then(|| super::params::param(p, "bias", &[out_dim], zeros));
         Hooked::new(p, Linear { ws, bs })
     }
 }

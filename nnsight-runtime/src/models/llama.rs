@@ -32,6 +32,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::bert::HiddenAct;
 use super::causal::{self, CausalInput, CausalLm, KvCacheHandle, LmHead, LoadOptions, TokenIds};
+use super::params;
 
 use crate::error::Result;
 use crate::activation::Layout;
@@ -65,14 +66,18 @@ pub struct Llama {
 impl Llama {
     /// A model with zero weights as variables under `p` (use `vs.root()`: variable names are
     /// the checkpoint keys, `model.layers.0.self_attn.q_proj.weight`, ...). `lm_head.weight`
-    /// is a variable unless `tie_word_embeddings`.
+    /// is a variable unless `tie_word_embeddings`. Errors: [`crate::Error::Config`] for a config
+    /// failing [`LlamaConfig::validate`], [`crate::Error::Load`] when allocating the weights fails.
     pub fn new(p: &nn::Path, config: &LlamaConfig) -> Result<Llama> {
-        config.validate().map_err(|m| causal::config_error("<LlamaConfig given to Llama::new>", m))?;
-        let pm = p / "model";
-        let model = LlamaModel::new(&pm, config)?;
-        let tied = config.tie_word_embeddings.then_some(&model.embed_tokens.ws);
-        let lm_head = LmHead::new(&(p / "lm_head"), tied, config.vocab_size, config.hidden_size);
-        Ok(Llama { model: Hooked::new(&pm, model), lm_head, config: config.clone() })
+        const WHAT: &str = "<LlamaConfig given to Llama::new>";
+        config.validate().map_err(|m| causal::config_error(WHAT, m))?;
+        params::building(WHAT, || {
+            let pm = p / "model";
+            let model = LlamaModel::new(&pm, config)?;
+            let tied = config.tie_word_embeddings.then_some(&model.embed_tokens.ws);
+            let lm_head = LmHead::new(&(p / "lm_head"), tied, config.vocab_size, config.hidden_size);
+            Ok(Llama { model: Hooked::new(&pm, model), lm_head, config: config.clone() })
+        })
     }
 }
 
@@ -175,6 +180,7 @@ impl LlamaModel {
             })
             .collect::<Result<_>>()?;
         let rope = c.rope().map_err(|m| causal::config_error("<LlamaConfig>", m))?;
+        params::buffer(&(p / "rotary_emb"), "inv_freq", c.head_dim() / 2);
         Ok(LlamaModel {
             embed_tokens: causal::embedding(&(p / "embed_tokens"), c.vocab_size, c.hidden_size),
             layers,
@@ -421,7 +427,7 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// Variable `weight [dim]` under `p` (ones until loaded).
     pub fn new(p: &nn::Path, dim: i64, eps: f64) -> Hooked<RmsNorm> {
-        Hooked::new(p, RmsNorm { weight: p.ones("weight", &[dim]), eps })
+        Hooked::new(p, RmsNorm { weight: params::param(p, "weight", &[dim], nn::Init::Const(1.0)), eps })
     }
 }
 

@@ -1,11 +1,9 @@
 //! Forward passes and generation on the root module of a causal LM.
 
-use std::panic::{self, AssertUnwindSafe};
-
 use tch::{Device, IndexOp, Kind, Tensor};
 
 use super::{position_ids, CausalLm, KvCacheHandle};
-use crate::error::{panic_message, Error, Result};
+use crate::error::{catch_quiet, Error, Result};
 use crate::hook::Hooked;
 use crate::interleave::is_tracing;
 
@@ -16,9 +14,11 @@ pub enum Sampling {
     Greedy,
     /// A draw from `softmax(logits / temperature)` restricted to the `top_k` most likely
     /// tokens (all tokens when `None`), from a generator seeded with `seed` (its own, not
-    /// libtorch's global one): the same seed and logits give the same tokens.
+    /// libtorch's global one): the same seed and logits give the same tokens. Computed in f64
+    /// as `softmax((logits - max) / temperature)`, so any positive temperature gives finite
+    /// probabilities (a tiny one tends to greedy).
     Sample {
-        /// Divides the logits; must be positive.
+        /// Divides the logits; must be positive and finite.
         temperature: f64,
         /// Keep only the `k` most likely tokens; at least 1.
         top_k: Option<i64>,
@@ -60,8 +60,9 @@ pub trait CausalLmExt {
     /// [`Error::Model`].
     ///
     /// Errors ([`Error::Input`]) before the model runs: `seq` or `batch` 0, ids not 2-d integer,
-    /// a mask of another shape, `past + seq` over the model's `max_positions`, a cache for
-    /// another number of layers.
+    /// an id outside the vocabulary (named with its row and position), a mask of another
+    /// shape, `past + seq` over the model's `max_positions`, a cache for another number of
+    /// layers.
     fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, cache: &KvCacheHandle) -> Result<Tensor>;
 
     /// Generates up to `max_new_tokens` tokens per row after the (left-padded) prompt
@@ -71,8 +72,11 @@ pub trait CausalLmExt {
     /// the root module is called once per step (so in a trace, call `n` of any module is step
     /// `n`). Returns `[batch, seq + n]` i64 (prompt with its padding, then the new tokens;
     /// `n = max_new_tokens` unless every row hit `eos` earlier), on the model's device.
-    /// Errors as [`CausalLmExt::forward`], plus `seq + max_new_tokens - 1` over
-    /// `max_positions` and bad sampling parameters.
+    /// Errors as [`CausalLmExt::forward`], plus ([`Error::Input`], naming the option)
+    /// `max_new_tokens` negative or with `seq + max_new_tokens - 1` over `max_positions` (sums
+    /// checked for overflow), `temperature` not positive and finite, `top_k` below 1; and
+    /// [`Error::Model`] when a step's logits hold NaN (or are all `-inf` when sampling), since
+    /// no token can be chosen from them.
     fn generate(
         &self,
         input_ids: &Tensor,
@@ -101,7 +105,7 @@ impl<M: CausalLm> CausalLmExt for Hooked<M> {
         eos: Option<&Eos>,
     ) -> Result<Tensor> {
         if max_new_tokens < 0 {
-            return Err(Error::Input(format!("max_new_tokens must not be negative, got {max_new_tokens}")));
+            return Err(Error::Input(format!("`max_new_tokens` must not be negative, got {max_new_tokens}")));
         }
         check_sampling(sampling)?;
         let model: &M = self;
@@ -118,11 +122,11 @@ impl<M: CausalLm> CausalLmExt for Hooked<M> {
             let mut mask = mask;
             let mut step_ids = ids;
             let mut unfinished = Tensor::ones([batch], (Kind::Int64, device));
-            for _ in 0..max_new_tokens {
+            for step in 0..max_new_tokens {
                 let seq = step_ids.size()[1];
                 let pos = position_ids(&mask, seq);
                 let logits = self.call((step_ids, mask.shallow_clone(), pos, cache.clone()));
-                let mut next = pick(&logits.i((.., -1, ..)), sampling, &mut rng).to_device(device);
+                let mut next = pick(&logits.i((.., -1, ..)), sampling, &mut rng, step)?.to_device(device);
                 if let Some(eos) = eos {
                     next = &next * &unfinished + (unfinished.ones_like() - &unfinished) * eos.pad_token_id;
                     let ids = Tensor::from_slice(&eos.token_ids).to_device(device);
@@ -143,12 +147,12 @@ impl<M: CausalLm> CausalLmExt for Hooked<M> {
 }
 
 /// Runs `f` as the model's forward: directly inside a trace (the interleaver handles errors and
-/// gradients), else under `no_grad` with panics turned into [`Error::Model`].
+/// gradients), else under `no_grad` with panics turned into [`Error::Model`] (nothing printed).
 fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     if is_tracing() {
         return f();
     }
-    tch::no_grad(|| panic::catch_unwind(AssertUnwindSafe(f))).unwrap_or_else(|p| Err(Error::Model(panic_message(&*p))))
+    tch::no_grad(|| catch_quiet(f)).unwrap_or_else(|m| Err(Error::Model(m)))
 }
 
 /// Checks shapes before the model runs; returns ids and mask as i64 on the model's device.
@@ -183,18 +187,20 @@ fn check_input<M: CausalLm>(
         ));
     }
     let max = model.max_positions();
-    if total + extra > max {
-        let what = if extra > 0 { format!(" + {extra} generated") } else { String::new() };
-        return bad(format!(
-            "sequence too long: {total} positions{what} ({past} cached, {seq} new); the model accepts at most {max}"
-        ));
+    if total.checked_add(extra).is_none_or(|needed| needed > max) {
+        if extra > 0 {
+            return bad(format!(
+                "`max_new_tokens` {} is too many for {total} prompt positions ({past} cached, {seq} new): the model \
+                 accepts at most {max} positions, and generation feeds back all but the last new token, so \
+                 `max_new_tokens` may be at most {}",
+                extra.saturating_add(1),
+                (max - total + 1).max(0)
+            ));
+        }
+        return bad(format!("sequence too long: {total} positions ({past} cached, {seq} new); the model accepts at most {max}"));
     }
     let ids = input_ids.to_kind(Kind::Int64).to_device(model.device());
-    let vocab = model.vocab_size();
-    let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
-    if lo < 0 || hi >= vocab {
-        return bad(format!("token id {} is outside the vocabulary of {vocab}", if lo < 0 { lo } else { hi }));
-    }
+    crate::text_invoke::in_vocabulary("input_ids", &ids, Some(model.vocab_size()), "vocab_size")?;
     Ok((ids, attention_mask.to_kind(Kind::Int64).to_device(model.device())))
 }
 
@@ -209,20 +215,30 @@ fn describe(t: &Tensor) -> String {
 fn check_sampling(s: &Sampling) -> Result<()> {
     if let Sampling::Sample { temperature, top_k, .. } = s {
         if !temperature.is_finite() || *temperature <= 0.0 {
-            return Err(Error::Input(format!("sampling temperature must be positive, got {temperature}")));
+            return Err(Error::Input(format!("`temperature` must be a positive finite number, got {temperature}")));
         }
         if let Some(k) = top_k.filter(|&k| k < 1) {
-            return Err(Error::Input(format!("top_k must be at least 1, got {k}")));
+            return Err(Error::Input(format!("`top_k` must be at least 1, got {k}")));
         }
     }
     Ok(())
 }
 
-/// The next token of every row: `logits` `[batch, vocab]` → `[batch]` i64.
-fn pick(logits: &Tensor, sampling: &Sampling, rng: &mut SplitMix64) -> Tensor {
-    let logits = logits.to_kind(Kind::Float);
+/// The next token of every row at generation step `step`: `logits` `[batch, vocab]` →
+/// `[batch]` i64. [`Error::Model`] for a row whose logits hold NaN, or (sampling) are all
+/// `-inf`: no token can be chosen.
+fn pick(logits: &Tensor, sampling: &Sampling, rng: &mut SplitMix64, step: i64) -> Result<Tensor> {
+    let logits = logits.to_kind(Kind::Double);
+    let no_choice = |rows: Tensor, what: &str| -> Result<()> {
+        let rows = rows.nonzero();
+        if rows.size()[0] == 0 {
+            return Ok(());
+        }
+        Err(Error::Model(format!("generation step {step}: the logits of row {} {what}; no token can be chosen", rows.int64_value(&[0, 0]))))
+    };
+    no_choice(logits.isnan().any_dim(-1, false), "hold NaN")?;
     let (temperature, top_k) = match sampling {
-        Sampling::Greedy => return logits.argmax(-1, false),
+        Sampling::Greedy => return Ok(logits.argmax(-1, false)),
         Sampling::Sample { temperature, top_k, .. } => (*temperature, *top_k),
     };
     let vocab = logits.size()[1];
@@ -230,21 +246,27 @@ fn pick(logits: &Tensor, sampling: &Sampling, rng: &mut SplitMix64) -> Tensor {
         Some(k) => logits.topk(k.min(vocab), -1, true, true),
         None => (logits.shallow_clone(), Tensor::arange(vocab, (Kind::Int64, logits.device())).expand_as(&logits)),
     };
-    let probs = (values / temperature).softmax(-1, Kind::Double).to_device(Device::Cpu);
+    let max = values.amax(-1, true);
+    no_choice(max.squeeze_dim(-1).isneginf(), "are all -inf")?;
+    // Log-space: the largest logit scores 0 (also when it is +inf), the others <= 0, so the
+    // softmax is finite for any positive temperature.
+    let scaled = ((&values - &max) / temperature).where_self(&values.ne_tensor(&max), &values.zeros_like());
+    let probs = scaled.softmax(-1, Kind::Double).to_device(Device::Cpu);
     let indices = indices.to_device(Device::Cpu);
-    let rows: Vec<i64> = (0..probs.size()[0])
-        .map(|r| {
-            let p: Vec<f64> = Vec::try_from(probs.get(r)).expect("f64 probabilities");
-            let u = rng.next_f64();
-            let mut acc = 0.0;
-            let j = p.iter().position(|&q| {
-                acc += q;
-                u < acc
-            });
-            indices.int64_value(&[r, j.unwrap_or(p.len() - 1) as i64])
-        })
-        .collect();
-    Tensor::from_slice(&rows)
+    let mut rows = Vec::with_capacity(probs.size()[0] as usize);
+    for r in 0..probs.size()[0] {
+        let p: Vec<f64> = Vec::try_from(probs.get(r))?;
+        let u = rng.next_f64();
+        let mut acc = 0.0;
+        let j = p.iter().position(|&q| {
+            acc += q;
+            u < acc
+        });
+        // Rounding can leave the sum just under `u`: take the last token with any probability.
+        let j = j.or_else(|| p.iter().rposition(|&q| q > 0.0)).unwrap_or(0);
+        rows.push(indices.int64_value(&[r, j as i64]));
+    }
+    Ok(Tensor::from_slice(&rows))
 }
 
 /// SplitMix64 (Steele, Lea, Flood 2014): a small seeded generator for sampling.

@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::models::bert::HiddenAct;
-use crate::models::causal::{self, TokenIds};
+use crate::models::causal::TokenIds;
+use crate::models::validate as v;
 
 /// GPT-2 hyper-parameters from a Hugging Face `config.json` (its field names; missing fields
 /// take transformers' `GPT2Config` defaults, i.e. the 124M `gpt2`).
@@ -80,27 +81,31 @@ impl Gpt2Config {
     /// Reads `config.json`: [`crate::Error::Io`] if unreadable, [`crate::Error::Config`] if it
     /// is not a GPT-2 config (`model_type` other than `"gpt2"`) or fails [`Gpt2Config::validate`].
     pub fn from_file(path: &Path) -> Result<Self> {
-        let json = causal::read_config(path, "GPT-2", &["gpt2"], "GPT2")?;
-        let c: Gpt2Config = causal::parse_config(path, json)?;
-        c.validate().map_err(|m| causal::config_error(&path.display().to_string(), m))?;
+        let json = v::read_config(path, "GPT-2", &["gpt2"], "GPT2")?;
+        let c: Gpt2Config = v::parse_config(path, json)?;
+        c.validate().map_err(|m| v::config_error(&path.display().to_string(), m))?;
         Ok(c)
     }
 
-    /// Positive sizes, `n_embd` divisible by `n_head`, a known activation, no cross-attention.
+    /// Positive sizes (the derived ones, `3 * n_embd` and `4 * n_embd`, without overflow),
+    /// `n_embd` divisible by `n_head`, a positive finite `layer_norm_epsilon`, token ids inside
+    /// the vocabulary, a known activation, no cross-attention. The message names the field.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        causal::check_positive(&[
+        v::positive(&[
             ("vocab_size", self.vocab_size),
             ("n_positions", self.n_positions),
             ("n_embd", self.n_embd),
             ("n_head", self.n_head),
-            ("n_inner", self.inner()),
         ])?;
-        if self.n_layer < 0 {
-            return Err(format!("`n_layer` must not be negative, found {}", self.n_layer));
+        v::product(&[("n_embd", self.n_embd), ("4", 4)])?;
+        v::positive(&[("n_inner", self.inner())])?;
+        v::non_negative("n_layer", self.n_layer)?;
+        v::multiple_of(("n_embd", self.n_embd), ("n_head", self.n_head))?;
+        v::positive_finite("layer_norm_epsilon", self.layer_norm_epsilon)?;
+        for (field, ids) in [("bos_token_id", &self.bos_token_id), ("eos_token_id", &self.eos_token_id)] {
+            v::token_ids_in_vocab(field, &ids.as_ref().map(TokenIds::to_vec).unwrap_or_default(), self.vocab_size)?;
         }
-        if self.n_embd % self.n_head != 0 {
-            return Err(format!("`n_embd` {} is not a multiple of `n_head` {}", self.n_embd, self.n_head));
-        }
+        v::token_ids_in_vocab("pad_token_id", self.pad_token_id.as_slice(), self.vocab_size)?;
         if self.add_cross_attention {
             return Err("`add_cross_attention`: cross-attention is not supported".into());
         }
@@ -108,8 +113,9 @@ impl Gpt2Config {
         Ok(())
     }
 
-    /// MLP width: `n_inner` or `4 * n_embd`.
+    /// MLP width: `n_inner` or `4 * n_embd` (saturating: [`Gpt2Config::validate`] refuses an
+    /// `n_embd` that large).
     pub fn inner(&self) -> i64 {
-        self.n_inner.unwrap_or(4 * self.n_embd)
+        self.n_inner.unwrap_or(self.n_embd.saturating_mul(4))
     }
 }

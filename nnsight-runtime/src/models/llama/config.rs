@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::models::bert::HiddenAct;
 use super::Rope;
-use crate::models::causal::{self, TokenIds};
+use crate::models::causal::TokenIds;
+use crate::models::validate as v;
 
 /// Llama hyper-parameters from a Hugging Face `config.json` (its field names; missing fields
 /// take transformers' `LlamaConfig` defaults, i.e. Llama-2-7B's). Both the transformers 4
@@ -93,16 +94,18 @@ impl LlamaConfig {
     /// Reads `config.json`: [`crate::Error::Io`] if unreadable, [`crate::Error::Config`] if it
     /// is not a Llama config (`model_type` other than `"llama"`) or fails [`LlamaConfig::validate`].
     pub fn from_file(path: &Path) -> Result<Self> {
-        let json = causal::read_config(path, "Llama", &["llama"], "Llama")?;
-        let c: LlamaConfig = causal::parse_config(path, json)?;
-        c.validate().map_err(|m| causal::config_error(&path.display().to_string(), m))?;
+        let json = v::read_config(path, "Llama", &["llama"], "Llama")?;
+        let c: LlamaConfig = v::parse_config(path, json)?;
+        c.validate().map_err(|m| v::config_error(&path.display().to_string(), m))?;
         Ok(c)
     }
 
-    /// Positive sizes, heads divisible by key/value heads, an even head width, a known
-    /// activation and a supported rotary scaling. The message names the field.
+    /// Positive sizes, heads divisible by key/value heads, an even head width (and
+    /// `heads * head_dim` without overflow), a positive finite `rms_norm_eps`, token ids inside
+    /// the vocabulary, a known activation and a supported rotary scaling with positive finite
+    /// parameters. The message names the field.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        causal::check_positive(&[
+        v::positive(&[
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
@@ -110,20 +113,18 @@ impl LlamaConfig {
             ("num_key_value_heads", self.kv_heads()),
             ("max_position_embeddings", self.max_position_embeddings),
         ])?;
-        if self.num_hidden_layers < 0 {
-            return Err(format!("`num_hidden_layers` must not be negative, found {}", self.num_hidden_layers));
-        }
-        if self.num_attention_heads % self.kv_heads() != 0 {
-            return Err(format!(
-                "`num_attention_heads` {} is not a multiple of `num_key_value_heads` {}",
-                self.num_attention_heads,
-                self.kv_heads()
-            ));
-        }
+        v::non_negative("num_hidden_layers", self.num_hidden_layers)?;
+        v::multiple_of(("num_attention_heads", self.num_attention_heads), ("num_key_value_heads", self.kv_heads()))?;
         let hd = self.head_dim();
         if hd <= 0 || hd % 2 != 0 {
             return Err(format!("head width {hd} (`head_dim` or hidden_size / num_attention_heads) must be positive and even"));
         }
+        v::product(&[("num_attention_heads", self.num_attention_heads), ("head_dim", hd)])?;
+        v::positive_finite("rms_norm_eps", self.rms_norm_eps)?;
+        for (field, ids) in [("bos_token_id", &self.bos_token_id), ("eos_token_id", &self.eos_token_id)] {
+            v::token_ids_in_vocab(field, &ids.as_ref().map(TokenIds::to_vec).unwrap_or_default(), self.vocab_size)?;
+        }
+        v::token_ids_in_vocab("pad_token_id", self.pad_token_id.as_slice(), self.vocab_size)?;
         HiddenAct::parse(&self.hidden_act)?;
         self.rope()?;
         Ok(())
@@ -155,12 +156,14 @@ impl LlamaConfig {
             Some(other) => return Err(format!("`rope_parameters` must be an object, found {other}")),
         };
         let theta = theta.unwrap_or(10000.0);
-        if theta.is_nan() || theta <= 0.0 {
-            return Err(format!("`rope_theta` must be positive, found {theta}"));
-        }
+        v::at_least_one("rope_theta", theta)?;
         let Some(p) = params else { return Ok(Rope::Default { theta }) };
+        // Scaling parameters divide frequencies: zero, negative or infinite ones give NaN
+        // frequencies, not an error, further on.
         let num = |key: &str| -> std::result::Result<f64, String> {
-            p.get(key).and_then(|v| v.as_f64()).ok_or_else(|| format!("`{field}` has no number `{key}`"))
+            let x = p.get(key).and_then(|v| v.as_f64()).ok_or_else(|| format!("`{field}` has no number `{key}`"))?;
+            let name = format!("{field}.{key}");
+            if key == "factor" { v::at_least_one(&name, x) } else { v::positive_finite(&name, x) }.map(|()| x)
         };
         if let Some(f) = p.get("partial_rotary_factor").and_then(|v| v.as_f64()).filter(|&f| f != 1.0) {
             return Err(format!("`{field}.partial_rotary_factor` {f} is not supported (only 1)"));
@@ -169,13 +172,20 @@ impl LlamaConfig {
         match ty {
             "default" => Ok(Rope::Default { theta }),
             "linear" => Ok(Rope::Linear { theta, factor: num("factor")? }),
-            "llama3" => Ok(Rope::Llama3 {
-                theta,
-                factor: num("factor")?,
-                low_freq_factor: num("low_freq_factor")?,
-                high_freq_factor: num("high_freq_factor")?,
-                original_max_position_embeddings: num("original_max_position_embeddings")?,
-            }),
+            "llama3" => {
+                let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
+                if high <= low {
+                    // `_compute_llama3_parameters` divides by their difference.
+                    return Err(format!("`{field}.high_freq_factor` {high} must be greater than `low_freq_factor` {low}"));
+                }
+                Ok(Rope::Llama3 {
+                    theta,
+                    factor: num("factor")?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: num("original_max_position_embeddings")?,
+                })
+            }
             other => Err(format!(
                 "`{field}` rope type \"{other}\" is not supported (supported: \"default\", \"linear\", \"llama3\")"
             )),
