@@ -16,7 +16,7 @@
 //! 9. [`models`]: the bundled architectures and `generate!`.
 //! 10. [`loading`]: a checkpoint folder from anywhere: what loaders check, and the fuzzer.
 //! 11. [`how_it_works`]: deferred execution, batch narrowing, clean-up, the linear kernel.
-//! 12. [`sae_and_harvest`]: sparse autoencoders: load, trace, splice into a model.
+//! 12. [`sae_and_harvest`]: sparse autoencoders (load, trace, splice into a model) and harvesting activations to disk.
 //!
 //! A new chapter is a markdown file in `docs/guide/` plus one `chapter!` line below.
 

@@ -10,6 +10,7 @@ pub mod bundled;
 pub mod error;
 pub mod generation;
 pub mod graph;
+pub mod harvest;
 pub mod hook;
 pub mod interleave;
 pub mod language_model;

@@ -1,0 +1,170 @@
+//! Reading the dataset: lines of plain text or one field of JSONL, grouped into batches, the
+//! batches of this process's share tokenized (the tokenizers crate's `encode_batch`, on rayon's
+//! threads) ahead of the forward pass.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::SyncSender;
+
+use tch::Tensor;
+use tokenizers::Tokenizer;
+
+use crate::error::{Error, Result};
+
+/// Where the texts come from.
+#[derive(Clone, Debug)]
+pub struct Input {
+    /// A text file: one text per line, or one JSON object per line when `field` is set.
+    pub path: PathBuf,
+    /// JSONL: the field of each line's object that holds the text (a string).
+    pub field: Option<String>,
+}
+
+impl Input {
+    /// Plain text, one text per line.
+    pub fn lines(path: impl Into<PathBuf>) -> Input {
+        Input { path: path.into(), field: None }
+    }
+
+    /// JSONL, the text in `field` of every line's object.
+    pub fn jsonl(path: impl Into<PathBuf>, field: impl Into<String>) -> Input {
+        Input { path: path.into(), field: Some(field.into()) }
+    }
+}
+
+/// One tokenized batch of the process's share.
+pub(crate) struct Prepared {
+    /// Global batch index.
+    pub batch: u64,
+    /// 0-based input line of each row.
+    pub lines: Vec<i64>,
+    /// `[rows, seq]` i64.
+    pub input_ids: Tensor,
+    /// `[rows, seq]` i64, 1 for real tokens.
+    pub attention_mask: Tensor,
+    /// `[rows, seq]` i64.
+    pub token_type_ids: Tensor,
+}
+
+/// What the reader needs to know.
+pub(crate) struct Plan {
+    pub input: Input,
+    pub skip_empty: bool,
+    pub batch_size: usize,
+    pub shard_index: u64,
+    pub shard_count: u64,
+    /// Batches before this one were harvested already (resume).
+    pub start_batch: u64,
+    /// Longest tokenization the model accepts.
+    pub max_tokens: Option<i64>,
+}
+
+/// Reads the input and sends this process's batches, tokenized, to `tx`; a bad line is sent as
+/// the last item, after every batch before it. Stops quietly when the receiver is gone.
+pub(crate) fn read_batches(plan: &Plan, tokenizer: &Tokenizer, tx: &SyncSender<Result<Prepared>>) {
+    if let Err(e) = read_inner(plan, tokenizer, tx) {
+        let _ = tx.send(Err(e));
+    }
+}
+
+fn read_inner(plan: &Plan, tokenizer: &Tokenizer, tx: &SyncSender<Result<Prepared>>) -> Result<()> {
+    let path = &plan.input.path;
+    let shown = path.display().to_string();
+    let file = open_input(path)?;
+    let mut pending: Vec<(i64, String)> = Vec::with_capacity(plan.batch_size);
+    let mut batch = 0u64;
+    for (n, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| Error::Io { path: shown.clone(), source: io::Error::new(e.kind(), format!("line {}: {e}", n + 1)) })?;
+        let Some(text) = text_of(&line, plan, &shown, n)? else { continue };
+        pending.push((n as i64, text));
+        if pending.len() == plan.batch_size {
+            if !send_batch(plan, tokenizer, tx, batch, std::mem::take(&mut pending))? {
+                return Ok(());
+            }
+            batch += 1;
+        }
+    }
+    if !pending.is_empty() {
+        send_batch(plan, tokenizer, tx, batch, pending)?;
+    }
+    Ok(())
+}
+
+/// Opens the input (a regular file; a FIFO or device would never end a harvest cleanly).
+fn open_input(path: &Path) -> Result<File> {
+    let err = |source: io::Error| Error::Io { path: path.display().to_string(), source };
+    let meta = std::fs::metadata(path).map_err(err)?;
+    if !meta.is_file() {
+        return Err(err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file")));
+    }
+    File::open(path).map_err(err)
+}
+
+/// The text of line `n` (0-based), `None` for an empty line that is skipped.
+fn text_of(line: &str, plan: &Plan, file: &str, n: usize) -> Result<Option<String>> {
+    let at = || format!("`{file}` line {}", n + 1);
+    let empty = |what: &str| -> Result<Option<String>> {
+        if plan.skip_empty {
+            Ok(None)
+        } else {
+            Err(Error::Input(format!(
+                "{}: {what}; skip empty lines with --skip-empty (HarvestOptions::skip_empty) or remove them",
+                at()
+            )))
+        }
+    };
+    if line.trim().is_empty() {
+        return empty("the line is empty");
+    }
+    let Some(field) = &plan.input.field else { return Ok(Some(line.to_string())) };
+    let json: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| Error::Input(format!("{}: not a JSON object ({e})", at())))?;
+    match json.get(field) {
+        Some(serde_json::Value::String(s)) if s.trim().is_empty() => empty(&format!("field `{field}` is empty")),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(Error::Input(format!("{}: field `{field}` is not a string but {other}", at()))),
+        None => Err(Error::Input(format!("{}: no field `{field}` in this line's object", at()))),
+    }
+}
+
+/// Tokenizes and sends batch `batch` if it belongs to this process and was not harvested yet;
+/// `false` when the receiver is gone.
+fn send_batch(plan: &Plan, tokenizer: &Tokenizer, tx: &SyncSender<Result<Prepared>>, batch: u64, rows: Vec<(i64, String)>) -> Result<bool> {
+    if batch % plan.shard_count != plan.shard_index || batch < plan.start_batch {
+        return Ok(true);
+    }
+    let lines: Vec<i64> = rows.iter().map(|(n, _)| *n).collect();
+    let texts: Vec<String> = rows.into_iter().map(|(_, t)| t).collect();
+    let encodings = tokenizer.encode_batch(texts, true).map_err(|e| Error::Tokenizer(format!("batch {batch}: {e}")))?;
+    let seq = encodings.iter().map(|e| e.len()).max().unwrap_or(0);
+    if let Some(max) = plan.max_tokens {
+        if let Some((e, line)) = encodings.iter().zip(&lines).find(|(e, _)| e.len() as i64 > max) {
+            return Err(Error::Input(format!(
+                "`{}` line {}: {} tokens, the model accepts at most {max}",
+                plan.input.path.display(),
+                line + 1,
+                e.len()
+            )));
+        }
+    }
+    let flat = |f: fn(&tokenizers::Encoding) -> &[u32]| -> Result<Tensor> {
+        let mut v = Vec::with_capacity(encodings.len() * seq);
+        for e in &encodings {
+            let ids = f(e);
+            if ids.len() != seq {
+                return Err(Error::Tokenizer(format!("batch {batch}: rows of different lengths (the tokenizer has no padding)")));
+            }
+            v.extend(ids.iter().map(|&x| x as i64));
+        }
+        Ok(Tensor::from_slice(&v).view([encodings.len() as i64, seq as i64]))
+    };
+    let prepared = Prepared {
+        batch,
+        lines,
+        input_ids: flat(|e| e.get_ids())?,
+        attention_mask: flat(|e| e.get_attention_mask())?,
+        token_type_ids: flat(|e| e.get_type_ids())?,
+    };
+    Ok(tx.send(Ok(prepared)).is_ok())
+}
