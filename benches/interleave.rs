@@ -41,10 +41,16 @@
 //!     (`trace!(model, &batch, ..)`), like the Python library's traces of the wrapped
 //!     `BertModel`, whose input is tensors tokenized beforehand.
 //! - `minilm_b2_t1_kernel`, `minilm_b32_t1_kernel`: the linear layers' kernel. Cases
-//!   `plain_call_pretokenized` (oneDNN, the default) and `plain_call_pretokenized_libtorch_linear`
-//!   (the same call with `set_linear_kernel(LinearKernel::Libtorch)`: libtorch's `linear`, MKL,
-//!   as PyTorch's `nn.Linear`). A group of their own: the first oneDNN forward after an MKL one
+//!   `plain_call_pretokenized` (the default, `LinearKernel::Auto`: each shape class measured at
+//!   first use), `plain_call_pretokenized_libtorch_linear` (the same call with
+//!   `set_linear_kernel(LinearKernel::Libtorch)`: libtorch's `linear`, MKL, as PyTorch's
+//!   `nn.Linear`) and `plain_call_pretokenized_onednn_linear` (`LinearKernel::OneDnn`: oneDNN
+//!   for every eligible call). A group of their own: the first oneDNN forward after an MKL one
 //!   runs a few percent slower (caches), which would tax whichever case came next in a round.
+//!   The group prints what `Auto` measured and chose for each shape class.
+//! - `linear_768_r128_t1`, `linear_768_r1024_t1`: the four linear layers of a 124M GPT-2 /
+//!   Llama-sized block (768 -> 2304, 768 -> 768, 768 -> 3072, 3072 -> 768; random weights) on
+//!   128 and 1024 rows (batch 1 and 8 x 128 tokens), cases `auto`, `libtorch`, `onednn`.
 //! - `minilm_invokes_t1`: 10 sentences: `plain_forward`, `one_invoke_10_sentences`,
 //!   `ten_invokes_1_sentence` (each saves `encoder.layer[5].output` of its rows).
 //! - `gpt2_t1`: the tiny GPT-2 fixture (2 layers, 64 wide, 7-token prompt, word-level tokenizer):
@@ -346,8 +352,16 @@ fn by_hand(model: &LanguageModel<Bert>, input: &(Tensor, Tensor, Tensor), what: 
     })
 }
 
-/// The root call on the tokenized `texts` with the default linear kernel (oneDNN) and with
-/// libtorch's (MKL).
+/// Runs `f` with the linear layers' `kernel` set, restoring the previous one.
+fn with_kernel<R>(kernel: LinearKernel, f: impl FnOnce() -> R) -> R {
+    let before = set_linear_kernel(kernel);
+    let out = f();
+    set_linear_kernel(before);
+    out
+}
+
+/// The root call on the tokenized `texts` with the default linear kernel (`Auto`: measured per
+/// shape class at first use), with libtorch's (MKL, PyTorch's) and with oneDNN's.
 fn minilm_kernels(c: &mut Criterion, model: &LanguageModel<Bert>, name: &str, texts: &[&str]) {
     if !selected(name) {
         return;
@@ -358,17 +372,61 @@ fn minilm_kernels(c: &mut Criterion, model: &LanguageModel<Bert>, name: &str, te
         let x = (input.0.shallow_clone(), input.1.shallow_clone(), input.2.shallow_clone());
         tch::no_grad(|| model.root().call(black_box(x)))
     };
-    let with_libtorch = || {
-        let before = set_linear_kernel(LinearKernel::Libtorch);
-        let out = call();
-        set_linear_kernel(before);
-        out
-    };
+    let with_libtorch = || with_kernel(LinearKernel::Libtorch, call);
+    let with_one_dnn = || with_kernel(LinearKernel::OneDnn, call);
     let diff = f64::try_from((call() - with_libtorch()).abs().max()).unwrap();
     assert!(diff < 1e-4, "the kernels agree to rounding: max diff {diff}");
-    let cases = [case("plain_call_pretokenized", call), case("plain_call_pretokenized_libtorch_linear", with_libtorch)];
+    let diff = f64::try_from((with_one_dnn() - with_libtorch()).abs().max()).unwrap();
+    assert!(diff < 1e-4, "the kernels agree to rounding: max diff {diff}");
+    print_choices(name);
+    let cases = [
+        case("plain_call_pretokenized", call),
+        case("plain_call_pretokenized_libtorch_linear", with_libtorch),
+        case("plain_call_pretokenized_onednn_linear", with_one_dnn),
+    ];
     let big = texts.len() > 2;
     run_group(c, name, &cases, big, if big { 10 } else { 300 });
+}
+
+/// Prints what `LinearKernel::Auto` measured so far (shape class, best times, choice).
+fn print_choices(group: &str) {
+    for ch in nnsight::models::linear::linear_choices() {
+        let k = ch.class;
+        println!(
+            "{group}: Auto measured [{} rows, {} -> {}] ({} threads): libtorch {:?}, oneDNN {:?}, oneDNN faster in {}/{} rounds -> {}",
+            k.rows, k.in_features, k.out_features, k.threads, ch.libtorch, ch.one_dnn, ch.one_dnn_wins, ch.rounds,
+            if ch.chose_one_dnn { "oneDNN" } else { "libtorch" }
+        );
+    }
+}
+
+/// The linear layers of a 124M-parameter GPT-2 / Llama-sized block (hidden 768, MLP 3072) on
+/// `rows` tokens, random weights made here: `[rows, 768]` through 768 -> 2304 (fused q, k, v),
+/// 768 -> 768, 768 -> 3072 and 3072 -> 768, once each per iteration, with each kernel.
+fn linear_shapes(c: &mut Criterion, name: &str, rows: i64) {
+    if !selected(name) {
+        return;
+    }
+    tch::set_num_threads(1);
+    tch::manual_seed(3);
+    let o = (Kind::Float, Device::Cpu);
+    let layers: Vec<(Tensor, Tensor, Tensor)> = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
+        .into_iter()
+        .map(|(i, out)| (Tensor::randn([rows, i], o), Tensor::randn([out, i], o) * (1.0 / (i as f64).sqrt()), Tensor::randn([out], o)))
+        .collect();
+    let all = || {
+        tch::no_grad(|| {
+            layers.iter().map(|(x, w, b)| nnsight::models::linear::linear(x, w, Some(b))).collect::<Vec<_>>()
+        })
+    };
+    all();
+    print_choices(name);
+    let cases = [
+        case("auto", all),
+        case("libtorch", || with_kernel(LinearKernel::Libtorch, all)),
+        case("onednn", || with_kernel(LinearKernel::OneDnn, all)),
+    ];
+    run_group(c, name, &cases, rows > 256, if rows > 256 { 20 } else { 100 });
 }
 
 /// A trace saving the 6 layer outputs of MiniLM.
@@ -757,6 +815,8 @@ fn main() {
     minilm_group(&mut c, &model, "minilm_b2_t1", &[PARIS, ROME], 1);
     minilm_kernels(&mut c, &model, "minilm_b2_t1_kernel", &[PARIS, ROME]);
     minilm_kernels(&mut c, &model, "minilm_b32_t1_kernel", &s32);
+    linear_shapes(&mut c, "linear_768_r128_t1", 128);
+    linear_shapes(&mut c, "linear_768_r1024_t1", 1024);
     minilm_group(&mut c, &model, "minilm_b2_tall", &[PARIS, ROME], all_threads);
     minilm_invokes(&mut c, &model, &s32);
     minilm_group(&mut c, &model, "minilm_b32_t1", &s32, 1);

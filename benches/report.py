@@ -43,8 +43,14 @@ MINILM_CASES = [
     ("trace_swap_all_pretokenized", "trace on the tokenized batch with 6 swaps (output * 1.0) + save", False, "iv"),
 ]
 KERNEL_CASES = [
-    ("plain_call_pretokenized", "plain forward, pre-tokenized, linear layers by oneDNN (the default)", False, None),
+    ("plain_call_pretokenized", "plain forward, pre-tokenized, linear layers by the default kernel (`Auto`, measured per shape class)", False, None),
     ("plain_call_pretokenized_libtorch_linear", "the same with libtorch's `linear` (MKL, as PyTorch's `nn.Linear`)", False, None),
+    ("plain_call_pretokenized_onednn_linear", "the same with oneDNN for every eligible call (`LinearKernel::OneDnn`)", False, None),
+]
+LINEAR_SHAPE_CASES = [
+    ("auto", "the 4 linear layers, default kernel (`Auto`, measured per shape class)", False, None),
+    ("libtorch", "the same with libtorch's `linear` (MKL, as PyTorch's `nn.Linear`)", False, None),
+    ("onednn", "the same with oneDNN (`LinearKernel::OneDnn`)", False, None),
 ]
 GPT2_CASES = [
     ("plain_forward", "plain forward `model.forward(&[prompt])` (no_grad)", True, None),
@@ -248,6 +254,8 @@ def main():
         ("minilm_b2_t1", "MiniLM, batch 2 (the two reference sentences, 14 tokens), 1 thread", MINILM_CASES, True),
         ("minilm_b2_t1_kernel", "MiniLM, batch 2, 1 thread: the linear layers' kernel", KERNEL_CASES, False),
         ("minilm_b32_t1_kernel", "MiniLM, batch 32, 1 thread: the linear layers' kernel", KERNEL_CASES, False),
+        ("linear_768_r128_t1", "A 124M model's block linear layers (768/3072 wide), 128 rows, 1 thread", LINEAR_SHAPE_CASES, False),
+        ("linear_768_r1024_t1", "A 124M model's block linear layers (768/3072 wide), 1024 rows, 1 thread", LINEAR_SHAPE_CASES, False),
         ("minilm_b2_tall", "MiniLM, batch 2, all threads", MINILM_CASES, False),
         ("minilm_b32_t1", "MiniLM, batch 32, 1 thread", MINILM_CASES, False),
         ("minilm_b32_tall", "MiniLM, batch 32, all threads", MINILM_CASES, False),

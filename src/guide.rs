@@ -16,6 +16,7 @@
 //! 9. [`models`]: the bundled architectures and `generate!`.
 //! 10. [`loading`]: a checkpoint folder from anywhere: what loaders check, and the fuzzer.
 //! 11. [`how_it_works`]: deferred execution, batch narrowing, clean-up, the linear kernel.
+//! 12. [`sae_and_harvest`]: sparse autoencoders: load, trace, splice into a model.
 //!
 //! A new chapter is a markdown file in `docs/guide/` plus one `chapter!` line below.
 
@@ -37,3 +38,4 @@ chapter!(own_model, "own_model.md");
 chapter!(models, "models.md");
 chapter!(loading, "loading.md");
 chapter!(how_it_works, "how_it_works.md");
+chapter!(sae_and_harvest, "sae_and_harvest.md");

@@ -171,6 +171,15 @@ impl Checkpoint {
         Ok((key, info))
     }
 
+    /// The tensor `key`, [`Checkpoint::check`]ed against `shape` (no prefixes) before anything
+    /// is read, as stored (its own float dtype), on the CPU. Errors: those of
+    /// [`Checkpoint::check`]; [`Error::Io`] when the file cannot be read.
+    pub fn read(&self, key: &str, shape: &[i64]) -> Result<Tensor> {
+        let (key, info) = self.check(key, shape, &[])?;
+        let mut f = self.dir.open(&info.shard)?;
+        read_tensor(&mut f, key, info)
+    }
+
     /// Copies the checkpoint's tensors into every variable of `vs`, converting to the variable's
     /// kind and device. Every variable is [`Checkpoint::check`]ed before anything is read; keys
     /// no variable needs (`attn.bias` mask buffers, `rotary_emb.inv_freq`, a pooler) are ignored.

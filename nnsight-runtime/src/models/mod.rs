@@ -9,8 +9,8 @@
 //! `[batch, ..]`, [`Layout::Shared`] for values every row shares (BERT's position embeddings
 //! `[1, seq, hidden]`, the KV cache handle). `nnsight::Tracer::layouts` lists them for a run.
 //!
-//! [`linear`] is the linear layer they share (oneDNN for CPU f32 inference, libtorch's `linear`
-//! otherwise).
+//! [`linear`] is the linear layer they share (libtorch's `linear`, or oneDNN for CPU f32 inference
+//! where it was measured faster on the machine).
 //!
 //! [`load_safetensors`] fills a `VarStore` from a safetensors checkpoint, checking every name
 //! and shape first (tch's own `VarStore::load` would silently broadcast a wrongly shaped tensor).
