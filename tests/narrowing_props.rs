@@ -960,8 +960,15 @@ fn change_by_hand(t: Tensor, change: Change, slice: Option<(i64, i64, i64)>) -> 
 }
 
 /// Builds and runs a trace with one change at `point`, written in invoke `group` (or outside
-/// the invokes for `None`); every invoke saves the model's output.
-fn mixer_trace(model: &Hooked<Mixer>, xs: &[Tensor], point: Point, change: Change, group: Option<usize>) -> nnsight::Result<Vec<Tensor>> {
+/// the invokes for `None`); every invoke saves the model's output, and, before the change, its
+/// share of the tensor at `point` (for the pair, through a node that picks the element).
+fn mixer_trace(
+    model: &Hooked<Mixer>,
+    xs: &[Tensor],
+    point: Point,
+    change: Change,
+    group: Option<usize>,
+) -> nnsight::Result<(Vec<Tensor>, Vec<Tensor>)> {
     let mut tr = Tracer::new(model);
     let groups: Vec<_> = xs.iter().map(|x| tr.invoke(x)).collect();
     let saved: Vec<_> = groups
@@ -971,6 +978,22 @@ fn mixer_trace(model: &Hooked<Mixer>, xs: &[Tensor], point: Point, change: Chang
             tr.save(o)
         })
         .collect();
+    let before: Vec<_> = groups
+        .iter()
+        .map(|&g| match point {
+            Point::Rows => tr.output(g, 0, || Ok(&model.rows)),
+            Point::Flat => tr.output(g, 0, || Ok(&model.flat)),
+            Point::Bias => tr.output(g, 0, || Ok(&model.bias)),
+            Point::Cols => tr.output(g, 0, || Ok(&model.cols)),
+            Point::Head => tr.output(g, 0, || Ok(&model.head)),
+            Point::PairH | Point::PairMean => {
+                let o = tr.output(g, 0, || Ok(&model.pair));
+                let first = point == Point::PairH;
+                tr.apply1(o, move |(h, m): &(Tensor, Tensor)| if first { h.shallow_clone() } else { m.shallow_clone() })
+            }
+        })
+        .collect();
+    let before: Vec<_> = before.into_iter().map(|p| tr.save(p)).collect();
     let g = group.map_or(nnsight::Group::ALL, |i| groups[i]);
     let tensor_change = move |h: &Tensor| match change {
         Change::Swap => h * 2.0 + 1.0,
@@ -1008,7 +1031,20 @@ fn mixer_trace(model: &Hooked<Mixer>, xs: &[Tensor], point: Point, change: Chang
             }
         }
     }
-    tr.finish(saved)
+    tr.finish((saved, before))
+}
+
+/// The value at `point` in the plain computation (no hooks, no change).
+fn plain_at(model: &Hooked<Mixer>, x: Tensor, point: Point) -> Tensor {
+    let seen = std::cell::RefCell::new(None);
+    let keep = |p: Point, t: Tensor| {
+        if p == point {
+            *seen.borrow_mut() = Some(t.copy());
+        }
+        t
+    };
+    let _ = tch::no_grad(|| model.inner().run(x, Some(&keep)));
+    seen.into_inner().expect("the point runs")
 }
 
 proptest! {
@@ -1020,7 +1056,10 @@ proptest! {
     /// Either the trace is refused — exactly when one invoke among several tries to change a
     /// value every row shares — or every invoke's output is the plain computation (no hooks)
     /// with the change applied by hand to that group's share of the value (to 1e-5; the
-    /// changes are 2h + 1 and -1.5h, so a leak is far larger).
+    /// changes are 2h + 1 and -1.5h, so a leak is far larger). And the value every invoke saved
+    /// at the point before the change (its rows, or the whole shared value) is the plain
+    /// value, bitwise: a saved value is the value at the moment it was saved, whoever edits the
+    /// activation afterwards (that invoke, another, or a statement outside the invokes).
     #[test]
     fn no_invoke_changes_because_of_another_invoke(
         rows in proptest::collection::vec(1i64..=3, 1..=4),
@@ -1045,7 +1084,15 @@ proptest! {
             prop_assert!(matches!(err, nnsight::Error::SharedChange { .. }), "{err}");
             return Ok(());
         }
-        let got = got.unwrap_or_else(|e| panic!("{point:?} {change:?} in {group:?}: {e}"));
+        let (got, before) = got.unwrap_or_else(|e| panic!("{point:?} {change:?} in {group:?}: {e}"));
+        let clean = plain_at(&model, Tensor::cat(&xs, 0), point);
+        for (g, b) in before.iter().enumerate() {
+            let want = match share {
+                Some((axis, per_row)) if rows.len() > 1 => clean.narrow(axis, st[g] * per_row, rows[g] * per_row),
+                _ => clean.shallow_clone(),
+            };
+            prop_assert!(same_bits(b, &want.contiguous()) || b.equal(&want), "invoke {g}'s value saved at {point:?} changed ({change:?} in {group:?}): {b} vs {want}");
+        }
         let slice = match (group, share) {
             (Some(k), Some((axis, per_row))) if rows.len() > 1 => Some((axis, st[k] * per_row, rows[k] * per_row)),
             _ => None,

@@ -31,7 +31,8 @@ impl Ctx {
         if leaves.len() > MAX_ARGS {
             return self.error(span, format!("this expression uses {} proxies; at most {MAX_ARGS} fit in one node: split it with `let`", leaves.len()));
         }
-        if calls_backward(&body) {
+        let backward = calls_backward(&body);
+        if backward {
             self.grad = true;
         }
         let mut skip: HashSet<String> = params.clone();
@@ -49,18 +50,22 @@ impl Ctx {
             Some(c) => quote_spanned!(span=> #c(#body)),
             None => body.to_token_stream(),
         };
+        // A node that calls `.backward()` is marked as the trace's next backward pass.
+        let mark = backward.then(|| quote_spanned!(span=> #tr.backward(&__nn_node);));
         quote_spanned! {span=> {
             #(#bindings)*
             #[allow(unused_imports)]
             use ::nnsight::__private::{CapByCopy as _, CapByRef as _};
             #(let #captures = (&::nnsight::__private::Cap(&#captures)).__nn_cap();)*
-            #tr.#apply(#(#arg_vals,)* move |#(#arg_names),*| {
+            let __nn_node = #tr.#apply(#(#arg_vals,)* move |#(#arg_names),*| {
                 #[allow(unused_imports)]
                 use ::nnsight::__private::{At as _, OwnClone as _, OwnTensor as _, ParamByCopy as _, ParamByRef as _};
                 // Numbers by value, tensors by reference (see `nnsight::__private::Param`).
                 #(let #arg_names = (&::nnsight::__private::Param(#arg_names)).__nn_param();)*
                 #body
-            })
+            });
+            #mark
+            __nn_node
         }}
     }
 }

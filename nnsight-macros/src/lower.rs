@@ -33,9 +33,6 @@ pub struct Ctx {
     pub proxies: HashSet<String>,
     pub errors: Vec<syn::Error>,
     pub grad: bool,
-    /// `.backward()` calls in the statements translated so far: `.grad` read now refers to the
-    /// next backward pass.
-    passes: usize,
     pub(crate) fresh: usize,
 }
 
@@ -48,7 +45,6 @@ impl Ctx {
             proxies: HashSet::new(),
             errors: Vec::new(),
             grad: false,
-            passes: 0,
             fresh: 0,
         }
     }
@@ -85,19 +81,6 @@ impl Ctx {
     }
 
     fn stmt(&mut self, s: &Stmt) -> TokenStream {
-        let backward = match s {
-            Stmt::Expr(e, _) => calls_backward(e),
-            Stmt::Local(l) => l.init.as_ref().is_some_and(|i| calls_backward(&i.expr)),
-            _ => false,
-        };
-        let out = self.stmt_inner(s);
-        if backward {
-            self.passes += 1;
-        }
-        out
-    }
-
-    fn stmt_inner(&mut self, s: &Stmt) -> TokenStream {
         match s {
             Stmt::Local(l) => self.local(l),
             Stmt::Expr(e, semi) => {
@@ -398,7 +381,8 @@ impl Ctx {
         }
     }
 
-    /// `tracer.grad(x, pass)` for `x.grad`.
+    /// `tracer.grad_next(x)` for `x.grad`: the backward pass is picked at run time (the first
+    /// `.backward()` node built after the read, else the last one).
     pub(crate) fn grad_of(&mut self, f: &syn::ExprField) -> TokenStream {
         let tr = self.tr.clone();
         self.grad = true;
@@ -406,8 +390,7 @@ impl Ctx {
         if !is_proxy {
             return self.error(f.base.span(), "`.grad` needs a hook point or a proxy bound to one");
         }
-        let pass = self.passes;
-        quote_spanned!(f.member.span()=> { let __nn_x = #x; #tr.grad(__nn_x, #pass) })
+        quote_spanned!(f.member.span()=> { let __nn_x = #x; #tr.grad_next(__nn_x) })
     }
 
     /// `(path closure, call selector)` for a hook path's module.

@@ -111,6 +111,22 @@ pub enum Error {
         reason: String,
     },
 
+    /// A saved value was changed in place after it was saved, by something the interleaver
+    /// cannot undo: an in-place operation in the model's own forward pass, or in intervention
+    /// code that is not written as an edit (`h[..] = v` and `h += v` are edits: saved values
+    /// they overlap are copied before they run). Saving a copy (`.copy().save()`) keeps the
+    /// value of the moment.
+    #[error(
+        "saved node {node} was changed in place after it was saved, {by}: a saved value must be the value at the moment \
+         it was saved. Save a copy instead (`.copy().save()`), which keeps that value"
+    )]
+    SavedChanged {
+        /// The saved node, e.g. `%2 layer.0.output (at src/main.rs:9)`.
+        node: String,
+        /// Who changed it, e.g. `by the model's forward pass before it reached `layer.1.output` (call 0)`.
+        by: String,
+    },
+
     /// An intervention node failed (a tch error or a panic inside the user's code).
     #[error("intervention node {node} failed: {message}")]
     Node {
@@ -244,20 +260,70 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     tidy_libtorch_message(&text)
 }
 
-/// `called `Result::unwrap()` on an `Err` value: Torch("msg\nException raised from ...")` →
-/// `msg`; other text unchanged.
-fn tidy_libtorch_message(text: &str) -> String {
-    let inner = text
-        .strip_prefix("called `Result::unwrap()` on an `Err` value: ")
-        .and_then(|t| t.strip_prefix("Torch(\"").or_else(|| t.strip_prefix("Shape(\"")).or(Some(t)))
-        .unwrap_or(text);
-    let cut = ["\\nException raised from", "\nException raised from", "\\nframe #0", "\nframe #0"]
+/// A panic's text as an error message. A libtorch error (tch's `unwrap` of
+/// `Torch("...")`, or text with libtorch's `Exception raised from` trailer) is cut to its first
+/// non-empty line, unescaped: no C++ stack frames, no dispatcher table listing every backend.
+/// Any other text (the user's own, e.g. `Input("seq 3 too long")`) comes through whole, only
+/// trimmed.
+///
+/// `called `Result::unwrap()` on an `Err` value: Torch("Could not run 'aten::empty_strided' with
+/// arguments from the 'CUDA' backend. ...\n\nCPU: registered at ...")` → `Could not run
+/// 'aten::empty_strided' with arguments from the 'CUDA' backend. ...`.
+pub(crate) fn tidy_libtorch_message(text: &str) -> String {
+    let text = text.trim();
+    let body = text.strip_prefix("called `Result::unwrap()` on an `Err` value: ").unwrap_or(text);
+    let wrapped = ["Torch(\"", "Shape(\""]
         .iter()
-        .filter_map(|m| inner.find(m))
-        .min()
-        .unwrap_or(inner.len());
-    let inner = if cut == inner.len() { inner.strip_suffix("\")").unwrap_or(inner) } else { &inner[..cut] };
-    inner.trim().to_string()
+        .find_map(|p| body.strip_prefix(p).and_then(|b| b.strip_suffix("\")")))
+        .map(unescape_debug);
+    let libtorch = match wrapped {
+        Some(inner) => inner,
+        None if body.contains("Exception raised from") => body.to_string(),
+        None => return body.to_string(),
+    };
+    let libtorch = match libtorch.find("Exception raised from") {
+        Some(i) => &libtorch[..i],
+        None => &libtorch[..],
+    };
+    let line = libtorch.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
+    // "Could not run 'aten::x' with arguments from the 'CUDA' backend. This could be because
+    // ..., [CPU, Meta, ... 40 more backends]." keeps its first sentence.
+    let line = match line.find(" This could be because") {
+        Some(i) => &line[..i],
+        None => line,
+    };
+    match line.char_indices().nth(MAX_LINE) {
+        Some((i, _)) => format!("{} ...", &line[..i]),
+        None => line.to_string(),
+    }
+}
+
+/// Longest libtorch line kept in a message, in characters.
+const MAX_LINE: usize = 400;
+
+/// Undoes Rust's `{:?}` escaping of a string (`\n`, `\t`, `\"`, `\'`, `\\`, `\u{..}`).
+fn unescape_debug(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some('0') => out.push('\0'),
+            Some('u') => {
+                let code: String = chars.by_ref().skip(1).take_while(|&c| c != '}').collect();
+                out.extend(u32::from_str_radix(&code, 16).ok().and_then(char::from_u32));
+            }
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    out
 }
 
 thread_local! {
@@ -322,4 +388,54 @@ impl Drop for QuietGuard {
 pub(crate) fn catch_quiet<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
     let _quiet = QuietGuard::new();
     panic::catch_unwind(AssertUnwindSafe(f)).map_err(|p| panic_message(&*p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tidy_libtorch_message;
+
+    /// tch's panic on `.to_device(Device::Cuda(0))` with a CPU-only libtorch 2.13: 11,061
+    /// characters, `\n` escaped by `{:?}` (the dispatcher table lists every backend with the
+    /// file that registers it). See `tests/fixtures/README.md`.
+    const CUDA_ON_CPU: &str = include_str!("../tests/fixtures/libtorch_cuda_on_cpu_build.txt");
+    /// A dtype error with libtorch's C++ stack frames (`cumprod` of a bool tensor).
+    const BOOL_FRAMES: &str = include_str!("../tests/fixtures/libtorch_bool_with_frames.txt");
+
+    #[test]
+    fn a_dispatcher_table_is_cut_to_its_first_sentence() {
+        assert!(CUDA_ON_CPU.len() > 10_000 && CUDA_ON_CPU.contains("\\nCPU: registered at"));
+        assert_eq!(
+            tidy_libtorch_message(CUDA_ON_CPU),
+            "Could not run 'aten::empty_strided' with arguments from the 'CUDA' backend."
+        );
+    }
+
+    #[test]
+    fn stack_frames_go_and_escapes_are_undone() {
+        assert_eq!(tidy_libtorch_message(BOOL_FRAMES), "\"cumprod_out_cpu\" not implemented for 'Bool'");
+        // The same text as tch's `Display` (real newlines, no `Torch("..")` around it).
+        let display = "Internal torch error: shape '[7]' is invalid for input of size 8\nException raised from infer_size_impl at x.cpp:1\nframe #0: f";
+        assert_eq!(tidy_libtorch_message(display), "Internal torch error: shape '[7]' is invalid for input of size 8");
+    }
+
+    #[test]
+    fn the_users_own_text_comes_through_whole() {
+        for text in [
+            "called `Result::unwrap()` on an `Err` value: Input(\"seq 3 too long\")",
+            "Input(\"seq 3 too long\")",
+            "my own message (with \\n and a closing \")",
+            "called `Result::unwrap()` on an `Err` value: Shape(\"x\") and more",
+        ] {
+            let whole = text.strip_prefix("called `Result::unwrap()` on an `Err` value: ").unwrap_or(text);
+            assert_eq!(tidy_libtorch_message(text), whole);
+        }
+    }
+
+    #[test]
+    fn a_long_line_is_cut_at_a_char_boundary() {
+        let long = format!("Torch(\"{}\")", "é".repeat(1000));
+        let long = format!("called `Result::unwrap()` on an `Err` value: {long}");
+        let out = tidy_libtorch_message(&long);
+        assert_eq!(out, format!("{} ...", "é".repeat(super::MAX_LINE)));
+    }
 }

@@ -106,9 +106,13 @@ impl ModuleEffects {
 pub(crate) enum NodeKind<'env> {
     /// Value provided by the interleaver from a hook point.
     Hook { module: usize, io: Io, call: usize, group: usize },
-    /// Gradient of a hook read's tensor in backward pass `pass` (0 = the first `.backward()`
-    /// of the trace), narrowed to the read's invoke.
-    Grad { of: NodeId, pass: usize },
+    /// Gradient of a hook read's tensor in backward pass `pass`, narrowed to the read's invoke.
+    /// A pass is one of [`Graph::backward`] (0 = the first built); when the trace has none
+    /// (backward inside the user's own functions), the `pass`-th time backward reaches the
+    /// tensor. `next`: the pass was picked by position (the first `.backward()` built after
+    /// the read), and a read built after the last one refers to the last one
+    /// ([`Graph::settle_passes`]).
+    Grad { of: NodeId, pass: usize, next: bool },
     /// Value computed by a closure from the argument values.
     Apply(Option<NodeFn<'env>>),
     /// Placeholder for a node whose construction failed (the trace will not run).
@@ -133,12 +137,25 @@ pub(crate) struct Node<'env> {
     pub grads: Vec<NodeId>,
     pub saved: bool,
     pub stop: bool,
+    /// An in-place edit of its first argument (`h[..] = v`, `h += v`; see `Tracer::edits`).
+    pub edit: bool,
+    /// For apply nodes that call `.backward()`: the backward pass they run (see [`Graph::backward`]).
+    pub backward: Option<usize>,
 }
 
 impl Node<'_> {
     /// Display name used in errors: `%3 encoder.layer.2.output (at src/main.rs:12)`.
     pub fn name(&self, id: NodeId) -> String {
         node_name(id, &self.label, self.location)
+    }
+}
+
+/// `encoder.layer.1.output.grad`, with ` [backward 2]` for a pass after the first.
+pub(crate) fn grad_label(of: &str, pass: usize) -> String {
+    if pass > 0 {
+        format!("{of}.grad [backward {pass}]")
+    } else {
+        format!("{of}.grad")
     }
 }
 
@@ -153,6 +170,9 @@ pub(crate) struct Graph<'env> {
     pub nodes: Vec<Node<'env>>,
     /// Effects per module (keyed by the module's identity).
     pub modules: AddrMap<ModuleEffects>,
+    /// Apply nodes that call `.backward()`, in the order they were built: backward pass `k`
+    /// is the one node `backward[k]` runs.
+    pub backward: Vec<NodeId>,
 }
 
 impl<'env> Graph<'env> {
@@ -179,8 +199,32 @@ impl<'env> Graph<'env> {
             grads: Vec::new(),
             saved: false,
             stop: false,
+            edit: false,
+            backward: None,
         });
         id
+    }
+
+    /// Marks apply node `id` as one that calls `.backward()`: the next backward pass.
+    pub fn add_backward(&mut self, id: NodeId) {
+        if self.nodes[id].backward.is_none() && matches!(self.nodes[id].kind, NodeKind::Apply(_)) {
+            self.nodes[id].backward = Some(self.backward.len());
+            self.backward.push(id);
+        }
+    }
+
+    /// `x.grad` reads built after the last `.backward()` refer to that last pass (before the
+    /// run: only then is the number of passes known).
+    pub fn settle_passes(&mut self) {
+        let Some(last) = self.backward.len().checked_sub(1) else { return };
+        for id in 0..self.nodes.len() {
+            if let NodeKind::Grad { of, pass, next: true } = self.nodes[id].kind {
+                if pass > last {
+                    self.nodes[id].kind = NodeKind::Grad { of, pass: last, next: true };
+                    self.nodes[id].label = grad_label(&self.nodes[of].label, last);
+                }
+            }
+        }
     }
 
     pub fn module_mut(&mut self, key: usize, path: &str) -> &mut ModuleEffects {

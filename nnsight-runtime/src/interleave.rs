@@ -36,6 +36,7 @@ use crate::tracer::Group;
 mod audit;
 mod grad;
 mod outcome;
+mod saved;
 mod shared;
 
 pub use audit::HookPointLayout;
@@ -68,8 +69,15 @@ struct RunState {
     stop_requested: Option<NodeId>,
     /// Backward hooks on activation tensors (for `.grad`), removed when the run ends.
     grad_hooks: GradHooks,
+    /// The backward pass running now: set while a node marked as calling `.backward()` runs
+    /// (read by the backward hooks, on whatever thread libtorch runs them).
+    backward_pass: Option<usize>,
     /// Private copies of shared values handed to one invoke among several (see [`shared`]).
     watched: Vec<shared::Watched>,
+    /// Saved values whose version counters are watched (see [`saved`]).
+    guarded: Vec<saved::Guard>,
+    /// Copies of saved values taken before an edit changed their memory (see [`saved`]).
+    snapshots: Vec<(NodeId, Value)>,
 }
 
 /// Batch layout of a run: each invoke's `(start, rows)` and the total batch size.
@@ -143,7 +151,8 @@ pub(crate) fn module_call<M: HookModule>(m: &Hooked<M>, input: M::Input) -> M::O
 }
 
 impl<'env> Interleaver<'env> {
-    fn new(graph: Graph<'env>, batch: Batch, grad: bool) -> Self {
+    fn new(mut graph: Graph<'env>, batch: Batch, grad: bool) -> Self {
+        graph.settle_passes();
         let n = graph.nodes.len();
         let waiting = graph.nodes.iter().map(|n| n.args.len() + n.gates.len()).collect();
         let uses_left = graph.nodes.iter().map(|n| n.listeners.len() + n.swap_uses).collect();
@@ -156,7 +165,10 @@ impl<'env> Interleaver<'env> {
             error: None,
             stop_requested: None,
             grad_hooks: GradHooks::new(),
+            backward_pass: None,
             watched: Vec::new(),
+            guarded: Vec::new(),
+            snapshots: Vec::new(),
         };
         Interleaver { graph: RefCell::new(graph), state: RefCell::new(state), batch, grad, audit: None }
     }
@@ -204,6 +216,9 @@ impl<'env> Interleaver<'env> {
         // No backward hook may outlive the run (they point at `il`).
         let removed = il.state.borrow_mut().grad_hooks.remove_all();
         let shared = il.check_shared(None);
+        let saved = il.check_saved(|| {
+            "after the last hook point with an intervention (by the model's forward pass, or by a backward pass)".to_string()
+        });
         let mut state = il.state.into_inner();
         let mut graph = il.graph.into_inner();
         removed?;
@@ -221,17 +236,23 @@ impl<'env> Interleaver<'env> {
             }
         }
         shared?;
+        saved?;
         if stopped_at.is_none() && !lenient() {
             for (id, n) in graph.nodes.iter().enumerate() {
-                if let (NodeKind::Grad { of, pass }, Slot::Empty) = (&n.kind, &state.slots[id]) {
+                if let (NodeKind::Grad { of, pass, .. }, Slot::Empty) = (&n.kind, &state.slots[id]) {
                     if let NodeKind::Hook { module, io, call, .. } = graph.nodes[*of].kind {
-                        return Err(Error::NeverProvided {
-                            point: format!("{}.grad", graph.point_name(module, io)),
-                            call,
-                            reason: format!(
+                        let reason = match graph.backward.get(*pass) {
+                            Some(&b) => format!(
+                                "the backward pass of node {} never reached it (that node did not run, or its value does not \
+                                 depend on this activation). A `.grad` read refers to the first `.backward()` written after it, \
+                                 or to the last one when none follows",
+                                graph.nodes[b].name(b)
+                            ),
+                            None => format!(
                                 "backward pass {pass} never reached it (call `.backward()` on a value computed from this activation)"
                             ),
-                        });
+                        };
+                        return Err(Error::NeverProvided { point: format!("{}.grad", graph.point_name(module, io)), call, reason });
                     }
                 }
                 if let (NodeKind::Hook { module, io, call, .. }, Slot::Empty) = (&n.kind, &state.slots[id]) {
@@ -248,6 +269,7 @@ impl<'env> Interleaver<'env> {
         // Labels are only needed for errors about saved values.
         let labels = graph.nodes.iter_mut().map(|n| n.saved.then(|| (std::mem::take(&mut n.label), n.location))).collect();
         drop(graph); // intervention closures and their borrows end here
+        Interleaver::use_snapshots(&mut state.slots, std::mem::take(&mut state.snapshots));
         Ok(Outcome::new(state.slots, labels, stopped_at))
     }
 
@@ -292,6 +314,12 @@ impl<'env> Interleaver<'env> {
             return act;
         }
         let layout = layout();
+        if !self.state.borrow().guarded.is_empty() {
+            let before = || format!("by the model's forward pass before it reached `{}` (call {call})", self.graph.borrow().point_name(key, io));
+            if let Err(err) = self.check_saved(before) {
+                self.interrupt(err);
+            }
+        }
         let mut requires = Vec::new();
         for e in effects {
             let r = match e.kind {
@@ -333,12 +361,16 @@ impl<'env> Interleaver<'env> {
         let value: Value = match part {
             Part::Whole => {
                 self.watch_grad(node, act as &dyn Any, layout, e)?;
-                Rc::new(act.map_leaves(layout, &mut narrow).map_err(|r| refused(r, layout))?)
+                let own = act.map_leaves(layout, &mut narrow).map_err(|r| refused(r, layout))?;
+                self.guard_saved(node, saved::tensors_of(&own), saved::copy_as::<A>);
+                Rc::new(own)
             }
             Part::First => {
                 let layout = A::first_layout(layout).map_err(|r| refused(r, layout))?;
                 self.watch_grad(node, act.first() as &dyn Any, layout, e)?;
-                Rc::new(act.first().map_leaves(layout, &mut narrow).map_err(|r| refused(r, layout))?)
+                let own = act.first().map_leaves(layout, &mut narrow).map_err(|r| refused(r, layout))?;
+                self.guard_saved(node, saved::tensors_of(&own), saved::copy_as::<A::First>);
+                Rc::new(own)
             }
         };
         if !copies.is_empty() {
@@ -478,16 +510,37 @@ impl<'env> Interleaver<'env> {
         format!(" (inputs: {})", parts.join(", "))
     }
 
+    /// `; its value is for the swap at `layers.0.output` (call 0, invoke 1)` for a node whose
+    /// value a swap puts in (for errors), else nothing.
+    fn swap_target(&self, id: NodeId) -> String {
+        let g = self.graph.borrow();
+        if g.nodes[id].swap_uses == 0 {
+            return String::new();
+        }
+        for (&key, m) in &g.modules {
+            for io in [Io::Input, Io::Output] {
+                for e in m.side(io) {
+                    if let EffectKind::Swap(v, _) = e.kind {
+                        if v == id {
+                            return format!("; its value is for the swap at `{}` (call {}, {})", g.point_name(key, io), e.call, Group(e.group));
+                        }
+                    }
+                }
+            }
+        }
+        String::new()
+    }
+
     /// Runs apply node `id` on its argument values (or marks it skipped), then releases them.
     fn execute(&self, id: NodeId) -> Result<()> {
-        let (args, gates, mut f) = {
+        let (args, gates, mut f, edit, backward) = {
             let mut g = self.graph.borrow_mut();
             let n = &mut g.nodes[id];
             let f = match &mut n.kind {
                 NodeKind::Apply(f) => f.take(),
                 _ => None,
             };
-            (n.args.clone(), n.gates.clone(), f)
+            (n.args.clone(), n.gates.clone(), f, n.edit, n.backward)
         };
         let skip = {
             let st = self.state.borrow();
@@ -517,6 +570,10 @@ impl<'env> Interleaver<'env> {
                 (Err(e), _) => Err(e),
                 (Ok(_), None) => Err(Error::Node { node: self.node_name(id), message: "node has no body".into() }),
                 (Ok(values), Some(f)) => {
+                    if edit {
+                        // First copy the saved values whose memory the edit may change.
+                        self.protect_saved(&values);
+                    }
                     let refs: Vec<&dyn Any> = values.iter().map(|v| &**v).collect();
                     // Modules called inside an intervention run untraced.
                     let prev = ACTIVE.with(|a| a.replace(std::ptr::null()));
@@ -529,10 +586,15 @@ impl<'env> Interleaver<'env> {
                         };
                         Error::Node {
                             node: self.node_name(id),
-                            message: format!("{message}{hint}{}", self.describe_inputs(&args, &values)),
+                            message: format!("{message}{hint}{}{}", self.describe_inputs(&args, &values), self.swap_target(id)),
                         }
                     };
-                    match panic::catch_unwind(AssertUnwindSafe(|| f(&refs))) {
+                    let outer = backward.map(|k| self.state.borrow_mut().backward_pass.replace(k));
+                    let result = panic::catch_unwind(AssertUnwindSafe(|| f(&refs)));
+                    if let Some(outer) = outer {
+                        self.state.borrow_mut().backward_pass = outer;
+                    }
+                    match result {
                         Ok(Ok(v)) => Ok(Slot::Ready(Rc::from(v))),
                         Ok(Err(message)) => Err(failed(message)),
                         Err(p) => Err(failed(panic_message(&*p))),
@@ -549,6 +611,14 @@ impl<'env> Interleaver<'env> {
         }
         if !self.state.borrow().watched.is_empty() {
             self.check_shared(Some(id))?;
+        }
+        if edit {
+            self.refresh_saved();
+        } else if !self.state.borrow().guarded.is_empty() {
+            self.check_saved(|| self.by_node(id))?;
+        }
+        if let Slot::Ready(v) = &slot {
+            self.guard_saved_any(id, v);
         }
         self.state.borrow_mut().slots[id] = slot;
         for a in args.iter().chain(gates.iter()) {

@@ -363,10 +363,14 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
 
     /// Declares `edit` (a node that changes `target`'s value in place, e.g. `h[.., 0] = 0.0`) as
     /// an edit of the hook point `target` was read from: it must run before that module returns,
-    /// else the run fails with [`Error::NotReady`]. No-op when `target` is not a hook read.
+    /// else the run fails with [`Error::NotReady`]. Saved values whose memory the edit changes
+    /// are copied just before it runs, so they keep the value they had when saved; a read of
+    /// the hook point written after the edit is a new node, which sees the edited value.
     pub fn edits<P: ProxyRef, E: ProxyRef>(&mut self, target: P, edit: E) {
         let (target, edit) = (self.node(&target), self.node(&edit));
+        self.graph.nodes[edit].edit = true;
         if let NodeKind::Hook { module, io, call, group, .. } = self.graph.nodes[target].kind {
+            self.reads.retain(|&(k, i, _, c, g), _| !(k == module && i == io && c == call && g == group));
             let path = self.graph.modules.get(&module).map(|m| m.path.clone()).unwrap_or_default();
             self.graph.add_effect(module, &path, io, Effect { call, group, kind: EffectKind::Require(edit) });
         }
@@ -379,6 +383,31 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
     /// Turns autograd on for the run.
     #[track_caller]
     pub fn grad<P: ProxyRef<Value = Tensor>>(&mut self, x: P, pass: usize) -> Proxy<Tensor> {
+        self.grad_node(x, pass, false)
+    }
+
+    /// `x.grad` as `trace!` writes it: the gradient in the backward pass of the first
+    /// `.backward()` node built after this read ([`Tracer::backward`]), or of the last one when
+    /// the read is built after all of them — so with a single `.backward()` the read may be
+    /// written before or after it, in any invoke. When the trace marks no `.backward()` node
+    /// (backward inside a function of your own), the first time backward reaches the tensor.
+    #[track_caller]
+    pub fn grad_next<P: ProxyRef<Value = Tensor>>(&mut self, x: P) -> Proxy<Tensor> {
+        let pass = self.graph.backward.len();
+        self.grad_node(x, pass, true)
+    }
+
+    /// Marks `p`'s node (an apply node) as one that calls `.backward()`: the trace's next
+    /// backward pass, which [`Tracer::grad_next`] reads refer to. `trace!` marks every node
+    /// whose code calls `.backward()`.
+    pub fn backward<P: ProxyRef>(&mut self, p: &P) {
+        let id = self.node(p);
+        self.grad = true;
+        self.graph.add_backward(id);
+    }
+
+    #[track_caller]
+    fn grad_node<P: ProxyRef<Value = Tensor>>(&mut self, x: P, pass: usize, next: bool) -> Proxy<Tensor> {
         self.grad = true;
         let of = self.node(&x);
         if !matches!(self.graph.nodes[of].kind, NodeKind::Hook { .. }) {
@@ -388,9 +417,8 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
             )));
             return self.poison("<bad .grad>");
         }
-        let label = format!("{}.grad", self.graph.nodes[of].label);
-        let label = if pass > 0 { format!("{label} [backward {pass}]") } else { label };
-        let id = self.graph.add(label, Location::caller(), NodeKind::Grad { of, pass }, vec![], vec![]);
+        let label = crate::graph::grad_label(&self.graph.nodes[of].label, pass);
+        let id = self.graph.add(label, Location::caller(), NodeKind::Grad { of, pass, next }, vec![], vec![]);
         self.graph.nodes[of].grads.push(id);
         self.proxy(id)
     }

@@ -6,7 +6,8 @@ use std::rc::Rc;
 
 use super::{activation_from, Interleaver, Slot};
 use crate::activation::{split, Activation, Layout, Rows};
-use crate::error::{Error, Result};
+use crate::error::{Error, QuietGuard, Result};
+use crate::graph::Value;
 use crate::graph::{Effect, NodeKind};
 use crate::proxy::NodeId;
 
@@ -42,13 +43,18 @@ impl<'env> Interleaver<'env> {
         } else {
             split(t, layout, rows.total).map_err(|r| Error::Node { node: self.node_name(node), message: format!("`.grad`: {r}") })?.layout()
         };
-        let mut pass = 0usize;
+        let mut reached = 0usize;
         let hook = move |g: &tch::Tensor| {
             let ptr = ptr;
             // SAFETY: see `InterleaverPtr`.
             let il = unsafe { &*(ptr.0 as *const Interleaver<'static>) };
-            pass += 1;
-            il.on_grad(node, pass - 1, g, rows, layout)
+            // This may be another thread than the run's (an accelerator's backward worker):
+            // nothing here may rely on the run's thread-locals. Panics in the nodes it runs
+            // are errors of the run, not messages on this thread's stderr.
+            let _quiet = QuietGuard::new();
+            reached += 1;
+            let pass = il.state.borrow().backward_pass.unwrap_or(reached - 1);
+            il.on_grad(node, pass, g, rows, layout)
         };
         let mut st = self.state.borrow_mut();
         st.grad_hooks.register(t, hook).map(|_| ())
@@ -74,7 +80,9 @@ impl<'env> Interleaver<'env> {
             .iter()
             .try_for_each(|&gn| {
                 let own = full.narrow_batch(layout, rows).map_err(|r| Error::Node { node: self.node_name(gn), message: r.to_string() })?;
-                self.provide(gn, Rc::new(own))
+                let own: Value = Rc::new(own);
+                self.guard_saved_any(gn, &own);
+                self.provide(gn, own)
             })
             .and_then(|_| {
                 for &gn in &grads {
