@@ -136,6 +136,7 @@ fn main() {
     let dir = tempfile::tempdir().expect("temporary folder");
     let file = write_dataset(dir.path(), n);
     let texts: Vec<String> = (0..n).map(sentence).collect();
+    println!("sentences 0 and {}: {:?} {:?}", n - 1, texts[0], texts[n - 1]);
     let model = nnsight::bundled::minilm().expect("MiniLM");
     // Warm-up: libtorch's lazy set-up, oneDNN's kernels, the file cache.
     time_plain(&model, &texts[..BATCH * 4]);
