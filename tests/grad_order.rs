@@ -28,12 +28,21 @@ fn plain_grad(model: &Hooked<Stack>, x: &Tensor, l: usize, scale: f64) -> Tensor
     leaf.grad()
 }
 
+/// The tests of this file run one at a time: the last one counts the gradient hooks alive in
+/// the whole process, which the others' traces would change meanwhile.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
     assert!(got.allclose(want, 1e-6, 1e-7, false), "{what}: {got} vs {want}");
 }
 
 #[test]
 fn the_issue_example_on_minilm_a_read_after_backward() {
+    let _serial = serial();
     let model = minilm();
     let want = case("grad");
     let g = trace!(model, PARIS, {
@@ -49,6 +58,7 @@ fn the_issue_example_on_minilm_a_read_after_backward() {
 
 #[test]
 fn a_read_before_or_after_backward_is_the_same_gradient() {
+    let _serial = serial();
     let vs = nn::VarStore::new(Device::Cpu);
     let model = stack(&vs, 3);
     let x = input(2, 40);
@@ -65,6 +75,7 @@ fn a_read_before_or_after_backward_is_the_same_gradient() {
 
 #[test]
 fn backward_in_one_invoke_and_the_read_in_another() {
+    let _serial = serial();
     let vs = nn::VarStore::new(Device::Cpu);
     let model = stack(&vs, 3);
     let (x0, x1) = (input(1, 41), input(1, 42));
@@ -99,6 +110,7 @@ fn backward_in_one_invoke_and_the_read_in_another() {
 
 #[test]
 fn with_two_backward_passes_a_read_refers_to_the_next_one_written_or_the_last() {
+    let _serial = serial();
     let vs = nn::VarStore::new(Device::Cpu);
     let model = stack(&vs, 2);
     let x = input(1, 43).set_requires_grad(true);
@@ -120,6 +132,7 @@ fn with_two_backward_passes_a_read_refers_to_the_next_one_written_or_the_last() 
 
 #[test]
 fn a_pass_that_does_not_reach_the_activation_is_named_in_the_error() {
+    let _serial = serial();
     let vs = nn::VarStore::new(Device::Cpu);
     let model = stack(&vs, 3);
     let x = input(1, 44);
@@ -149,6 +162,7 @@ mod other_thread {
 
 #[test]
 fn backward_hooks_on_another_thread_give_the_same_values() {
+    let _serial = serial();
     let vs = nn::VarStore::new(Device::Cpu);
     let model = stack(&vs, 3);
     let x = input(2, 45);
