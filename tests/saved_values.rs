@@ -126,7 +126,10 @@ fn another_invokes_edit_leaves_this_invokes_saved_rows() {
         }
     })
     .unwrap();
-    assert!(a0.equal(&by_hand(&m.a, &x0)));
+    // The same rows computed in one batch of 2, as in the trace: a batch of 1 may take another
+    // matmul kernel and differ in the last bits.
+    let both = Tensor::cat(&[&x0, &x1], 0);
+    assert!(a0.equal(&by_hand(&m.a, &both).narrow(0, 0, 1)));
     assert!(out0.allclose(&by_hand(&m.b, &by_hand(&m.a, &x0)), 1e-6, 1e-7, false));
     assert!(out1.allclose(&by_hand(&m.b, &Tensor::zeros([1, 4], (Kind::Float, Device::Cpu))), 1e-6, 1e-7, false));
 }
