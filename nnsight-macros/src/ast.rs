@@ -63,7 +63,7 @@ impl Parse for TraceInput {
             return Err(input.error("unexpected tokens after the intervention block"));
         }
         let TokenTree::Group(g) = body else { unreachable!("checked by peek") };
-        let segments = split_invokes(crate::preprocess::wrap_index_commas(g.stream()), first)?;
+        let segments = split_invokes(crate::preprocess::wrap_index_commas(g.stream())?, first)?;
         Ok(TraceInput { model, segments, options })
     }
 }

@@ -32,7 +32,10 @@ pub enum Mode {
 
 const GENERATE_OPTIONS: &[&str] = &["max_new_tokens", "temperature", "top_k", "seed", "stop_at_eos"];
 
-pub fn trace(input: TraceInput, mode: Mode) -> TokenStream {
+pub fn trace(mut input: TraceInput, mode: Mode) -> TokenStream {
+    for seg in &mut input.segments {
+        crate::format::explicit_format_args(&mut seg.stmts);
+    }
     let mut ctx = Ctx::new(input.model.clone());
     let tr = ctx.tr.clone();
     let model = &input.model;
@@ -82,9 +85,9 @@ pub fn trace(input: TraceInput, mode: Mode) -> TokenStream {
             }
             None => ctx.group = Some(all.clone()),
         }
-        let (stmts, tail) = ctx.stmts(&seg.stmts);
+        let (stmts, tail) = if i + 1 == n { ctx.trace_stmts(&seg.stmts) } else { ctx.stmts(&seg.stmts) };
         body.extend(stmts);
-        if let Some(t) = tail {
+        if let Some((t, _)) = tail {
             if i + 1 == n {
                 value_span = seg.stmts.last().map(syn::spanned::Spanned::span).unwrap_or(value_span);
                 value = t;

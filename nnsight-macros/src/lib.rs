@@ -1,7 +1,8 @@
 //! Procedural macros of nnsight-rs: `trace!`, which turns Rust-like intervention code into an
 //! intervention graph that rustc type-checks, run alongside the model's forward pass.
 //!
-//! Layout: `preprocess` (token rewrite for `x[.., 0]`), `ast` (the macro's model of its input),
+//! Layout: `preprocess` (token rewrite for `x[.., 0]`), `format` (inline format arguments made
+//! explicit), `ast` (the macro's model of its input),
 //! `paths` (module paths and hook points), `scan` (questions about expressions), `lower`
 //! (statement translation), `lift` (expressions into typed apply nodes), `expand` (the generated block). Semantics live in the
 //! runtime; everything generated can be written by hand against `nnsight::Tracer`.
@@ -11,6 +12,7 @@ use proc_macro::TokenStream;
 mod ast;
 mod derive;
 mod expand;
+mod format;
 mod lift;
 mod lower;
 mod paths;

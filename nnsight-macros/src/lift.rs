@@ -5,7 +5,7 @@
 //! used as `(*x)`, so the expression reads as in an ordinary closure and rustc checks it against
 //! the real types.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote, quote_spanned, ToTokens};
@@ -38,17 +38,33 @@ impl Ctx {
         let mut skip: HashSet<String> = params.clone();
         skip.extend(self.proxies.iter().cloned());
         let captures = free_idents(&body, &skip);
-        // Captured names are used as `(*x)`: a place of the variable's own type (see
-        // `nnsight::__private::Cap`).
-        let cap_names: HashSet<String> = captures.iter().map(|c| c.to_string()).collect();
-        DerefCaptures(&cap_names).visit_expr_mut(&mut body);
+        // Captured names become fresh bindings: a copy of a `Copy` value, a borrow otherwise
+        // (see `nnsight::__private::Cap`); uses read them as a place or take a value.
+        let renames: HashMap<String, Ident> =
+            captures.iter().map(|c| (c.to_string(), self.fresh("cap", c.span()))).collect();
+        UseCaptures { names: &renames, place: false }.visit_expr_mut(&mut body);
+        let cap_lets = captures.iter().map(|c| {
+            let fresh = &renames[&c.to_string()];
+            quote!(let #fresh = (&::nnsight::__private::Cap(&#c)).__nn_cap();)
+        });
         let apply = format_ident!("apply{}", leaves.len());
         let arg_names: Vec<&Ident> = leaves.iter().map(|(p, _)| p).collect();
         let arg_vals: Vec<Ident> = (0..leaves.len()).map(|i| format_ident!("__nn_arg{}", i)).collect();
         let bindings = leaves.iter().zip(&arg_vals).map(|((_, v), a)| quote!(let #a = #v;));
+        // `?` inside: an error of this node (so of the trace), with the error's text.
+        let body = if has_try(&body) {
+            quote_spanned!(span=> match (|| -> ::core::result::Result<_, ::std::boxed::Box<dyn ::std::error::Error + ::core::marker::Send + ::core::marker::Sync>> {
+                ::core::result::Result::Ok(#body)
+            })() {
+                ::core::result::Result::Ok(v) => v,
+                ::core::result::Result::Err(e) => ::core::panic!("{}", e),
+            })
+        } else {
+            body.to_token_stream()
+        };
         let body = match convert {
             Some(c) => quote_spanned!(span=> #c(#body)),
-            None => body.to_token_stream(),
+            None => body,
         };
         // A node that calls `.backward()` is marked as the trace's next backward pass.
         let mark = backward.then(|| quote_spanned!(span=> #tr.backward(&__nn_node);));
@@ -56,10 +72,13 @@ impl Ctx {
             #(#bindings)*
             #[allow(unused_imports)]
             use ::nnsight::__private::{CapByCopy as _, CapByRef as _};
-            #(let #captures = (&::nnsight::__private::Cap(&#captures)).__nn_cap();)*
+            #(#cap_lets)*
             let __nn_node = #tr.#apply(#(#arg_vals,)* move |#(#arg_names),*| {
                 #[allow(unused_imports)]
-                use ::nnsight::__private::{At as _, OwnClone as _, OwnTensor as _, ParamByCopy as _, ParamByRef as _};
+                use ::nnsight::__private::{
+                    At as _, OwnClone as _, OwnTensor as _, OwnedAny as _, OwnedTensor as _, ParamByCopy as _, ParamByRef as _,
+                    UseCopy as _, UseRef as _, UseTensor as _,
+                };
                 // Numbers by value, tensors by reference (see `nnsight::__private::Param`).
                 #(let #arg_names = (&::nnsight::__private::Param(#arg_names)).__nn_param();)*
                 #body
@@ -70,19 +89,130 @@ impl Ctx {
     }
 }
 
-/// Rewrites uses of captured variables `x` to `(*x)`.
-struct DerefCaptures<'a>(&'a HashSet<String>);
-
-impl VisitMut for DerefCaptures<'_> {
-    fn visit_expr_mut(&mut self, e: &mut Expr) {
-        if let Expr::Path(p) = e {
-            if p.qself.is_none() && p.path.get_ident().is_some_and(|id| self.0.contains(&id.to_string())) {
-                let id = p.path.get_ident().unwrap().clone();
-                *e = syn::parse_quote_spanned!(id.span()=> (*#id));
+/// True when `e` uses `?` outside the closures inside it.
+fn has_try(e: &Expr) -> bool {
+    struct V(bool);
+    impl<'ast> syn::visit::Visit<'ast> for V {
+        fn visit_expr(&mut self, e: &'ast Expr) {
+            match e {
+                Expr::Try(_) => self.0 = true,
+                Expr::Closure(_) | Expr::Async(_) => {}
+                _ => syn::visit::visit_expr(self, e),
             }
-            return;
         }
-        visit_mut::visit_expr_mut(self, e);
+    }
+    let mut v = V(false);
+    syn::visit::Visit::visit_expr(&mut v, e);
+    v.0
+}
+
+/// One part of an index: integer literals become `i64` literals (tch's type; a `Vec` index
+/// gives an element whose type is then known), ranges part by part, `..` as it is, anything
+/// else through `nnsight::__private::ix` (any integer type, and ranges of them).
+fn index_part(e: &Expr) -> Expr {
+    fn int_lit(e: &Expr) -> Option<Expr> {
+        match e {
+            Expr::Lit(syn::ExprLit { lit: syn::Lit::Int(i), .. }) if i.suffix().is_empty() => {
+                let v = syn::LitInt::new(&format!("{}i64", i.base10_digits()), i.span());
+                Some(syn::parse_quote!(#v))
+            }
+            Expr::Unary(u) if matches!(u.op, syn::UnOp::Neg(_)) => int_lit(&u.expr).map(|v| syn::parse_quote!(-#v)),
+            Expr::Paren(p) => int_lit(&p.expr),
+            _ => None,
+        }
+    }
+    if let Some(v) = int_lit(e) {
+        return v;
+    }
+    if let Expr::Range(r) = e {
+        let lit_or_none = |x: &Option<Box<Expr>>| x.as_ref().is_none_or(|x| int_lit(x).is_some());
+        if lit_or_none(&r.start) && lit_or_none(&r.end) {
+            let start = r.start.as_ref().map(|x| int_lit(x).unwrap());
+            let end = r.end.as_ref().map(|x| int_lit(x).unwrap());
+            let limits = &r.limits;
+            return syn::parse_quote!(#start #limits #end);
+        }
+    }
+    syn::parse_quote_spanned!(e.span()=> ::nnsight::__private::ix(#e))
+}
+
+/// Rewrites uses of captured variables: `(*c)` where a place is read (receiver, `&x`, field,
+/// index, comparison, format argument), `(&c).__nn_use()` where a value is taken.
+struct UseCaptures<'a> {
+    names: &'a HashMap<String, Ident>,
+    /// Whether the expression being visited is read as a place.
+    place: bool,
+}
+
+impl UseCaptures<'_> {
+    fn with(&mut self, place: bool, e: &mut Expr) {
+        let outer = std::mem::replace(&mut self.place, place);
+        self.visit_expr_mut(e);
+        self.place = outer;
+    }
+}
+
+impl VisitMut for UseCaptures<'_> {
+    fn visit_expr_mut(&mut self, e: &mut Expr) {
+        use syn::BinOp::*;
+        match e {
+            Expr::Path(p) => {
+                if let Some(fresh) = p.qself.is_none().then(|| p.path.get_ident()).flatten().and_then(|id| self.names.get(&id.to_string())) {
+                    let fresh = Ident::new(&fresh.to_string(), p.span());
+                    *e = if self.place {
+                        syn::parse_quote_spanned!(fresh.span()=> (*#fresh))
+                    } else {
+                        syn::parse_quote_spanned!(fresh.span()=> (&#fresh).__nn_use())
+                    };
+                }
+            }
+            Expr::MethodCall(m) => {
+                self.with(true, &mut m.receiver);
+                for a in m.args.iter_mut() {
+                    self.with(false, a);
+                }
+            }
+            Expr::Field(f) => self.with(true, &mut f.base),
+            Expr::Index(ix) => {
+                self.with(true, &mut ix.expr);
+                self.with(false, &mut ix.index);
+            }
+            Expr::Reference(r) => self.with(true, &mut r.expr),
+            Expr::Cast(c) => self.with(true, &mut c.expr),
+            Expr::Binary(b) if matches!(b.op, Eq(_) | Ne(_) | Lt(_) | Le(_) | Gt(_) | Ge(_)) => {
+                self.with(true, &mut b.left);
+                self.with(true, &mut b.right);
+            }
+            Expr::Binary(b) => {
+                // `x += ..` on a capture changes the borrowed variable: not a value use.
+                let left_place = matches!(b.op, AddAssign(_) | SubAssign(_) | MulAssign(_) | DivAssign(_));
+                self.with(left_place, &mut b.left);
+                self.with(false, &mut b.right);
+            }
+            Expr::Assign(a) => {
+                self.with(true, &mut a.left);
+                self.with(false, &mut a.right);
+            }
+            Expr::Macro(_) => {
+                if let Some(mut items) = macro_args(e) {
+                    let Expr::Macro(m) = &*e else { unreachable!() };
+                    let path = m.mac.path.clone();
+                    for it in items.iter_mut() {
+                        match it {
+                            // `name = value` in a format macro: the name stays.
+                            Expr::Assign(a) if matches!(&*a.left, Expr::Path(_)) => self.with(true, &mut a.right),
+                            other => self.with(true, other),
+                        }
+                    }
+                    *e = syn::parse_quote!(#path!(#(#items),*));
+                }
+            }
+            _ => {
+                let outer = std::mem::replace(&mut self.place, false);
+                visit_mut::visit_expr_mut(self, e);
+                self.place = outer;
+            }
+        }
     }
 }
 
@@ -143,7 +273,11 @@ impl VisitMut for Replacer<'_> {
             // `vec![..]`, `println!(..)`, `assert!(..)`, ...: their arguments are expressions too.
             if let Some(mut items) = macro_args(e) {
                 for it in items.iter_mut() {
-                    self.visit_expr_mut(it);
+                    match it {
+                        // `name = value` in a format macro: the name stays.
+                        Expr::Assign(a) if matches!(&*a.left, Expr::Path(_)) => self.visit_expr_mut(&mut a.right),
+                        other => self.visit_expr_mut(other),
+                    }
                 }
                 *e = syn::parse_quote!(#path!(#(#items),*));
             }
@@ -162,7 +296,20 @@ impl VisitMut for Replacer<'_> {
         // Indexing a real value that came from a proxy is tensor indexing (tch's IndexOp).
         if let Expr::Index(ix) = e {
             if self.mentions_param(&ix.expr) {
-                let (base, idx) = (&ix.expr, &ix.index);
+                let base = &ix.expr;
+                // Every part through `ix`: `usize` and its ranges index like `i64`.
+                let idx: Expr = match &*ix.index {
+                    Expr::Tuple(t) => {
+                        let parts = t.elems.iter().map(index_part);
+                        syn::parse_quote!((#(#parts,)*))
+                    }
+                    Expr::Paren(p) if matches!(&*p.expr, Expr::Tuple(_)) => {
+                        let Expr::Tuple(t) = &*p.expr else { unreachable!() };
+                        let parts = t.elems.iter().map(index_part);
+                        syn::parse_quote!((#(#parts,)*))
+                    }
+                    other => index_part(other),
+                };
                 *e = syn::parse_quote_spanned!(ix.bracket_token.span.join()=> (#base).__nn_at(#idx));
             }
         }

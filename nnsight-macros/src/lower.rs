@@ -13,6 +13,8 @@ use std::collections::HashSet;
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
+use syn::visit::{self, Visit};
+use syn::visit_mut::{self, VisitMut};
 use syn::{Expr, Ident, Stmt};
 
 use crate::paths::{hook_path, module_chain, HookPath, Point, Seg};
@@ -34,6 +36,13 @@ pub struct Ctx {
     pub errors: Vec<syn::Error>,
     pub grad: bool,
     pub(crate) fresh: usize,
+    /// Names the block declared (`let`, loop and closure patterns), as opposed to variables
+    /// from outside the trace.
+    pub(crate) locals: HashSet<String>,
+    /// Plain variables declared in the block that hold a proxy because the block assigns one
+    /// to them later (`let mut total = 0.0; .. total += h.norm()..`): the trace saves them
+    /// when the block returns them.
+    pub(crate) promoted: HashSet<String>,
 }
 
 impl Ctx {
@@ -46,6 +55,8 @@ impl Ctx {
             errors: Vec::new(),
             grad: false,
             fresh: 0,
+            locals: HashSet::new(),
+            promoted: HashSet::new(),
         }
     }
 
@@ -66,14 +77,25 @@ impl Ctx {
     // ----- statements -------------------------------------------------------------------
 
     /// Translates statements; returns the statements and the tail expression (the value of the
-    /// last statement when it has no semicolon).
-    pub fn stmts(&mut self, stmts: &[Stmt]) -> (TokenStream, Option<TokenStream>) {
+    /// last statement when it has no semicolon) with whether it is a proxy.
+    pub fn stmts(&mut self, stmts: &[Stmt]) -> (TokenStream, Option<(TokenStream, bool)>) {
+        self.stmts_with(stmts, false)
+    }
+
+    /// The trace block's statements: as [`Ctx::stmts`], the tail through [`Ctx::trace_tail`].
+    pub fn trace_stmts(&mut self, stmts: &[Stmt]) -> (TokenStream, Option<(TokenStream, bool)>) {
+        self.stmts_with(stmts, true)
+    }
+
+    fn stmts_with(&mut self, stmts: &[Stmt], top: bool) -> (TokenStream, Option<(TokenStream, bool)>) {
         let mut out = TokenStream::new();
         let mut tail = None;
         for (i, s) in stmts.iter().enumerate() {
             let last = i + 1 == stmts.len();
             match s {
-                Stmt::Expr(e, None) if last => tail = Some(self.tail_expr(e)),
+                Stmt::Expr(e, None) if last && top => tail = Some((self.trace_tail(e), false)),
+                Stmt::Expr(e, None) if last => tail = Some(self.value_or_stmt(e)),
+                Stmt::Local(l) => out.extend(self.local(l, &stmts[i + 1..])),
                 _ => out.extend(self.stmt(s)),
             }
         }
@@ -82,7 +104,7 @@ impl Ctx {
 
     fn stmt(&mut self, s: &Stmt) -> TokenStream {
         match s {
-            Stmt::Local(l) => self.local(l),
+            Stmt::Local(l) => self.local(l, &[]),
             Stmt::Expr(e, semi) => {
                 let t = self.expr_stmt(e);
                 match semi {
@@ -99,43 +121,126 @@ impl Ctx {
         }
     }
 
-    fn local(&mut self, l: &syn::Local) -> TokenStream {
+    fn local(&mut self, l: &syn::Local, rest: &[Stmt]) -> TokenStream {
         let mut names = Vec::new();
         pat_idents(&l.pat, &mut names);
+        self.locals.extend(names.iter().map(|n| n.to_string()));
         let attrs = &l.attrs;
         let pat = &l.pat;
-        let Some(init) = &l.init else {
+        let forget = |ctx: &mut Ctx| {
             for n in &names {
-                self.proxies.remove(&n.to_string());
+                ctx.proxies.remove(&n.to_string());
+                ctx.promoted.remove(&n.to_string());
             }
+        };
+        let Some(init) = &l.init else {
+            forget(self);
             return quote!(#(#attrs)* let #pat;);
         };
-        if init.diverge.is_some() || !self.mentions(&init.expr) {
-            for n in &names {
-                self.proxies.remove(&n.to_string());
+        if init.diverge.is_some() {
+            if self.mentions(&init.expr) {
+                return self.error(l.pat.span(), "`let .. else` cannot test a proxy: its value exists only while the model runs; compute a proxy `bool` and use `if` on it");
+            }
+            forget(self);
+            return l.to_token_stream();
+        }
+        if !self.mentions(&init.expr) {
+            forget(self);
+            // A plain variable that the block later assigns a proxy to holds a proxy from here.
+            if let syn::Pat::Ident(pi) = &l.pat {
+                if pi.mutability.is_some() && pi.subpat.is_none() && self.becomes_proxy(&pi.ident, rest) {
+                    let v = self.lift(&init.expr, None);
+                    self.proxies.insert(pi.ident.to_string());
+                    self.promoted.insert(pi.ident.to_string());
+                    return quote!(#(#attrs)* #[allow(unused_mut)] let #pat = #v;);
+                }
             }
             return l.to_token_stream();
         }
-        let (value, is_proxy) = self.value(&init.expr);
-        let simple = matches!(&l.pat, syn::Pat::Ident(_) | syn::Pat::Wild(_))
-            || matches!(&l.pat, syn::Pat::Type(t) if matches!(*t.pat, syn::Pat::Ident(_)));
-        for n in &names {
-            if is_proxy && simple {
-                self.proxies.insert(n.to_string());
-            } else {
-                self.proxies.remove(&n.to_string());
+        // `let (a, b) = (x, y);`: element by element (values first, as Rust evaluates them).
+        if let (syn::Pat::Tuple(pt), Expr::Tuple(et)) = (&l.pat, &*init.expr) {
+            if pt.elems.len() == et.elems.len() && !pt.elems.iter().any(|p| matches!(p, syn::Pat::Rest(_))) {
+                let mut out = TokenStream::new();
+                let mut temps = Vec::new();
+                for e in &et.elems {
+                    let (v, is_proxy) = self.value(e);
+                    let t = self.fresh("elem", e.span());
+                    out.extend(quote!(let #t = #v;));
+                    temps.push((t, is_proxy));
+                }
+                for (p, (t, is_proxy)) in pt.elems.iter().zip(temps) {
+                    out.extend(self.bind(attrs, p, quote!(#t), is_proxy));
+                }
+                return out;
             }
         }
-        if is_proxy && !simple {
-            return self.error(l.pat.span(), "bind a proxy to one name (`let h = ...;`); destructure it inside an expression instead");
+        let (value, is_proxy) = self.value(&init.expr);
+        self.bind(attrs, &l.pat, value, is_proxy)
+    }
+
+    /// `let pat = value;` where `value` is build-time code, a proxy when `is_proxy`.
+    fn bind(&mut self, attrs: &[syn::Attribute], pat: &syn::Pat, value: TokenStream, is_proxy: bool) -> TokenStream {
+        let mut names = Vec::new();
+        pat_idents(pat, &mut names);
+        self.locals.extend(names.iter().map(|n| n.to_string()));
+        for n in &names {
+            self.proxies.remove(&n.to_string());
+            self.promoted.remove(&n.to_string());
         }
-        quote!(#(#attrs)* let #pat = #value;)
+        let simple = matches!(pat, syn::Pat::Ident(_) | syn::Pat::Wild(_))
+            || matches!(pat, syn::Pat::Type(t) if matches!(*t.pat, syn::Pat::Ident(_)));
+        if !is_proxy || simple {
+            if is_proxy {
+                self.proxies.extend(names.iter().map(|n| n.to_string()));
+            }
+            return quote!(#(#attrs)* let #pat = #value;);
+        }
+        // A proxy of a tuple destructured: one node per element.
+        if let syn::Pat::Tuple(pt) = pat {
+            let tmp = self.fresh("tuple", pat.span());
+            let mut out = quote!(let #tmp = #value;);
+            self.proxies.insert(tmp.to_string());
+            for (i, p) in pt.elems.iter().enumerate() {
+                if matches!(p, syn::Pat::Rest(_)) {
+                    return self.error(p.span(), "destructure a proxy of a tuple element by element (`let (a, b) = pair;`), without `..`");
+                }
+                if matches!(p, syn::Pat::Wild(_)) {
+                    continue;
+                }
+                let index = syn::Index::from(i);
+                let field: Expr = syn::parse_quote_spanned!(p.span()=> #tmp.#index);
+                let v = self.lift(&field, None);
+                out.extend(self.bind(attrs, p, v, true));
+            }
+            self.proxies.remove(&tmp.to_string());
+            return out;
+        }
+        self.error(pat.span(), "bind a proxy to one name (`let h = ...;`) or destructure a tuple (`let (a, b) = ...;`)")
+    }
+
+    /// True when the statements `rest` assign a value computed from a proxy to `name`.
+    fn becomes_proxy(&self, name: &Ident, rest: &[Stmt]) -> bool {
+        let mut known = self.proxies.clone();
+        // Names that will be bound to proxies further on (a few rounds reach chains of lets).
+        for _ in 0..3 {
+            let mut v = ProxyLets { model: &self.model, known: known.clone(), found: Vec::new() };
+            for s in rest {
+                v.visit_stmt(s);
+            }
+            known.extend(v.found);
+        }
+        let mut v = AssignsProxy { model: &self.model, known: &known, name: name.to_string(), found: false };
+        for s in rest {
+            v.visit_stmt(s);
+        }
+        v.found
     }
 
     fn expr_stmt(&mut self, e: &Expr) -> TokenStream {
         match e {
             Expr::Assign(a) => self.assign(a),
             Expr::Binary(b) if is_compound(&b.op) && self.mentions(&b.left) => self.compound(b),
+            Expr::Binary(b) if is_compound(&b.op) && self.mentions(&b.right) => self.plain_target(&b.left),
             Expr::ForLoop(f) => {
                 if self.mentions(&f.expr) {
                     return self.error(f.expr.span(), "cannot loop over a proxy: its value exists only while the model runs; loop over plain values (e.g. `for l in 0..6`)");
@@ -145,6 +250,7 @@ impl Ctx {
                 pat_idents(&f.pat, &mut names);
                 for n in &names {
                     self.proxies.remove(&n.to_string());
+                    self.locals.insert(n.to_string());
                 }
                 let body = self.block(&f.body);
                 self.proxies = saved;
@@ -153,7 +259,7 @@ impl Ctx {
             }
             Expr::While(w) => {
                 if self.mentions(&w.cond) {
-                    return self.error(w.cond.span(), "`while` on a proxy is not supported: use `if` on the proxy, or a loop over plain values");
+                    return self.error(w.cond.span(), "`while` on a proxy cannot work: the loop runs while the intervention graph is built, before the model runs; use `if` on the proxy inside a loop over plain values");
                 }
                 let body = self.block(&w.body);
                 let (label, cond) = (&w.label, &w.cond);
@@ -165,32 +271,74 @@ impl Ctx {
                 quote!(#label loop #body)
             }
             Expr::Block(b) if b.label.is_none() && b.attrs.is_empty() => self.block(&b.block),
-            Expr::If(i) => self.if_expr(i),
+            Expr::If(i) => self.if_stmt(i),
+            Expr::Match(m) => self.match_expr(m, false).0,
+            _ if inplace_root(e).is_some_and(|r| self.is_proxy_root(r)) => self.inplace(e, false),
             _ if self.mentions(e) => self.value(e).0,
             _ => e.to_token_stream(),
         }
     }
 
-    fn tail_expr(&mut self, e: &Expr) -> TokenStream {
+    /// A tail expression: a value, or a statement whose value is `()`.
+    fn value_or_stmt(&mut self, e: &Expr) -> (TokenStream, bool) {
         match e {
-            Expr::ForLoop(_) | Expr::While(_) | Expr::Loop(_) | Expr::If(_) | Expr::Assign(_) => {
+            Expr::ForLoop(_) | Expr::While(_) | Expr::Loop(_) | Expr::Assign(_) => {
                 let t = self.expr_stmt(e);
-                quote!({ #t; })
+                (quote!({ #t; }), false)
             }
-            _ if self.mentions(e) => self.value(e).0,
-            _ => e.to_token_stream(),
+            Expr::Binary(b) if is_compound(&b.op) => {
+                let t = self.expr_stmt(e);
+                (quote!({ #t; }), false)
+            }
+            _ => self.value(e),
+        }
+    }
+
+    /// The block's own tail: like [`Ctx::value_or_stmt`], and a variable the block made hold a
+    /// proxy (an accumulator) is saved, as its plain value is what the block returns.
+    pub fn trace_tail(&mut self, e: &Expr) -> TokenStream {
+        let tr = self.tr.clone();
+        match e {
+            Expr::Paren(p) => {
+                let t = self.trace_tail(&p.expr);
+                quote!((#t))
+            }
+            Expr::Tuple(t) => {
+                let elems: Vec<TokenStream> = t.elems.iter().map(|x| self.trace_tail(x)).collect();
+                quote!((#(#elems,)*))
+            }
+            Expr::Array(a) => {
+                let elems: Vec<TokenStream> = a.elems.iter().map(|x| self.trace_tail(x)).collect();
+                quote!([#(#elems),*])
+            }
+            _ if !self.promoted.is_empty() && mentions_proxy(e, &Names { model: &Ident::new("__nn_none", Span::call_site()), proxies: &self.promoted }) => {
+                let (v, is_proxy) = self.value(e);
+                if is_proxy {
+                    quote_spanned!(e.span()=> { let __nn_v = #v; #tr.save(__nn_v) })
+                } else {
+                    v
+                }
+            }
+            _ => self.value_or_stmt(e).0,
         }
     }
 
     /// A nested block: its own scope for proxy names.
     fn block(&mut self, b: &syn::Block) -> TokenStream {
-        let saved = self.proxies.clone();
-        let (stmts, tail) = self.stmts(&b.stmts);
-        self.proxies = saved;
-        quote!({ #stmts #tail })
+        self.block_value(b).0
     }
 
-    fn if_expr(&mut self, i: &syn::ExprIf) -> TokenStream {
+    /// A nested block and whether its value is a proxy.
+    fn block_value(&mut self, b: &syn::Block) -> (TokenStream, bool) {
+        let (saved, promoted) = (self.proxies.clone(), self.promoted.clone());
+        let (stmts, tail) = self.stmts(&b.stmts);
+        self.proxies = saved;
+        self.promoted = promoted;
+        let (tail, is_proxy) = tail.unwrap_or_default();
+        (quote!({ #stmts #tail }), is_proxy)
+    }
+
+    fn if_stmt(&mut self, i: &syn::ExprIf) -> TokenStream {
         if !self.mentions(&i.cond) {
             let cond = &i.cond;
             let then = self.block(&i.then_branch);
@@ -199,6 +347,19 @@ impl Ctx {
                 quote!(else { #t })
             });
             return quote!(if #cond #then #els);
+        }
+        let whole = Expr::If(i.clone());
+        if matches!(&*i.cond, Expr::Let(_)) || !has_effect(&whole, self) {
+            if has_effect(&whole, self) {
+                return self.error(i.cond.span(), "`if let` on a proxy cannot gate saves or edits: its pattern is matched while the model runs; test a proxy `bool` with `if` (e.g. `if x.is_some()`), or compute a value with `if let` inside one expression");
+            }
+            // Nothing but computation: one node runs the whole `if` on the real values.
+            self.check_jumps(&[Stmt::Expr(whole.clone(), None)]);
+            return self.lift(&whole, None);
+        }
+        self.check_jumps(&i.then_branch.stmts);
+        if let Some((_, e)) = &i.else_branch {
+            self.check_jumps(&[Stmt::Expr((**e).clone(), None)]);
         }
         let tr = self.tr.clone();
         let c = self.fresh("cond", i.cond.span());
@@ -221,6 +382,139 @@ impl Ctx {
             #tr.end_if();
             #els
         }}
+    }
+
+    /// An `if` whose value is used.
+    fn if_value(&mut self, i: &syn::ExprIf) -> (TokenStream, bool) {
+        if !self.mentions(&i.cond) {
+            let cond = &i.cond;
+            let (then, is_proxy) = self.block_value(&i.then_branch);
+            let els = i.else_branch.as_ref().map(|(_, e)| {
+                let (t, _) = self.value_or_stmt(e);
+                quote!(else { #t })
+            });
+            return (quote!(if #cond #then #els), is_proxy);
+        }
+        let whole = Expr::If(i.clone());
+        if !has_value(&whole) {
+            return (self.if_stmt(i), false);
+        }
+        if has_effect(&whole, self) {
+            return (self.error(i.if_token.span, "an `if` on a proxy cannot both give a value and save or edit: the branch is chosen while the model runs; compute the value with an `if` that only computes (`let v = if c { a * 2.0 } else { b };`) and save or edit after it"), false);
+        }
+        self.check_jumps(&[Stmt::Expr(whole.clone(), None)]);
+        (self.lift(&owned_expr(&whole), None), true)
+    }
+
+    /// A `match`: on a plain value, arms that read, save and edit at build time; on a proxy,
+    /// one node that computes (arms that save or edit are an error).
+    fn match_expr(&mut self, m: &syn::ExprMatch, want_value: bool) -> (TokenStream, bool) {
+        if self.mentions(&m.expr) {
+            let whole = Expr::Match(m.clone());
+            if has_effect(&whole, self) {
+                return (self.error(m.match_token.span, "a `match` on a proxy cannot save or edit in its arms: the arm is chosen while the model runs; compute a proxy `bool` and use `if` on it, or let the `match` only compute a value"), false);
+            }
+            self.check_jumps(&[Stmt::Expr(whole.clone(), None)]);
+            let whole = if want_value { owned_expr(&whole) } else { whole };
+            return (self.lift(&whole, None), want_value);
+        }
+        let mut arms = Vec::new();
+        let mut is_proxy = false;
+        for arm in &m.arms {
+            if let Some((_, g)) = &arm.guard {
+                if self.mentions(g) {
+                    return (self.error(g.span(), "a `match` guard cannot read a proxy: use `if` on the proxy inside the arm"), false);
+                }
+            }
+            let (saved, promoted) = (self.proxies.clone(), self.promoted.clone());
+            let mut names = Vec::new();
+            pat_idents(&arm.pat, &mut names);
+            for n in &names {
+                self.proxies.remove(&n.to_string());
+                self.locals.insert(n.to_string());
+            }
+            let body = if want_value {
+                let (b, p) = self.value_or_stmt(&arm.body);
+                is_proxy |= p;
+                b
+            } else {
+                let b = self.expr_stmt(&arm.body);
+                quote!({ #b; })
+            };
+            self.proxies = saved;
+            self.promoted = promoted;
+            let (attrs, pat) = (&arm.attrs, &arm.pat);
+            let guard = arm.guard.as_ref().map(|(i, g)| quote!(#i #g));
+            arms.push(quote!(#(#attrs)* #pat #guard => #body,));
+        }
+        let scrutinee = &m.expr;
+        (quote!(match #scrutinee { #(#arms)* }), is_proxy)
+    }
+
+    /// Errors for `break`, `continue`, `return` and `?` that would leave a branch gated on a
+    /// proxy: whether they are taken depends on the model's values, but they would run while
+    /// the graph is built.
+    fn check_jumps(&mut self, stmts: &[Stmt]) {
+        let mut v = Jumps { names: Names { model: &self.model, proxies: &self.proxies }, loops: 0, labels: Vec::new(), found: Vec::new() };
+        for s in stmts {
+            v.visit_stmt(s);
+        }
+        let found = v.found;
+        for (span, what) in found {
+            self.errors.push(syn::Error::new(
+                span,
+                format!("`{what}` inside an `if` on a proxy cannot work: the `if` is decided while the model runs, but `{what}` would act now, while the block builds the intervention graph (before the model runs). Keep the loop or function going and put the rest under the `if` (or under `if !cond`), or compute what you need with a proxy expression"),
+            ));
+        }
+    }
+
+    /// Whether `root` (a hook point or name) is a proxy.
+    fn is_proxy_root(&self, root: &Expr) -> bool {
+        hook_path(root, &self.model).is_some() || matches!(root, Expr::Path(p) if p.path.get_ident().is_some_and(|i| self.proxies.contains(&i.to_string())))
+    }
+
+    /// An in-place tch method (`h.relu_()`, `model.x.output.mul_(2.0)`, `h.i(..).fill_(0.0)`)
+    /// on a proxy: an edit of it. In value position only the direct form (`h.relu_()`), whose
+    /// value is the edited tensor.
+    fn inplace(&mut self, e: &Expr, value: bool) -> TokenStream {
+        let root = inplace_root(e).expect("checked").clone();
+        if value {
+            let direct = matches!(e, Expr::MethodCall(m) if *m.receiver == root);
+            if !direct {
+                return self.error(e.span(), "use this in-place call as a statement (`h.i((.., 0)).fill_(0.0);`) and read the edited proxy after it");
+            }
+        }
+        let whole = e.clone();
+        let target = root.clone();
+        self.edit(&root, e.span(), false, move |t| {
+            let mut body = whole;
+            ReplaceExpr { target: &target, with: syn::parse_quote!(__nn_v) }.visit_expr_mut(&mut body);
+            syn::parse_quote!({
+                let mut __nn_v = (&&::nnsight::__private::Owned(::core::cell::Cell::new(::core::option::Option::Some(#t)))).__nn_owned();
+                let _ = #body;
+                __nn_v
+            })
+        })
+    }
+
+    /// `x op= proxy` or `x = proxy` where `x` is not a proxy: a variable from outside the trace,
+    /// or one this block declared in a way that cannot hold a proxy.
+    fn plain_target(&mut self, left: &Expr) -> TokenStream {
+        let name = match left {
+            Expr::Path(p) => p.path.get_ident().map(|i| i.to_string()),
+            _ => None,
+        };
+        match name {
+            Some(n) if !self.locals.contains(&n) => self.error(
+                left.span(),
+                format!("`{n}` is declared outside the trace: the model runs when the block ends, so a value computed from activations cannot be stored into it here. Declare it inside the block (`let mut {n} = ..;`) and return it from the block"),
+            ),
+            Some(n) => self.error(
+                left.span(),
+                format!("`{n}` would hold a value computed from activations: declare it with `let mut {n} = <initial value>;` in this block, before the loop or branch that assigns it"),
+            ),
+            None => self.error(left.span(), "cannot store a value computed from activations here: bind it to a variable of the block (`let v = ..;`) and return that"),
+        }
     }
 
     // ----- assignments ------------------------------------------------------------------
@@ -256,39 +550,67 @@ impl Ctx {
         if let Expr::Index(ix) = &*a.left {
             if self.mentions(&ix.expr) {
                 let (idx, rhs) = (&ix.index, &a.right);
-                return self.edit(&ix.expr, a.span(), |t| syn::parse_quote!(::nnsight::__private::assign(&#t[#idx], #rhs)));
+                return self.edit(&ix.expr, a.span(), false, |t| {
+                    syn::parse_quote!({
+                        ::nnsight::__private::assign(&#t[#idx], #rhs);
+                        (&&::nnsight::__private::Owned(::core::cell::Cell::new(::core::option::Option::Some(#t)))).__nn_owned()
+                    })
+                });
             }
         }
         if let Expr::Path(p) = &*a.left {
             if p.path.get_ident().is_some_and(|id| self.proxies.contains(&id.to_string())) {
-                // Rebinding a proxy name to another proxy.
-                let (v, _) = self.value(&a.right);
+                // Rebinding a proxy name to another proxy (or to a value computed now).
+                let (v, is_proxy) = self.value(&a.right);
                 let left = &a.left;
+                if !is_proxy {
+                    let v = self.lift(&a.right, None);
+                    return quote!(#left = #v);
+                }
                 return quote!(#left = #v);
             }
         }
         if self.mentions(&a.left) {
-            return self.error(a.left.span(), "cannot assign to this: assign to a hook point (`model.x.output = ..`) or to an indexed proxy (`h[.., 0] = ..`)");
+            return self.error(a.left.span(), "cannot assign to this: assign to a hook point (`model.x.output = ..`), to an indexed proxy (`h[.., 0] = ..`) or to a variable");
         }
-        let (left, (right, _)) = (&a.left, self.value(&a.right));
-        quote!(#left = #right)
+        if self.mentions(&a.right) {
+            let (v, is_proxy) = self.value(&a.right);
+            if is_proxy {
+                return self.plain_target(&a.left);
+            }
+            let left = &a.left;
+            return quote!(#left = #v);
+        }
+        a.to_token_stream()
     }
 
-    /// `target op= rhs` on a proxy (or an indexed proxy): an in-place edit.
+    /// `target op= rhs` on a proxy (or an indexed proxy): an in-place edit; a proxy name is
+    /// rebound to the edited value (numbers are not edited in place).
     fn compound(&mut self, b: &syn::ExprBinary) -> TokenStream {
         let (op, rhs) = (&b.op, &b.right);
         let (target, idx) = match &*b.left {
             Expr::Index(ix) => (&*ix.expr, Some(&ix.index)),
             other => (other, None),
         };
-        self.edit(target, b.span(), |t| match idx {
-            Some(idx) => syn::parse_quote!({ let mut __nn_view = ::nnsight::__private::view(&#t[#idx]); __nn_view #op #rhs; }),
-            None => syn::parse_quote!({ let mut __nn_view = ::nnsight::__private::view(#t); __nn_view #op #rhs; }),
+        let rebind = idx.is_none() && matches!(target, Expr::Path(_));
+        self.edit(target, b.span(), rebind, |t| match idx {
+            Some(idx) => syn::parse_quote!({
+                let mut __nn_view = ::nnsight::__private::view(&#t[#idx]);
+                __nn_view #op #rhs;
+                (&&::nnsight::__private::Owned(::core::cell::Cell::new(::core::option::Option::Some(#t)))).__nn_owned()
+            }),
+            None => syn::parse_quote!({
+                let mut __nn_v = (&&::nnsight::__private::Owned(::core::cell::Cell::new(::core::option::Option::Some(#t)))).__nn_owned();
+                __nn_v #op #rhs;
+                __nn_v
+            }),
         })
     }
 
-    /// An edit node over `target` whose body `make_body(target_name)` changes it in place.
-    fn edit(&mut self, target: &Expr, span: Span, make_body: impl FnOnce(&Ident) -> Expr) -> TokenStream {
+    /// An edit node over `target` whose body `make_body(target_name)` changes it in place and
+    /// gives its value afterwards. `rebind`: the target is a name, bound to the edit after it.
+    /// The block's value is the edit node.
+    fn edit(&mut self, target: &Expr, span: Span, rebind: bool, make_body: impl FnOnce(&Ident) -> Expr) -> TokenStream {
         let tr = self.tr.clone();
         let (t_val, t_is_proxy) = self.value(target);
         if !t_is_proxy {
@@ -300,10 +622,13 @@ impl Ctx {
         let lifted = self.lift(&body, None);
         self.proxies.remove(&t.to_string());
         let e = self.fresh("edit", span);
+        let rebind = rebind.then(|| quote!(#target = #e;));
         quote_spanned! {span=> {
             let #t = #t_val;
             let #e = #lifted;
             #tr.edits(#t, #e);
+            #rebind
+            #e
         }}
     }
 
@@ -326,6 +651,12 @@ impl Ctx {
 
     /// Build-time code for `e`, and whether it evaluates to a proxy.
     pub(crate) fn value(&mut self, e: &Expr) -> (TokenStream, bool) {
+        match e {
+            Expr::If(i) => return self.if_value(i),
+            Expr::Match(m) => return self.match_expr(m, true),
+            Expr::Block(b) if b.label.is_none() && b.attrs.is_empty() => return self.block_value(&b.block),
+            _ => {}
+        }
         if !self.mentions(e) {
             return (e.to_token_stream(), false);
         }
@@ -336,6 +667,16 @@ impl Ctx {
         match e {
             Expr::Path(p) if p.path.get_ident().is_some() => (e.to_token_stream(), true),
             Expr::Paren(p) => self.value(&p.expr),
+            Expr::Reference(r) => {
+                let (v, is_proxy) = self.value(&r.expr);
+                if is_proxy {
+                    // A proxy is a handle: `&h` is `h`.
+                    (v, true)
+                } else {
+                    let m = &r.mutability;
+                    (quote!(&#m #v), false)
+                }
+            }
             Expr::Field(f) if grad_field(e).is_some() => (self.grad_of(f), true),
             Expr::MethodCall(m) if (m.method == "save" || m.method == "stop") && m.args.is_empty() => {
                 let (r, is_proxy) = self.value(&m.receiver);
@@ -348,6 +689,23 @@ impl Ctx {
             Expr::MethodCall(m) if m.method == "backward" => {
                 self.grad = true;
                 (self.lift(e, None), true)
+            }
+            _ if inplace_root(e).is_some_and(|r| self.is_proxy_root(r)) => (self.inplace(e, true), true),
+            Expr::Closure(c) if builds_graph(e, &self.model) => (self.closure(c), false),
+            Expr::MethodCall(m) if build_time_chain(e, &self.model) => {
+                let recv = if build_time_chain(&m.receiver, &self.model) || !self.mentions(&m.receiver) {
+                    self.value(&m.receiver).0
+                } else {
+                    return (self.error(m.receiver.span(), "a closure that reads hook points runs while the graph is built: call it on plain values (e.g. `(0..6).map(|l| ..)`), not on a proxy"), false);
+                };
+                let args: Vec<TokenStream> = m.args.iter().map(|a| self.value(a).0).collect();
+                let (method, turbofish) = (&m.method, &m.turbofish);
+                (quote!(#recv.#method #turbofish (#(#args),*)), false)
+            }
+            Expr::Call(c) if c.args.iter().any(|a| builds_graph(a, &self.model)) => {
+                let args: Vec<TokenStream> = c.args.iter().map(|a| self.value(a).0).collect();
+                let func = &c.func;
+                (quote!(#func(#(#args),*)), false)
             }
             Expr::MethodCall(m)
                 if BUILD_TIME_METHODS.contains(&m.method.to_string().as_str())
@@ -366,7 +724,19 @@ impl Ctx {
                 let elems: Vec<TokenStream> = a.elems.iter().map(|x| self.value(x).0).collect();
                 (quote!([#(#elems),*]), false)
             }
-            Expr::Block(b) if b.label.is_none() => (self.block(&b.block), false),
+            Expr::Struct(s) if s.fields.iter().any(|f| self.mentions(&f.expr)) && s.rest.is_none() => {
+                let fields: Vec<TokenStream> = s
+                    .fields
+                    .iter()
+                    .map(|f| {
+                        let (attrs, member) = (&f.attrs, &f.member);
+                        let v = self.value(&f.expr).0;
+                        quote!(#(#attrs)* #member: #v)
+                    })
+                    .collect();
+                let path = &s.path;
+                (quote!(#path { #(#fields),* }), false)
+            }
             Expr::Macro(_) if vec_macro_items(e).is_some() => {
                 let items = vec_macro_items(e).unwrap();
                 let elems: Vec<TokenStream> = items.iter().map(|x| self.value(x).0).collect();
@@ -379,6 +749,29 @@ impl Ctx {
                 (self.lift(e, None), true)
             }
         }
+    }
+
+    /// A closure that reads hook points or saves: it runs while the graph is built (called by
+    /// `map`, `for_each`, ... on plain values), its body translated like the block's.
+    fn closure(&mut self, c: &syn::ExprClosure) -> TokenStream {
+        let (saved, promoted) = (self.proxies.clone(), self.promoted.clone());
+        for p in &c.inputs {
+            let mut names = Vec::new();
+            pat_idents(p, &mut names);
+            for n in &names {
+                self.proxies.remove(&n.to_string());
+                self.locals.insert(n.to_string());
+            }
+        }
+        let body = match &*c.body {
+            Expr::Block(b) if b.label.is_none() => self.block(&b.block),
+            other => self.value(other).0,
+        };
+        self.proxies = saved;
+        self.promoted = promoted;
+        let (inputs, output) = (&c.inputs, &c.output);
+        // Not `move`: the closure borrows the tracer while it builds.
+        quote_spanned!(c.or1_token.span=> |#inputs| #output { #body })
     }
 
     /// `tracer.grad_next(x)` for `x.grad`: the backward pass is picked at run time (the first
@@ -404,7 +797,7 @@ impl Ctx {
                 Seg::Field(id) => expr = quote!(#expr.#id),
                 Seg::Index(ix) => {
                     let sp = ix.span();
-                    expr = quote_spanned!(sp=> (*::nnsight::__private::module_at(&#expr, #ix)?));
+                    expr = quote_spanned!(sp=> (*::nnsight::ModuleList::module_at(&#expr, ::nnsight::__private::IndexArg::into_i64(#ix))?));
                 }
                 Seg::Next(sp) | Seg::At(_, sp) => {
                     if hp.segs[i + 1..n].iter().any(|s| !matches!(s, Seg::Next(_) | Seg::At(..))) {
@@ -450,7 +843,263 @@ pub(crate) fn grad_field(e: &Expr) -> Option<&syn::ExprField> {
     }
 }
 
+/// `e`'s value owned: a tensor reference (a node argument) becomes a handle sharing storage.
+fn owned_expr(e: &Expr) -> Expr {
+    syn::parse_quote_spanned!(e.span()=> (&&::nnsight::__private::Owned(::core::cell::Cell::new(::core::option::Option::Some(#e)))).__nn_owned())
+}
+
+/// The proxy or hook point an in-place tch method call (`name_`) changes: the end of its
+/// receiver chain (`h` in `h.i((.., 0)).fill_(0.0)`).
+pub(crate) fn inplace_root(e: &Expr) -> Option<&Expr> {
+    let Expr::MethodCall(m) = e else { return None };
+    let name = m.method.to_string();
+    if !name.ends_with('_') || name.starts_with('_') || name.starts_with("f_") {
+        return None;
+    }
+    let mut r = &*m.receiver;
+    loop {
+        match r {
+            Expr::MethodCall(inner) if !matches!(inner.method.to_string().as_str(), "output" | "input" | "inputs") => {
+                if inner.method == "next" || inner.method == "at" {
+                    return Some(r);
+                }
+                r = &inner.receiver
+            }
+            Expr::Paren(p) => r = &p.expr,
+            Expr::Index(ix) => r = &ix.expr,
+            _ => return Some(r),
+        }
+    }
+}
+
+/// Replaces one sub-expression (compared by tokens) with another.
+struct ReplaceExpr<'a> {
+    target: &'a Expr,
+    with: Expr,
+}
+
+impl VisitMut for ReplaceExpr<'_> {
+    fn visit_expr_mut(&mut self, e: &mut Expr) {
+        if e.to_token_stream().to_string() == self.target.to_token_stream().to_string() {
+            *e = self.with.clone();
+            return;
+        }
+        visit_mut::visit_expr_mut(self, e);
+    }
+}
+
+/// True for a closure (or a call/method chain handing one over) whose body reads hook points,
+/// saves or edits: it must run while the graph is built.
+pub(crate) fn builds_graph(e: &Expr, model: &Ident) -> bool {
+    match e {
+        Expr::Closure(c) => {
+            struct V<'a> {
+                model: &'a Ident,
+                found: bool,
+            }
+            impl<'ast> Visit<'ast> for V<'_> {
+                fn visit_expr(&mut self, e: &'ast Expr) {
+                    if hook_path(e, self.model).is_some() {
+                        self.found = true;
+                    }
+                    if let Expr::MethodCall(m) = e {
+                        if m.method == "save" || m.method == "stop" {
+                            self.found = true;
+                        }
+                    }
+                    if !self.found {
+                        visit::visit_expr(self, e);
+                    }
+                }
+            }
+            let mut v = V { model, found: false };
+            v.visit_expr(&c.body);
+            v.found
+        }
+        Expr::Paren(p) => builds_graph(&p.expr, model),
+        Expr::Reference(r) => builds_graph(&r.expr, model),
+        _ => false,
+    }
+}
+
+/// A method chain on plain values that hands a graph-building closure over:
+/// `(0..6).map(|l| model.layer[l].output.save()).collect::<Vec<_>>()`.
+pub(crate) fn build_time_chain(e: &Expr, model: &Ident) -> bool {
+    match e {
+        Expr::MethodCall(m) => m.args.iter().any(|a| builds_graph(a, model)) || build_time_chain(&m.receiver, model),
+        Expr::Paren(p) => build_time_chain(&p.expr, model),
+        _ => false,
+    }
+}
+
+/// True when the `if`/`match`/block does something to the graph besides computing: saves,
+/// stops, swaps, edits, `backward`, or stores proxies in a collection.
+pub(crate) fn has_effect(e: &Expr, ctx: &Ctx) -> bool {
+    struct V<'a> {
+        ctx: &'a Ctx,
+        found: bool,
+    }
+    impl<'ast> Visit<'ast> for V<'_> {
+        fn visit_expr(&mut self, e: &'ast Expr) {
+            match e {
+                Expr::Assign(_) => self.found = true,
+                Expr::Binary(b) if is_compound(&b.op) => self.found = true,
+                Expr::MethodCall(m) => {
+                    let n = m.method.to_string();
+                    if matches!(n.as_str(), "save" | "stop" | "backward") || BUILD_TIME_METHODS.contains(&n.as_str()) {
+                        self.found = true;
+                    }
+                    if inplace_root(e).is_some_and(|r| self.ctx.is_proxy_root(r)) {
+                        self.found = true;
+                    }
+                }
+                Expr::Closure(_) => return,
+                _ => {}
+            }
+            if !self.found {
+                visit::visit_expr(self, e);
+            }
+        }
+    }
+    let mut v = V { ctx, found: false };
+    v.visit_expr(e);
+    v.found
+}
+
+/// True when an `if`/`match` gives a value other than `()` (judged by its branches' tails).
+pub(crate) fn has_value(e: &Expr) -> bool {
+    fn block(b: &syn::Block) -> bool {
+        match b.stmts.last() {
+            Some(Stmt::Expr(e, None)) => has_value(e),
+            _ => false,
+        }
+    }
+    match e {
+        Expr::If(i) => match &i.else_branch {
+            None => false,
+            Some((_, els)) => block(&i.then_branch) || has_value(els),
+        },
+        Expr::Block(b) => block(&b.block),
+        Expr::Match(m) => m.arms.iter().any(|a| has_value(&a.body)),
+        Expr::Assign(_) | Expr::ForLoop(_) | Expr::While(_) | Expr::Loop(_) => false,
+        Expr::Tuple(t) if t.elems.is_empty() => false,
+        Expr::Binary(b) if is_compound(&b.op) => false,
+        Expr::Macro(m) => !["println", "print", "eprintln", "eprint", "assert", "assert_eq", "assert_ne"].iter().any(|n| m.mac.path.is_ident(n)),
+        Expr::MethodCall(m) => !BUILD_TIME_METHODS.contains(&m.method.to_string().as_str()),
+        _ => true,
+    }
+}
+
+/// Finds jumps that leave the statements: `return`, `?`, and `break`/`continue` outside the
+/// loops inside them (closures are their own world).
+struct Jumps<'a> {
+    names: Names<'a>,
+    loops: usize,
+    labels: Vec<String>,
+    found: Vec<(Span, &'static str)>,
+}
+
+impl<'ast> Visit<'ast> for Jumps<'_> {
+    fn visit_expr(&mut self, e: &'ast Expr) {
+        let label = |l: &Option<syn::Label>| l.as_ref().map(|l| l.name.ident.to_string());
+        match e {
+            Expr::Closure(_) | Expr::Async(_) => {}
+            Expr::ForLoop(syn::ExprForLoop { label: l, .. }) | Expr::While(syn::ExprWhile { label: l, .. }) | Expr::Loop(syn::ExprLoop { label: l, .. }) => {
+                self.loops += 1;
+                if let Some(l) = label(l) {
+                    self.labels.push(l);
+                }
+                visit::visit_expr(self, e);
+                self.loops -= 1;
+                if label(l).is_some() {
+                    self.labels.pop();
+                }
+            }
+            Expr::Block(b) if b.label.is_some() => {
+                self.labels.push(b.label.as_ref().unwrap().name.ident.to_string());
+                visit::visit_expr(self, e);
+                self.labels.pop();
+            }
+            Expr::Break(b) => {
+                let escapes = match &b.label {
+                    Some(l) => !self.labels.contains(&l.ident.to_string()),
+                    None => self.loops == 0,
+                };
+                if escapes {
+                    self.found.push((b.break_token.span, "break"));
+                }
+                visit::visit_expr(self, e);
+            }
+            Expr::Continue(c) => {
+                let escapes = match &c.label {
+                    Some(l) => !self.labels.contains(&l.ident.to_string()),
+                    None => self.loops == 0,
+                };
+                if escapes {
+                    self.found.push((c.continue_token.span, "continue"));
+                }
+            }
+            Expr::Return(r) => {
+                self.found.push((r.return_token.span, "return"));
+                visit::visit_expr(self, e);
+            }
+            // A `?` on a value computed from activations is part of a node (an error of the
+            // trace); one on a plain value would return now.
+            Expr::Try(t) if !mentions_proxy(&t.expr, &self.names) => {
+                self.found.push((t.question_token.span, "?"));
+                visit::visit_expr(self, e);
+            }
+            _ => visit::visit_expr(self, e),
+        }
+    }
+    fn visit_item(&mut self, _: &'ast syn::Item) {}
+}
+
+/// Collects names let-bound to values that mention hook points or `known` proxies.
+struct ProxyLets<'a> {
+    model: &'a Ident,
+    known: HashSet<String>,
+    found: Vec<String>,
+}
+
+impl<'ast> Visit<'ast> for ProxyLets<'_> {
+    fn visit_local(&mut self, l: &'ast syn::Local) {
+        if let Some(init) = &l.init {
+            if mentions_proxy(&init.expr, &Names { model: self.model, proxies: &self.known }) {
+                let mut names = Vec::new();
+                pat_idents(&l.pat, &mut names);
+                self.found.extend(names.into_iter().map(|n| n.to_string()));
+            }
+        }
+        visit::visit_local(self, l);
+    }
+}
+
+/// Finds `name = <proxy>` or `name op= <proxy>`.
+struct AssignsProxy<'a> {
+    model: &'a Ident,
+    known: &'a HashSet<String>,
+    name: String,
+    found: bool,
+}
+
+impl<'ast> Visit<'ast> for AssignsProxy<'_> {
+    fn visit_expr(&mut self, e: &'ast Expr) {
+        let (left, right) = match e {
+            Expr::Assign(a) => (Some(&*a.left), Some(&*a.right)),
+            Expr::Binary(b) if is_compound(&b.op) => (Some(&*b.left), Some(&*b.right)),
+            _ => (None, None),
+        };
+        if let (Some(Expr::Path(p)), Some(r)) = (left, right) {
+            if p.path.is_ident(&self.name) && mentions_proxy(r, &Names { model: self.model, proxies: self.known }) {
+                self.found = true;
+            }
+        }
+        visit::visit_expr(self, e);
+    }
+}
+
 fn is_compound(op: &syn::BinOp) -> bool {
     use syn::BinOp::*;
-    matches!(op, AddAssign(_) | SubAssign(_) | MulAssign(_) | DivAssign(_))
+    matches!(op, AddAssign(_) | SubAssign(_) | MulAssign(_) | DivAssign(_) | RemAssign(_) | BitAndAssign(_) | BitOrAssign(_) | BitXorAssign(_) | ShlAssign(_) | ShrAssign(_))
 }

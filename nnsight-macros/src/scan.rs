@@ -130,10 +130,20 @@ pub fn free_idents(e: &Expr, skip: &HashSet<String>) -> Vec<Ident> {
         fn visit_expr_path(&mut self, p: &'ast syn::ExprPath) {
             if let Some(id) = p.path.get_ident() {
                 let s = id.to_string();
-                let lower = s.chars().next().is_some_and(|c| c.is_lowercase() || c == '_');
-                if lower && s != "self" && !self.bound.contains(&s) && !self.skip.contains(&s) && self.seen.insert(s) {
+                // Any case: `W` is as much a variable as `w`. Constructors of the prelude are not.
+                let prelude = matches!(s.as_str(), "self" | "Self" | "None" | "Some" | "Ok" | "Err");
+                if p.qself.is_none() && !prelude && !self.bound.contains(&s) && !self.skip.contains(&s) && self.seen.insert(s) {
                     self.out.push(id.clone());
                 }
+            }
+        }
+        fn visit_expr_call(&mut self, c: &'ast syn::ExprCall) {
+            // A function called by name (`nrm(h)`) is not captured: it may be generic.
+            if !matches!(&*c.func, Expr::Path(p) if p.path.get_ident().is_some()) {
+                self.visit_expr(&c.func);
+            }
+            for a in &c.args {
+                self.visit_expr(a);
             }
         }
         fn visit_expr_macro(&mut self, m: &'ast syn::ExprMacro) {

@@ -2,13 +2,6 @@
 
 use tch::Tensor;
 
-use crate::error::Result;
-use crate::hook::ModuleList;
-
-/// `list[index]` in a module path, with a run-time error naming the list when out of range.
-pub fn module_at<L: ModuleList + ?Sized>(list: &L, index: impl IndexArg) -> Result<&L::Item> {
-    list.module_at(index.into_i64())
-}
 
 /// Integer types usable as module list indices.
 pub trait IndexArg {
@@ -54,6 +47,143 @@ macro_rules! forward_fmt {
     )*};
 }
 forward_fmt!(Display, Debug);
+
+/// A capture used by value (`h + steer`, `f(w)`): a copy of a `Copy` value, a handle sharing a
+/// captured tensor's storage (as moving the tensor would give), else the reference.
+pub trait UseCopy {
+    /// The value.
+    type Out;
+    /// Use.
+    fn __nn_use(self) -> Self::Out;
+}
+impl<T: Copy> UseCopy for &CapturedCopy<T> {
+    type Out = T;
+    fn __nn_use(self) -> T {
+        self.0
+    }
+}
+/// See [`UseCopy`].
+pub trait UseTensor {
+    /// The value.
+    fn __nn_use(self) -> Tensor;
+}
+impl UseTensor for &CapturedRef<'_, Tensor> {
+    fn __nn_use(self) -> Tensor {
+        self.0.shallow_clone()
+    }
+}
+/// See [`UseCopy`].
+pub trait UseRef {
+    /// The value.
+    type Out;
+    /// Use.
+    fn __nn_use(self) -> Self::Out;
+}
+impl<'a, T: ?Sized> UseRef for CapturedRef<'a, T> {
+    type Out = &'a T;
+    fn __nn_use(self) -> &'a T {
+        self.0
+    }
+}
+impl<T: ?Sized> Clone for CapturedRef<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T: ?Sized> Copy for CapturedRef<'_, T> {}
+
+/// An owned value from what an expression gave (a value, or a reference to a closure
+/// argument): a tensor reference becomes a handle sharing its storage
+/// ([`OwnedTensor`]), anything else is taken as it is ([`OwnedAny`]). Used as
+/// `(&&Owned(Cell::new(Some(v)))).__nn_owned()`.
+pub struct Owned<T>(pub std::cell::Cell<Option<T>>);
+/// See [`Owned`].
+pub trait OwnedTensor {
+    /// Convert.
+    fn __nn_owned(self) -> Tensor;
+}
+impl OwnedTensor for &&Owned<&Tensor> {
+    fn __nn_owned(self) -> Tensor {
+        self.0.take().expect("taken once").shallow_clone()
+    }
+}
+/// See [`Owned`].
+pub trait OwnedAny {
+    /// The value.
+    type Out;
+    /// Convert.
+    fn __nn_owned(self) -> Self::Out;
+}
+impl<T> OwnedAny for &Owned<T> {
+    type Out = T;
+    fn __nn_owned(self) -> T {
+        self.0.take().expect("taken once")
+    }
+}
+
+/// One part of a tensor index inside `trace!`: any integer type (`usize` loop variables
+/// included) and ranges of them are converted to the `i64` forms tch's `IndexOp` takes.
+pub trait IndexPart {
+    /// What tch takes.
+    type Out;
+    /// Convert.
+    fn part(self) -> Self::Out;
+}
+macro_rules! int_parts {
+    ($($t:ty),*) => {$(
+        impl IndexPart for $t { type Out = i64; fn part(self) -> i64 { self as i64 } }
+        impl IndexPart for std::ops::Range<$t> {
+            type Out = std::ops::Range<i64>;
+            fn part(self) -> std::ops::Range<i64> { self.start as i64..self.end as i64 }
+        }
+        impl IndexPart for std::ops::RangeFrom<$t> {
+            type Out = std::ops::RangeFrom<i64>;
+            fn part(self) -> std::ops::RangeFrom<i64> { self.start as i64.. }
+        }
+        impl IndexPart for std::ops::RangeTo<$t> {
+            type Out = std::ops::RangeTo<i64>;
+            fn part(self) -> std::ops::RangeTo<i64> { ..self.end as i64 }
+        }
+        impl IndexPart for std::ops::RangeInclusive<$t> {
+            type Out = std::ops::RangeInclusive<i64>;
+            fn part(self) -> std::ops::RangeInclusive<i64> { *self.start() as i64..=*self.end() as i64 }
+        }
+        impl IndexPart for std::ops::RangeToInclusive<$t> {
+            type Out = std::ops::RangeToInclusive<i64>;
+            fn part(self) -> std::ops::RangeToInclusive<i64> { ..=self.end as i64 }
+        }
+    )*};
+}
+int_parts!(i64, i32, i16, i8, isize, u64, u32, u16, u8, usize);
+macro_rules! same_parts {
+    ($($t:ty),*) => {$(
+        impl IndexPart for $t { type Out = $t; fn part(self) -> $t { self } }
+    )*};
+}
+same_parts!(std::ops::RangeFull, tch::NewAxis, Tensor, Vec<i64>);
+impl<'a> IndexPart for &'a Tensor {
+    type Out = &'a Tensor;
+    fn part(self) -> &'a Tensor {
+        self
+    }
+}
+impl<'a> IndexPart for &'a [i64] {
+    type Out = &'a [i64];
+    fn part(self) -> &'a [i64] {
+        self
+    }
+}
+impl<'a> IndexPart for &'a Vec<i64> {
+    type Out = &'a [i64];
+    fn part(self) -> &'a [i64] {
+        self
+    }
+}
+
+/// See [`IndexPart`].
+pub fn ix<P: IndexPart>(p: P) -> P::Out {
+    p.part()
+}
 
 /// See [`Cap`].
 pub trait CapByCopy {
@@ -183,6 +313,18 @@ where
     type Output = Tensor;
     fn __nn_at(&self, i: I) -> Tensor {
         tch::IndexOp::i(self, i)
+    }
+}
+impl<T: Clone> At<i64> for Vec<T> {
+    type Output = T;
+    fn __nn_at(&self, i: i64) -> T {
+        self[i as usize].clone()
+    }
+}
+impl<T: Clone> At<i64> for [T] {
+    type Output = T;
+    fn __nn_at(&self, i: i64) -> T {
+        self[i as usize].clone()
     }
 }
 impl<T: Clone> At<usize> for Vec<T> {

@@ -81,6 +81,10 @@ pub struct Tracer<'env, M: ?Sized + Traced> {
     grad: bool,
     /// This trace's identity, carried by its proxies.
     trace: u32,
+    /// For a node that in-place edits changed: `(target, edit)`, the target's newest edit and
+    /// what it edited (see [`Tracer::edits`] and [`Tracer::save`]).
+    edits: std::collections::HashMap<NodeId, NodeId>,
+    edit_of: std::collections::HashMap<NodeId, NodeId>,
 }
 
 static NEXT_TRACE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
@@ -97,6 +101,8 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
             cursors: Default::default(),
             reads: Default::default(),
             grad: false,
+            edits: Default::default(),
+            edit_of: Default::default(),
             trace: NEXT_TRACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
@@ -361,15 +367,23 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         self.swap(group, call, Io::Input, Part::First, path, v)
     }
 
-    /// Declares `edit` (a node that changes `target`'s value in place, e.g. `h[.., 0] = 0.0`) as
-    /// an edit of the hook point `target` was read from: it must run before that module returns,
-    /// else the run fails with [`Error::NotReady`]. Saved values whose memory the edit changes
-    /// are copied just before it runs, so they keep the value they had when saved; a read of
-    /// the hook point written after the edit is a new node, which sees the edited value.
-    pub fn edits<P: ProxyRef, E: ProxyRef>(&mut self, target: P, edit: E) {
+    /// Declares `edit` (a node that changes `target`'s value in place, e.g. `h[.., 0] = 0.0`, and
+    /// whose value is `target`'s value afterwards) as an edit of `target`. When `target` is a
+    /// hook read, or an edit of one, the edit must run before that module returns, else the run
+    /// fails with [`Error::NotReady`]. Saved values whose memory the edit changes are copied just
+    /// before it runs, so they keep the value they had when saved; a `save` of `target` written
+    /// after the edit saves the edited value ([`Tracer::save`]), and a read of the hook point
+    /// written after it is a new node, which sees the edited value.
+    pub fn edits<P: ProxyRef, E: ProxyRef<Value = P::Value>>(&mut self, target: P, edit: E) {
         let (target, edit) = (self.node(&target), self.node(&edit));
         self.graph.nodes[edit].edit = true;
-        if let NodeKind::Hook { module, io, call, group, .. } = self.graph.nodes[target].kind {
+        self.edits.insert(target, edit);
+        self.edit_of.insert(edit, target);
+        let mut root = target;
+        while let Some(&t) = self.edit_of.get(&root) {
+            root = t;
+        }
+        if let NodeKind::Hook { module, io, call, group, .. } = self.graph.nodes[root].kind {
             self.reads.retain(|&(k, i, _, c, g), _| !(k == module && i == io && c == call && g == group));
             let path = self.graph.modules.get(&module).map(|m| m.path.clone()).unwrap_or_default();
             self.graph.add_effect(module, &path, io, Effect { call, group, kind: EffectKind::Require(edit) });
@@ -435,9 +449,25 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         self.graph.nodes[grad].grads.push(value);
     }
 
-    /// Keeps the value after the run; `finish` hands it back.
+    /// Keeps the value after the run; `finish` hands it back. The value is the one `p` has at
+    /// this point of the block: after the in-place edits of `p` built before this call
+    /// ([`Tracer::edits`]), before those built after it. An edit built under an `if` on a proxy
+    /// that this call is not inside leaves the value undecided until the run: that is
+    /// [`Error::Input`] naming the node (save inside the `if`, or save before the edit).
+    #[track_caller]
     pub fn save<P: ProxyRef>(&mut self, p: P) -> Saved<P::Value> {
-        let id = self.node(&p);
+        let mut id = self.node(&p);
+        while let Some(&e) = self.edits.get(&id) {
+            if !self.graph.nodes[e].gates.iter().all(|g| self.gates.contains(g)) {
+                let name = self.graph.nodes[id].name(id);
+                self.fail(Error::Input(format!(
+                    "`.save()` of {name} at {}: an in-place edit of it made under an `if` on a proxy may or may not run; save inside that `if`, or save before the edit",
+                    Location::caller()
+                )));
+                break;
+            }
+            id = e;
+        }
         self.graph.nodes[id].saved = true;
         Saved { id, trace: self.trace, _t: std::marker::PhantomData }
     }
