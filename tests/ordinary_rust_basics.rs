@@ -1,0 +1,123 @@
+//! The block as ordinary Rust (issue 13): accumulators, closures, captures, in-place methods,
+//! format strings, values of `if`/`match`/blocks, `?`; right values from plain tch by hand.
+
+mod common;
+use common::tiny::{input, stack};
+use nnsight::prelude::*;
+use nnsight::tch::nn;
+
+fn layer(model: &Hooked<common::tiny::Stack>, i: usize, x: &Tensor) -> Tensor {
+    nn::Module::forward(model.layers[i].inner(), x)
+}
+fn hand(model: &Hooked<common::tiny::Stack>, x: &Tensor) -> Vec<Tensor> {
+    tch::no_grad(|| {
+        let mut outs = vec![];
+        let mut h = x.shallow_clone();
+        for i in 0..3 { let o = layer(model, i, &h); h = o.tanh(); outs.push(o); }
+        outs
+    })
+}
+fn nrm<T: std::borrow::Borrow<Tensor>>(t: T) -> Tensor { t.borrow().norm() }
+
+#[test]
+fn accumulators_and_closures() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = stack(&vs, 3);
+    let x = input(2, 11);
+    let e = hand(&model, &x);
+    let (total, v, acc) = trace!(model, &x, {
+        let mut total = 0.0;
+        for l in 0..3 { total += model.layers[l].output.norm().double_value(&[]); }
+        let v: Vec<_> = (0..3).map(|l| model.layers[l].output.save()).collect();
+        let mut acc = Tensor::zeros([2, 4], (Kind::Float, Device::Cpu));
+        for l in 0..3 { acc = acc + model.layers[l].output; }
+        (total, v, acc)
+    }).unwrap();
+    let t: f64 = e.iter().map(|o| o.norm().double_value(&[])).sum();
+    assert!((total - t).abs() < 1e-9, "{total} {t}");
+    assert!(v[2].equal(&e[2]));
+    assert!(acc.allclose(&(&e[0] + &e[1] + &e[2]), 1e-6, 1e-6, false));
+}
+
+#[test]
+fn captures_inplace_format() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = stack(&vs, 3);
+    let x = input(2, 11);
+    let e = hand(&model, &x);
+    #[allow(non_snake_case)]
+    let W = Tensor::eye(4, (Kind::Float, Device::Cpu)) * 2.0;
+    let steer = Tensor::ones([4], (Kind::Float, Device::Cpu));
+    let idx: usize = 1;
+    let (a, b, s, n, c, d) = trace!(model, &x, {
+        let a = model.layers[0].output.matmul(&W).save();
+        let b = (model.layers[0].output.matmul(&W) + steer).save();
+        let h = model.layers[1].output;
+        let s = format!("{h:?}");
+        let n = nrm(model.layers[1].output).save();
+        let c = model.layers[1].output[.., idx].save();
+        model.layers[2].output.mul_(2.0);
+        let d = model.layers[2].output.save();
+        (a, b, s.save(), n, c, d)
+    }).unwrap();
+    assert!(a.equal(&e[0].matmul(&W)));
+    assert!(b.equal(&(e[0].matmul(&W) + &steer)));
+    assert_eq!(s, format!("{:?}", e[1]));
+    assert!(n.equal(&e[1].norm()));
+    assert!(c.equal(&e[1].i((.., 1))));
+    assert!(d.equal(&(&e[2] * 2.0)));
+}
+
+#[test]
+fn values_from_ifs_and_blocks() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = stack(&vs, 3);
+    let x = input(2, 11);
+    let e = hand(&model, &x);
+    let last = true;
+    let (p, q, r, t, u) = trace!(model, &x, {
+        let h = if last { model.layers[2].output } else { model.layers[0].output };
+        let y = if model.layers[0].output.sum(Kind::Float).double_value(&[]) > 0.0 { model.layers[0].output * 2.0 } else { model.layers[0].output * 3.0 };
+        let n = { let t = model.layers[1].output; t.norm() };
+        let (a, b) = (model.layers[0].output, model.layers[1].output);
+        let mut z = model.layers[0].output * 2.0;
+        z += 1.0;
+        (h.save(), y.save(), n.save(), (a + b).save(), z.save())
+    }).unwrap();
+    assert!(p.equal(&e[2]));
+    let f = if e[0].sum(Kind::Float).double_value(&[]) > 0.0 { 2.0 } else { 3.0 };
+    assert!(q.equal(&(&e[0] * f)));
+    assert!(r.equal(&e[1].norm()));
+    assert!(t.equal(&(&e[0] + &e[1])));
+    assert!(u.equal(&(&e[0] * 2.0 + 1.0)));
+}
+
+#[test]
+fn try_match_and_negative_index() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = stack(&vs, 3);
+    let x = input(2, 11);
+    let e = hand(&model, &x);
+    let mode = 1;
+    let (s, last, m, d) = trace!(model, &x, {
+        let s = model.layers[0].output.f_sum(Kind::Float)?.double_value(&[]);
+        let last = model.layers[0].output[.., -1].save();
+        let m = match model.layers[0].output.size()[0] { 2 => 1.0, _ => 0.0 };
+        match mode {
+            0 => model.layers[1].output[.., 0] = 0.0,
+            _ => model.layers[1].output *= 2.0,
+        }
+        (s.save(), last, m.save(), model.layers[1].output.save())
+    }).unwrap();
+    assert_eq!(s, e[0].sum(Kind::Float).double_value(&[]));
+    assert!(last.equal(&e[0].i((.., 3))));
+    assert_eq!(m, 1.0);
+    assert!(d.equal(&(&e[1] * 2.0)));
+    // `?` on an activation's value: an error of the trace, naming the node.
+    let r = trace!(model, &x, {
+        let s = model.layers[0].output.f_view([7i64])?.sum(Kind::Float).save();
+        s
+    });
+    let err = r.unwrap_err().to_string();
+    assert!(err.contains("shape"), "{err}");
+}
