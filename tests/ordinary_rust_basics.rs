@@ -121,3 +121,35 @@ fn try_match_and_negative_index() {
     let err = r.unwrap_err().to_string();
     assert!(err.contains("shape"), "{err}");
 }
+
+/// Assignments under an `if` on a proxy take effect only when the condition holds at run time.
+#[test]
+fn assignments_under_an_if_on_a_proxy_follow_the_condition() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = stack(&vs, 3);
+    let x = input(2, 11);
+    let e = hand(&model, &x);
+    let thr = e[0].sum(Kind::Float).double_value(&[]);
+    let (count, last, scaled) = trace!(model, &x, {
+        let mut count = 0;
+        let mut last = -1i64;
+        let mut scaled = model.layers[0].output * 1.0;
+        for l in 0..3 {
+            if model.layers[l].output.sum(Kind::Float).double_value(&[]) >= thr {
+                count += 1;
+                last = l as i64;
+            } else {
+                scaled = scaled * 2.0;
+            }
+        }
+        (count, last, scaled)
+    })
+    .unwrap();
+    let sums: Vec<f64> = e.iter().map(|t| t.sum(Kind::Float).double_value(&[])).collect();
+    let want_count = sums.iter().filter(|&&s| s >= thr).count() as i32;
+    let want_last = sums.iter().rposition(|&s| s >= thr).map_or(-1, |i| i as i64);
+    let below = sums.iter().filter(|&&s| s < thr).count() as i32;
+    assert_eq!((count, last), (want_count, want_last));
+    assert!(scaled.equal(&(&e[0] * 1.0 * 2f64.powi(below))), "below {below}");
+    assert!(want_count >= 1 && below >= 1, "both branches taken for this input: {sums:?}");
+}

@@ -76,6 +76,8 @@ pub fn trace(mut input: TraceInput, mode: Mode) -> TokenStream {
         body.extend(quote!(#[allow(unused_variables)] let #all = ::nnsight::Group::ALL;));
     }
     for (i, seg) in input.segments.iter().enumerate() {
+        // A `let` looks ahead into the invokes after its own (an accumulator declared before them).
+        ctx.later = input.segments[i + 1..].iter().flat_map(|s| s.stmts.iter().cloned()).collect();
         match &seg.invoke {
             Some(inp) => {
                 let g = format_ident!("__nn_g{}", invokes);

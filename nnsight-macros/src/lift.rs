@@ -77,7 +77,7 @@ impl Ctx {
                 #[allow(unused_imports)]
                 use ::nnsight::__private::{
                     At as _, OwnClone as _, OwnTensor as _, OwnedAny as _, OwnedTensor as _, ParamByCopy as _, ParamByRef as _,
-                    UseCopy as _, UseRef as _, UseTensor as _,
+                    RefOfRef as _, RefOfValue as _, UseCopy as _, UseRef as _, UseTensor as _,
                 };
                 // Numbers by value, tensors by reference (see `nnsight::__private::Param`).
                 #(let #arg_names = (&::nnsight::__private::Param(#arg_names)).__nn_param();)*
@@ -262,7 +262,7 @@ impl VisitMut for Replacer<'_> {
             }
         }
         if let Expr::MethodCall(m) = e {
-            if (m.method == "save" || m.method == "stop") && m.args.is_empty() && self.ctx.mentions(&m.receiver) {
+            if (m.method == "save" || m.method == "stop") && m.args.is_empty() {
                 let (v, _) = self.ctx.value(e);
                 let name = self.ctx.fresh("p", e.span());
                 return self.leaf(e, v, name);
@@ -290,6 +290,14 @@ impl VisitMut for Replacer<'_> {
             if matches!(f.member, syn::Member::Unnamed(_)) && self.mentions_param(&f.base) {
                 let field = f.clone();
                 *e = syn::parse_quote_spanned!(field.span()=> (&::nnsight::__private::Own(&#field)).__nn_own());
+                return;
+            }
+        }
+        // `&h` of an argument: the `&T` the plain value's `&h` would be.
+        if let Expr::Reference(r) = e {
+            if r.mutability.is_none() && matches!(&*r.expr, Expr::Path(p) if p.path.get_ident().is_some_and(|i| self.params.contains(&i.to_string()))) {
+                let inner = &r.expr;
+                *e = syn::parse_quote_spanned!(r.span()=> (&&::nnsight::__private::RefOf(&#inner)).__nn_ref());
                 return;
             }
         }

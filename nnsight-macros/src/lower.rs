@@ -43,6 +43,11 @@ pub struct Ctx {
     /// to them later (`let mut total = 0.0; .. total += h.norm()..`): the trace saves them
     /// when the block returns them.
     pub(crate) promoted: HashSet<String>,
+    /// For each `if` on a proxy being translated (innermost last): the names declared inside
+    /// it. A variable declared before it and assigned inside it gets a merge node.
+    pub(crate) gate_scopes: Vec<HashSet<String>>,
+    /// The statements of the invokes after the current one (what a `let` looks ahead at).
+    pub(crate) later: Vec<Stmt>,
 }
 
 impl Ctx {
@@ -57,7 +62,61 @@ impl Ctx {
             fresh: 0,
             locals: HashSet::new(),
             promoted: HashSet::new(),
+            gate_scopes: Vec::new(),
+            later: Vec::new(),
         }
+    }
+
+    fn declare(&mut self, names: impl IntoIterator<Item = String>) {
+        for n in names {
+            if let Some(scope) = self.gate_scopes.last_mut() {
+                scope.insert(n.clone());
+            }
+            self.locals.insert(n);
+        }
+    }
+
+    /// Whether `name` is assigned under an `if` on a proxy it was declared before.
+    fn assigned_across_gate(&self, name: &str) -> bool {
+        self.gate_scopes.last().is_some_and(|scope| !scope.contains(name))
+    }
+
+    /// `new`, or a merge of `new` into the variable's old value when assigned across a gate.
+    fn merged(&mut self, name: &Expr, new: TokenStream) -> TokenStream {
+        let is_across = matches!(name, Expr::Path(p) if p.path.get_ident().is_some_and(|i| self.assigned_across_gate(&i.to_string())));
+        if !is_across {
+            return new;
+        }
+        let tr = &self.tr;
+        quote_spanned!(name.span()=> { let __nn_new = #new; #tr.merge(__nn_new, #name) })
+    }
+
+    /// The variable an assignment target is rooted in (`v` in `v[0].x = ..`).
+    fn target_root(e: &Expr) -> Option<&Ident> {
+        match e {
+            Expr::Path(p) => p.path.get_ident(),
+            Expr::Index(i) => Self::target_root(&i.expr),
+            Expr::Field(f) => Self::target_root(&f.base),
+            Expr::Paren(p) => Self::target_root(&p.expr),
+            Expr::Unary(u) => Self::target_root(&u.expr),
+            _ => None,
+        }
+    }
+
+    /// An assignment to a plain variable from before an `if` on a proxy, inside it: it would
+    /// happen now, whatever the condition turns out to be.
+    fn plain_assign_across_gate(&mut self, left: &Expr) -> Option<TokenStream> {
+        if self.gate_scopes.is_empty() || self.mentions(left) || hook_path(left, &self.model).is_some() {
+            return None;
+        }
+        let root = Self::target_root(left)?.to_string();
+        if !self.assigned_across_gate(&root) || self.proxies.contains(&root) {
+            return None;
+        }
+        Some(self.error(
+            left.span(),
+            format!("`{root}` is assigned under an `if` on a proxy, which is decided while the model runs, but the assignment would happen now, whatever the condition. Declare it in the block with `let mut {root} = ..;` before the `if` (it then holds a proxy), or assign a proxy computed with the condition"),
+        ))
     }
 
     pub(crate) fn fresh(&mut self, base: &str, span: Span) -> Ident {
@@ -114,7 +173,12 @@ impl Ctx {
             }
             Stmt::Macro(m) => {
                 let e = Expr::Macro(syn::ExprMacro { attrs: m.attrs.clone(), mac: m.mac.clone() });
-                let t = if self.mentions(&e) { self.value(&e).0 } else { m.mac.to_token_stream() };
+                if !self.mentions(&e) {
+                    return m.to_token_stream();
+                }
+                // A statement: its value (`dbg!` gives its argument back) is dropped in the node.
+                let body: Expr = syn::parse_quote_spanned!(e.span()=> { let _ = #e; });
+                let t = self.lift(&body, None);
                 quote!(#t;)
             }
             Stmt::Item(it) => it.to_token_stream(),
@@ -124,7 +188,7 @@ impl Ctx {
     fn local(&mut self, l: &syn::Local, rest: &[Stmt]) -> TokenStream {
         let mut names = Vec::new();
         pat_idents(&l.pat, &mut names);
-        self.locals.extend(names.iter().map(|n| n.to_string()));
+        self.declare(names.iter().map(|n| n.to_string()));
         let attrs = &l.attrs;
         let pat = &l.pat;
         let forget = |ctx: &mut Ctx| {
@@ -147,34 +211,60 @@ impl Ctx {
         if !self.mentions(&init.expr) {
             forget(self);
             // A plain variable that the block later assigns a proxy to holds a proxy from here.
-            if let syn::Pat::Ident(pi) = &l.pat {
+            let (ident_pat, ty) = match &l.pat {
+                syn::Pat::Ident(pi) => (Some(pi), None),
+                syn::Pat::Type(pt) => match &*pt.pat {
+                    syn::Pat::Ident(pi) => (Some(pi), Some(&pt.ty)),
+                    _ => (None, None),
+                },
+                _ => (None, None),
+            };
+            if let Some(pi) = ident_pat {
                 if pi.mutability.is_some() && pi.subpat.is_none() && self.becomes_proxy(&pi.ident, rest) {
                     let v = self.lift(&init.expr, None);
                     self.proxies.insert(pi.ident.to_string());
                     self.promoted.insert(pi.ident.to_string());
-                    return quote!(#(#attrs)* #[allow(unused_mut)] let #pat = #v;);
+                    // `let mut total: f64 = 0.0;` holds a `Proxy<f64>`.
+                    let ty = ty.map(|t| quote_spanned!(t.span()=> : ::nnsight::Proxy<#t>));
+                    return quote!(#(#attrs)* #[allow(unused_mut)] let #pi #ty = #v;);
                 }
             }
             return l.to_token_stream();
         }
         // `let (a, b) = (x, y);`: element by element (values first, as Rust evaluates them).
-        if let (syn::Pat::Tuple(pt), Expr::Tuple(et)) = (&l.pat, &*init.expr) {
-            if pt.elems.len() == et.elems.len() && !pt.elems.iter().any(|p| matches!(p, syn::Pat::Rest(_))) {
+        let split = match (&l.pat, &*init.expr) {
+            (syn::Pat::Tuple(pt), Expr::Tuple(et)) => Some((&pt.elems, &et.elems)),
+            (syn::Pat::Slice(ps), Expr::Array(ea)) => Some((&ps.elems, &ea.elems)),
+            _ => None,
+        };
+        if let Some((pelems, eelems)) = split {
+            if pelems.len() == eelems.len() && !pelems.iter().any(|p| matches!(p, syn::Pat::Rest(_))) {
+                let (pt, et) = (PatElems(pelems), ExprElems(eelems));
                 let mut out = TokenStream::new();
                 let mut temps = Vec::new();
-                for e in &et.elems {
+                for e in et.iter() {
                     let (v, is_proxy) = self.value(e);
                     let t = self.fresh("elem", e.span());
                     out.extend(quote!(let #t = #v;));
                     temps.push((t, is_proxy));
                 }
-                for (p, (t, is_proxy)) in pt.elems.iter().zip(temps) {
+                for (p, (t, is_proxy)) in pt.iter().zip(temps) {
                     out.extend(self.bind(attrs, p, quote!(#t), is_proxy));
                 }
                 return out;
             }
         }
         let (value, is_proxy) = self.value(&init.expr);
+        if matches!(&*init.expr, Expr::Closure(_)) && builds_graph(&init.expr, &self.model) {
+            // A closure that builds the graph borrows the tracer mutably: callable through a
+            // `mut` binding only, which the user did not need to write.
+            if let syn::Pat::Ident(pi) = &l.pat {
+                let id = &pi.ident;
+                self.declare([id.to_string()]);
+                self.proxies.remove(&id.to_string());
+                return quote!(#(#attrs)* #[allow(unused_mut)] let mut #id = #value;);
+            }
+        }
         self.bind(attrs, &l.pat, value, is_proxy)
     }
 
@@ -182,7 +272,7 @@ impl Ctx {
     fn bind(&mut self, attrs: &[syn::Attribute], pat: &syn::Pat, value: TokenStream, is_proxy: bool) -> TokenStream {
         let mut names = Vec::new();
         pat_idents(pat, &mut names);
-        self.locals.extend(names.iter().map(|n| n.to_string()));
+        self.declare(names.iter().map(|n| n.to_string()));
         for n in &names {
             self.proxies.remove(&n.to_string());
             self.promoted.remove(&n.to_string());
@@ -192,6 +282,13 @@ impl Ctx {
         if !is_proxy || simple {
             if is_proxy {
                 self.proxies.extend(names.iter().map(|n| n.to_string()));
+                // `let n: f64 = h.norm().double_value(&[]);` binds a `Proxy<f64>`.
+                if let syn::Pat::Type(pt) = pat {
+                    let (inner, ty) = (&pt.pat, &pt.ty);
+                    if !is_proxy_type(ty) {
+                        return quote!(#(#attrs)* let #inner = ::nnsight::__private::typed::<#ty, _>(#value););
+                    }
+                }
             }
             return quote!(#(#attrs)* let #pat = #value;);
         }
@@ -224,37 +321,67 @@ impl Ctx {
         // Names that will be bound to proxies further on (a few rounds reach chains of lets).
         for _ in 0..3 {
             let mut v = ProxyLets { model: &self.model, known: known.clone(), found: Vec::new() };
-            for s in rest {
+            for s in rest.iter().chain(&self.later) {
                 v.visit_stmt(s);
             }
             known.extend(v.found);
         }
-        let mut v = AssignsProxy { model: &self.model, known: &known, name: name.to_string(), found: false };
-        for s in rest {
+        let mut v = AssignsProxy { model: &self.model, known: &known, name: name.to_string(), gates: 0, found: false };
+        for s in rest.iter().chain(&self.later) {
             v.visit_stmt(s);
         }
         v.found
     }
 
     fn expr_stmt(&mut self, e: &Expr) -> TokenStream {
+        let left = match e {
+            Expr::Assign(a) => Some(&*a.left),
+            Expr::Binary(b) if is_compound(&b.op) => Some(&*b.left),
+            _ => None,
+        };
+        if let Some(err) = left.and_then(|l| self.plain_assign_across_gate(l)) {
+            return err;
+        }
         match e {
             Expr::Assign(a) => self.assign(a),
             Expr::Binary(b) if is_compound(&b.op) && self.mentions(&b.left) => self.compound(b),
             Expr::Binary(b) if is_compound(&b.op) && self.mentions(&b.right) => self.plain_target(&b.left),
             Expr::ForLoop(f) => {
-                if self.mentions(&f.expr) {
-                    return self.error(f.expr.span(), "cannot loop over a proxy: its value exists only while the model runs; loop over plain values (e.g. `for l in 0..6`)");
-                }
+                // `for h in [model.a.output, model.b.output]`: a loop over proxies, run now.
+                let literal = match &*f.expr {
+                    Expr::Reference(r) => &*r.expr,
+                    other => other,
+                };
+                let items = match literal {
+                    Expr::Array(a) => Some(a.elems.iter().cloned().collect::<Vec<_>>()),
+                    _ => vec_macro_items(literal),
+                };
+                let mut over_proxies = false;
+                let iter = match items {
+                    Some(items) if self.mentions(&f.expr) => {
+                        let vals: Vec<(TokenStream, bool)> = items.iter().map(|x| self.value(x)).collect();
+                        over_proxies = vals.iter().all(|(_, p)| *p);
+                        let vals = vals.into_iter().map(|(v, _)| v);
+                        quote!([#(#vals),*])
+                    }
+                    _ if self.mentions(&f.expr) => {
+                        return self.error(f.expr.span(), "cannot loop over a proxy: its value exists only while the model runs; loop over plain values (e.g. `for l in 0..6`)");
+                    }
+                    _ => f.expr.to_token_stream(),
+                };
                 let saved = self.proxies.clone();
                 let mut names = Vec::new();
                 pat_idents(&f.pat, &mut names);
                 for n in &names {
                     self.proxies.remove(&n.to_string());
-                    self.locals.insert(n.to_string());
+                    if over_proxies && matches!(&*f.pat, syn::Pat::Ident(_)) {
+                        self.proxies.insert(n.to_string());
+                    }
+                    self.declare([n.to_string()]);
                 }
                 let body = self.block(&f.body);
                 self.proxies = saved;
-                let (label, pat, iter) = (&f.label, &f.pat, &f.expr);
+                let (label, pat) = (&f.label, &f.pat);
                 quote!(#label for #pat in #iter #body)
             }
             Expr::While(w) => {
@@ -294,8 +421,8 @@ impl Ctx {
         }
     }
 
-    /// The block's own tail: like [`Ctx::value_or_stmt`], and a variable the block made hold a
-    /// proxy (an accumulator) is saved, as its plain value is what the block returns.
+    /// The block's own tail: like [`Ctx::value_or_stmt`], and a proxy it returns (alone, or in a
+    /// tuple or array) is saved, as its plain value is what the block returns.
     pub fn trace_tail(&mut self, e: &Expr) -> TokenStream {
         let tr = self.tr.clone();
         match e {
@@ -311,15 +438,11 @@ impl Ctx {
                 let elems: Vec<TokenStream> = a.elems.iter().map(|x| self.trace_tail(x)).collect();
                 quote!([#(#elems),*])
             }
-            _ if !self.promoted.is_empty() && mentions_proxy(e, &Names { model: &Ident::new("__nn_none", Span::call_site()), proxies: &self.promoted }) => {
-                let (v, is_proxy) = self.value(e);
-                if is_proxy {
-                    quote_spanned!(e.span()=> { let __nn_v = #v; #tr.save(__nn_v) })
-                } else {
-                    v
-                }
-            }
-            _ => self.value_or_stmt(e).0,
+            // A proxy the block returns comes out as its value, as the plain Rust would give.
+            _ => match self.value_or_stmt(e) {
+                (v, true) => quote_spanned!(e.span()=> { let __nn_v = #v; #tr.save(__nn_v) }),
+                (v, false) => v,
+            },
         }
     }
 
@@ -364,10 +487,14 @@ impl Ctx {
         let tr = self.tr.clone();
         let c = self.fresh("cond", i.cond.span());
         let (cond, _) = self.value(&i.cond);
+        self.gate_scopes.push(HashSet::new());
         let then = self.block(&i.then_branch);
+        self.gate_scopes.pop();
         let els = i.else_branch.as_ref().map(|(_, e)| {
             let nc = self.fresh("not", e.span());
+            self.gate_scopes.push(HashSet::new());
             let t = self.expr_stmt(e);
+            self.gate_scopes.pop();
             quote! {
                 let #nc = #tr.apply1(#c, |c: &bool| !*c);
                 #tr.begin_if(#nc);
@@ -431,7 +558,7 @@ impl Ctx {
             pat_idents(&arm.pat, &mut names);
             for n in &names {
                 self.proxies.remove(&n.to_string());
-                self.locals.insert(n.to_string());
+                self.declare([n.to_string()]);
             }
             let body = if want_value {
                 let (b, p) = self.value_or_stmt(&arm.body);
@@ -562,11 +689,9 @@ impl Ctx {
             if p.path.get_ident().is_some_and(|id| self.proxies.contains(&id.to_string())) {
                 // Rebinding a proxy name to another proxy (or to a value computed now).
                 let (v, is_proxy) = self.value(&a.right);
+                let v = if is_proxy { v } else { self.lift(&a.right, None) };
+                let v = self.merged(&a.left, v);
                 let left = &a.left;
-                if !is_proxy {
-                    let v = self.lift(&a.right, None);
-                    return quote!(#left = #v);
-                }
                 return quote!(#left = #v);
             }
         }
@@ -622,7 +747,12 @@ impl Ctx {
         let lifted = self.lift(&body, None);
         self.proxies.remove(&t.to_string());
         let e = self.fresh("edit", span);
-        let rebind = rebind.then(|| quote!(#target = #e;));
+        let rebind = if rebind {
+            let v = self.merged(target, quote!(#e));
+            Some(quote!(#target = #v;))
+        } else {
+            None
+        };
         quote_spanned! {span=> {
             let #t = #t_val;
             let #e = #lifted;
@@ -679,10 +809,8 @@ impl Ctx {
             }
             Expr::Field(f) if grad_field(e).is_some() => (self.grad_of(f), true),
             Expr::MethodCall(m) if (m.method == "save" || m.method == "stop") && m.args.is_empty() => {
-                let (r, is_proxy) = self.value(&m.receiver);
-                if !is_proxy {
-                    return (self.error(m.method.span(), format!("`.{}()` needs a proxy", m.method)), false);
-                }
+                // Also on a proxy the macro cannot see (`hs[0].save()`): rustc checks it is one.
+                let (r, _) = self.value(&m.receiver);
                 let method = &m.method;
                 (quote_spanned!(m.method.span()=> { let __nn_recv = #r; #tr.#method(__nn_recv) }), true)
             }
@@ -701,6 +829,12 @@ impl Ctx {
                 let args: Vec<TokenStream> = m.args.iter().map(|a| self.value(a).0).collect();
                 let (method, turbofish) = (&m.method, &m.turbofish);
                 (quote!(#recv.#method #turbofish (#(#args),*)), false)
+            }
+            Expr::Call(c) if is_constructor(&c.func) => {
+                // `Some(h)`, `Pair(a, b)`: built now, around the proxies.
+                let args: Vec<TokenStream> = c.args.iter().map(|a| self.value(a).0).collect();
+                let func = &c.func;
+                (quote!(#func(#(#args),*)), false)
             }
             Expr::Call(c) if c.args.iter().any(|a| builds_graph(a, &self.model)) => {
                 let args: Vec<TokenStream> = c.args.iter().map(|a| self.value(a).0).collect();
@@ -760,7 +894,7 @@ impl Ctx {
             pat_idents(p, &mut names);
             for n in &names {
                 self.proxies.remove(&n.to_string());
-                self.locals.insert(n.to_string());
+                self.declare([n.to_string()]);
             }
         }
         let body = match &*c.body {
@@ -841,6 +975,24 @@ pub(crate) fn grad_field(e: &Expr) -> Option<&syn::ExprField> {
         Expr::Field(f) if matches!(&f.member, syn::Member::Named(id) if id == "grad") => Some(f),
         _ => None,
     }
+}
+
+struct PatElems<'a>(&'a syn::punctuated::Punctuated<syn::Pat, syn::Token![,]>);
+struct ExprElems<'a>(&'a syn::punctuated::Punctuated<Expr, syn::Token![,]>);
+impl PatElems<'_> {
+    fn iter(&self) -> impl Iterator<Item = &syn::Pat> {
+        self.0.iter()
+    }
+}
+impl ExprElems<'_> {
+    fn iter(&self) -> impl Iterator<Item = &Expr> {
+        self.0.iter()
+    }
+}
+
+/// `Proxy<..>` or `Saved<..>` written by the user.
+fn is_proxy_type(t: &syn::Type) -> bool {
+    matches!(t, syn::Type::Path(p) if p.path.segments.last().is_some_and(|s| s.ident == "Proxy" || s.ident == "Saved"))
 }
 
 /// `e`'s value owned: a tensor reference (a node argument) becomes a handle sharing storage.
@@ -1075,28 +1227,58 @@ impl<'ast> Visit<'ast> for ProxyLets<'_> {
     }
 }
 
-/// Finds `name = <proxy>` or `name op= <proxy>`.
+/// Finds `name = <value computed from a proxy>` or `name op= ..` of one, or any assignment to
+/// `name` under an `if` on a proxy.
 struct AssignsProxy<'a> {
     model: &'a Ident,
     known: &'a HashSet<String>,
     name: String,
+    /// Depth of `if`s on a proxy around the visited expression.
+    gates: usize,
     found: bool,
 }
 
 impl<'ast> Visit<'ast> for AssignsProxy<'_> {
     fn visit_expr(&mut self, e: &'ast Expr) {
+        let names = Names { model: self.model, proxies: self.known };
+        if let Expr::If(i) = e {
+            if mentions_proxy(&i.cond, &names) {
+                self.gates += 1;
+                visit::visit_expr(self, e);
+                self.gates -= 1;
+                return;
+            }
+        }
         let (left, right) = match e {
             Expr::Assign(a) => (Some(&*a.left), Some(&*a.right)),
             Expr::Binary(b) if is_compound(&b.op) => (Some(&*b.left), Some(&*b.right)),
             _ => (None, None),
         };
         if let (Some(Expr::Path(p)), Some(r)) = (left, right) {
-            if p.path.is_ident(&self.name) && mentions_proxy(r, &Names { model: self.model, proxies: self.known }) {
+            if p.path.is_ident(&self.name) && (self.gates > 0 || (mentions_proxy(r, &names) && computes(r))) {
                 self.found = true;
             }
         }
         visit::visit_expr(self, e);
     }
+}
+
+/// True when a value that mentions proxies is computed from them (one node), rather than
+/// built around them now (`Some(h)`, `(a, b)`, `vec![..]`, a struct, `h.save()`).
+fn computes(e: &Expr) -> bool {
+    match e {
+        Expr::Tuple(_) | Expr::Array(_) | Expr::Struct(_) => false,
+        Expr::Macro(m) if m.mac.path.is_ident("vec") => false,
+        Expr::Call(c) => !is_constructor(&c.func),
+        Expr::MethodCall(m) => !(m.method == "save" || m.method == "stop"),
+        Expr::Paren(p) => computes(&p.expr),
+        _ => true,
+    }
+}
+
+/// `Some`, `Ok`, `MyStruct`, `Enum::Variant`: a path whose last segment starts uppercase.
+fn is_constructor(func: &Expr) -> bool {
+    matches!(func, Expr::Path(p) if p.path.segments.last().is_some_and(|s| s.ident.to_string().starts_with(|c: char| c.is_uppercase())))
 }
 
 fn is_compound(op: &syn::BinOp) -> bool {

@@ -43,6 +43,13 @@ pub fn mentions_proxy(e: &Expr, names: &Names) -> bool {
                 }
                 return;
             }
+            // `.save()` is always on a proxy (tch's `save` takes a path), seen or not.
+            if let Expr::MethodCall(m) = e {
+                if (m.method == "save" || m.method == "stop") && m.args.is_empty() {
+                    self.found = true;
+                    return;
+                }
+            }
             visit::visit_expr(self, e);
         }
     }

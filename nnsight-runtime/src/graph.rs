@@ -139,6 +139,9 @@ pub(crate) struct Node<'env> {
     pub stop: bool,
     /// An in-place edit of its first argument (`h[..] = v`, `h += v`; see `Tracer::edits`).
     pub edit: bool,
+    /// A merge node (see `Tracer::merge`): its first argument's value if that one ran, else
+    /// its second's.
+    pub merge: bool,
     /// For apply nodes that call `.backward()`: the backward pass they run (see [`Graph::backward`]).
     pub backward: Option<usize>,
 }
@@ -200,6 +203,7 @@ impl<'env> Graph<'env> {
             saved: false,
             stop: false,
             edit: false,
+            merge: false,
             backward: None,
         });
         id

@@ -531,8 +531,35 @@ impl<'env> Interleaver<'env> {
         String::new()
     }
 
+    /// A merge node: the value of its first argument if the conditions after the second all
+    /// held, else of its second (skipped when the chosen one has no value).
+    fn execute_merge(&self, id: NodeId) -> Result<()> {
+        let args = self.graph.borrow().nodes[id].args.clone();
+        let value = {
+            let mut st = self.state.borrow_mut();
+            let held = args[2..].iter().all(|&c| matches!(&st.slots[c], Slot::Ready(v) if v.downcast_ref::<bool>() == Some(&true)));
+            let value = match (&st.slots[args[0]], &st.slots[args[1]]) {
+                (Slot::Ready(v), _) if held => Some(v.clone()),
+                (_, Slot::Ready(v)) if !held => Some(v.clone()),
+                _ => None,
+            };
+            st.slots[id] = value.clone().map_or(Slot::Skipped, Slot::Ready);
+            value
+        };
+        if let Some(v) = value {
+            self.guard_saved_any(id, &v);
+        }
+        for a in args {
+            self.release(a);
+        }
+        Ok(())
+    }
+
     /// Runs apply node `id` on its argument values (or marks it skipped), then releases them.
     fn execute(&self, id: NodeId) -> Result<()> {
+        if self.graph.borrow().nodes[id].merge {
+            return self.execute_merge(id);
+        }
         let (args, gates, mut f, edit, backward) = {
             let mut g = self.graph.borrow_mut();
             let n = &mut g.nodes[id];

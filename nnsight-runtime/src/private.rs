@@ -411,3 +411,40 @@ pub fn never<T>() -> T {
 pub fn call_at(i: impl IndexArg) -> crate::Call {
     crate::Call::At(i.into_i64().max(0) as usize)
 }
+
+/// A `let` with a type annotation whose value is a proxy: `let n: f64 = ..` binds the proxy
+/// (a `Proxy<f64>` or `Saved<f64>`), and rustc checks that its value is an `f64`.
+pub fn typed<T, P: crate::ProxyRef<Value = T>>(p: P) -> P {
+    p
+}
+
+/// `&x` for a node argument `x` inside a lifted expression: arguments are `&T` (tensors) or `T`
+/// (`Copy` values), and `&x` must be a `&T` either way, as `&x` of the plain value would be.
+/// Used as `(&&RefOf(&x)).__nn_ref()`.
+pub struct RefOf<'a, X>(pub &'a X);
+/// See [`RefOf`].
+pub trait RefOfRef<'a> {
+    /// The reference.
+    type Out;
+    /// Convert.
+    fn __nn_ref(self) -> Self::Out;
+}
+impl<'a, T: ?Sized> RefOfRef<'a> for &&RefOf<'_, &'a T> {
+    type Out = &'a T;
+    fn __nn_ref(self) -> &'a T {
+        self.0
+    }
+}
+/// See [`RefOf`].
+pub trait RefOfValue<'a> {
+    /// The reference.
+    type Out;
+    /// Convert.
+    fn __nn_ref(self) -> Self::Out;
+}
+impl<'a, T> RefOfValue<'a> for &RefOf<'a, T> {
+    type Out = &'a T;
+    fn __nn_ref(self) -> &'a T {
+        self.0
+    }
+}

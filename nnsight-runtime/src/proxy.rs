@@ -60,6 +60,11 @@ impl<T> std::fmt::Debug for Saved<T> {
 }
 
 /// Anything that refers to a graph node of value type `Value`: [`Proxy`] and [`Saved`].
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a proxy",
+    label = "a plain value here",
+    note = "`.save()` and `.stop()` are for values that hook points give in the trace (`model.x.output`) and what is computed from them"
+)]
 pub trait ProxyRef: Copy {
     /// The type of the node's value.
     type Value: 'static;
@@ -67,6 +72,10 @@ pub trait ProxyRef: Copy {
     fn node(&self) -> NodeId;
     /// The trace the node belongs to.
     fn trace_id(&self) -> u32;
+    /// Whether this is a [`Saved`] (its value is fixed where it was saved).
+    fn is_saved(&self) -> bool {
+        false
+    }
 }
 
 impl<T: 'static> ProxyRef for Proxy<T> {
@@ -83,6 +92,9 @@ impl<T: 'static> ProxyRef for Saved<T> {
     type Value = T;
     fn node(&self) -> NodeId {
         self.id
+    }
+    fn is_saved(&self) -> bool {
+        true
     }
     fn trace_id(&self) -> u32 {
         self.trace

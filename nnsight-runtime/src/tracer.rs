@@ -367,17 +367,22 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         self.swap(group, call, Io::Input, Part::First, path, v)
     }
 
-    /// Declares `edit` (a node that changes `target`'s value in place, e.g. `h[.., 0] = 0.0`, and
-    /// whose value is `target`'s value afterwards) as an edit of `target`. When `target` is a
+    /// Declares `edit` (a node that changes `target`'s value in place, e.g. `h[.., 0] = 0.0`) as
+    /// an edit of `target`; when its value is of `target`'s type, it is `target`'s value
+    /// afterwards. When `target` is a
     /// hook read, or an edit of one, the edit must run before that module returns, else the run
     /// fails with [`Error::NotReady`]. Saved values whose memory the edit changes are copied just
     /// before it runs, so they keep the value they had when saved; a `save` of `target` written
     /// after the edit saves the edited value ([`Tracer::save`]), and a read of the hook point
     /// written after it is a new node, which sees the edited value.
-    pub fn edits<P: ProxyRef, E: ProxyRef<Value = P::Value>>(&mut self, target: P, edit: E) {
+    pub fn edits<P: ProxyRef, E: ProxyRef>(&mut self, target: P, edit: E) {
         let (target, edit) = (self.node(&target), self.node(&edit));
         self.graph.nodes[edit].edit = true;
-        self.edits.insert(target, edit);
+        // Only an edit whose value is the target's value (what `trace!` builds) can stand for
+        // the target in a later save; one that gives `()` (by hand) leaves saves alone.
+        if std::any::TypeId::of::<P::Value>() == std::any::TypeId::of::<E::Value>() {
+            self.edits.insert(target, edit);
+        }
         self.edit_of.insert(edit, target);
         let mut root = target;
         while let Some(&t) = self.edit_of.get(&root) {
@@ -457,7 +462,8 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
     #[track_caller]
     pub fn save<P: ProxyRef>(&mut self, p: P) -> Saved<P::Value> {
         let mut id = self.node(&p);
-        while let Some(&e) = self.edits.get(&id) {
+        // A `Saved` saved again keeps the value it was saved with.
+        while let Some(&e) = self.edits.get(&id).filter(|_| !p.is_saved()) {
             if !self.graph.nodes[e].gates.iter().all(|g| self.gates.contains(g)) {
                 let name = self.graph.nodes[id].name(id);
                 self.fail(Error::Input(format!(
@@ -470,6 +476,22 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         }
         self.graph.nodes[id].saved = true;
         Saved { id, trace: self.trace, _t: std::marker::PhantomData }
+    }
+
+    /// What a variable holds after an `if` on a proxy that may have assigned it: `new`'s value
+    /// when the conditions of the `if`s this is built in all held, else `old`'s. The node is built outside every
+    /// `if`, so it runs whichever way the branches went. `trace!` builds one for each
+    /// assignment under such an `if` to a variable declared before it.
+    #[track_caller]
+    pub fn merge<P: ProxyRef, Q: ProxyRef<Value = P::Value>>(&mut self, new: P, old: Q) -> Proxy<P::Value> {
+        // The `if` conditions around this point decide, not whether `new` ran: `new` may have
+        // been computed before the `if`.
+        let mut args = vec![self.node(&new), self.node(&old)];
+        args.extend(self.gates.iter().copied());
+        let unused: crate::graph::NodeFn<'env> = Box::new(|_| Err("internal: a merge node has no body".into()));
+        let id = self.graph.add("merge".to_string(), Location::caller(), NodeKind::Apply(Some(unused)), args, Vec::new());
+        self.graph.nodes[id].merge = true;
+        self.proxy(id)
     }
 
     /// Ends the forward pass as soon as this node has its value (early stop); values already

@@ -1,27 +1,7 @@
+#[path = "support/net.rs"]
+mod support;
 use nnsight::prelude::*;
-use nnsight::tch::nn;
-
-struct Net {
-    lin: Hooked<nn::Linear>,
-    layers: Vec<Hooked<nn::Linear>>,
-}
-
-impl HookModule for Net {
-    type Input = Tensor;
-    type Output = Tensor;
-    fn forward(&self, x: Tensor) -> Tensor {
-        let h = self.lin.call(x);
-        self.layers.iter().fold(h, |h, l| l.call(h))
-    }
-}
-
-fn net() -> Hooked<Net> {
-    let vs = nn::VarStore::new(Device::Cpu);
-    let p = vs.root();
-    let lin = Hooked::new(&(&p / "lin"), nn::linear(&p / "lin", 4, 4, Default::default()));
-    let layers = (0..3).map(|i| Hooked::new(&(&p / "layers" / i), nn::linear(&p / "layers" / i, 4, 4, Default::default()))).collect();
-    Hooked::with_path("", Net { lin, layers })
-}
+use support::net;
 
 fn main() {
     let model = net();

@@ -22,6 +22,7 @@ fn main() {
     let _ = trace!(model, &x, {
         let h = model.lin.output.save();
         let rows: i64 = h.size()[0];
+        for _ in 0..rows {}
         h
     });
 }
