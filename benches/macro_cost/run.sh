@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# Compile-time cost of `trace!` (issue acceptance: "a crate with 100 `trace!` blocks compiles in
-# at most 2x the time of the same crate with the blocks written by hand against the runtime
-# API").
+# Compile-time cost of `trace!` (acceptance, issue 13: building 100 blocks takes at most 1.2x the
+# time of the same code written by hand against `Tracer`; an earlier issue allowed 2x).
 #
 # Generates two throwaway binary crates under target/macro_cost/ that path-depend on this
 # workspace's `nnsight` crate:
@@ -471,8 +470,8 @@ for sub in build check; do
     [[ $sub == build ]] && build_ratio=$ratio
 done
 echo
-if awk -v r="$build_ratio" 'BEGIN { exit !(r <= 2.0) }'; then
-    echo "macro cost: cargo build ratio $build_ratio <= 2.0 (acceptance met)"
+if awk -v r="$build_ratio" 'BEGIN { exit !(r <= 1.2) }'; then
+    echo "macro cost: cargo build ratio $build_ratio <= 1.2 (acceptance met)"
 else
-    echo "macro cost: cargo build ratio $build_ratio > 2.0 (acceptance NOT met)"
+    echo "macro cost: cargo build ratio $build_ratio > 1.2 (acceptance NOT met)"
 fi
