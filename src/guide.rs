@@ -5,7 +5,8 @@
 //! all-MiniLM-L6-v2 from the set-up). Read them in order:
 //!
 //! 1. [`setup`]: what the set-up fetches and where.
-//! 2. [`tracing`]: `trace!`, module paths, the module tree, the intervention graph.
+//! 2. [`tracing`]: `trace!`, module paths, the module tree, the intervention graph, caching
+//!    every activation (`run_with_cache`).
 //! 3. [`interventions`]: swaps and edits, ablation and steering.
 //! 4. [`invokes`]: several invokes in one forward pass, activation patching, tokenized inputs,
 //!    batch layouts and values every row shares, statements for the whole batch.

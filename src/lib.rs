@@ -26,7 +26,7 @@ pub mod guide;
 /// Everything an experiment usually needs: `use nnsight::prelude::*;`.
 pub mod prelude {
     pub use nnsight_macros::{generate, trace};
-    pub use nnsight_runtime::{Error, HookModule, Hooked, InPlaceArith, Leaf, ModuleTree, Proxy, Saved, Tracer};
+    pub use nnsight_runtime::{Cache, CacheOptions, Error, HookModule, Hooked, InPlaceArith, Leaf, ModuleTree, Proxy, RunWithCache, Saved, Tracer};
     pub use tch::{self, Device, IndexOp, Kind, Tensor};
 }
 

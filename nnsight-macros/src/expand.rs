@@ -11,6 +11,9 @@
 //! }
 //! ```
 //! Option `dot = &mut string` stores the intervention graph in Graphviz DOT before the run.
+//! Option `cache = &mut Option<Cache>` (with `cache_options = CacheOptions`, default every
+//! module) records an activation cache of every row (`Tracer::cache` with `Group::ALL`) and
+//! stores it there after a successful run.
 //! The tracer sits in a `ManuallyDrop` so closures may borrow variables the block declares
 //! after it: it is consumed by `finish` at the end, so it never outlives them. (If the block
 //! unwinds while building, the graph leaks instead of being dropped; nothing is hooked then.)
@@ -42,6 +45,8 @@ pub fn trace(mut input: TraceInput, mode: Mode) -> TokenStream {
     let mut dot = None;
     let mut grad_option = None;
     let mut tokens = None;
+    let mut cache = None;
+    let mut cache_options = None;
     let mut gen_options = Vec::new();
     for (name, value) in &input.options {
         let n = name.to_string();
@@ -49,6 +54,10 @@ pub fn trace(mut input: TraceInput, mode: Mode) -> TokenStream {
             dot = Some(value.clone());
         } else if n == "grad" {
             grad_option = Some(value.clone());
+        } else if n == "cache" {
+            cache = Some(value.clone());
+        } else if n == "cache_options" {
+            cache_options = Some((name.clone(), value.clone()));
         } else if mode == Mode::Generate && n == "tokens" {
             tokens = Some(value.clone());
         } else if mode == Mode::Generate && GENERATE_OPTIONS.contains(&n.as_str()) {
@@ -59,8 +68,11 @@ pub fn trace(mut input: TraceInput, mode: Mode) -> TokenStream {
             gen_options.push(quote!(__nn_options.#name = #v;));
         } else {
             let known = match mode {
-                Mode::Trace => "`dot = &mut string`, `grad = true`".to_string(),
-                Mode::Generate => format!("{}, `tokens = &mut option`, `dot = &mut string`, `grad = true`", GENERATE_OPTIONS.join(", ")),
+                Mode::Trace => "`dot = &mut string`, `grad = true`, `cache = &mut option`, `cache_options = options`".to_string(),
+                Mode::Generate => format!(
+                    "{}, `tokens = &mut option`, `dot = &mut string`, `grad = true`, `cache = &mut option`, `cache_options = options`",
+                    GENERATE_OPTIONS.join(", ")
+                ),
             };
             ctx.errors.push(syn::Error::new(name.span(), format!("unknown option `{name}` (known: {known})")));
         }
@@ -104,6 +116,9 @@ pub fn trace(mut input: TraceInput, mode: Mode) -> TokenStream {
             "a trace needs an input: `trace!(model, input, { .. })` or `invoke(input) { .. }` blocks",
         ));
     }
+    if let (None, Some((name, _))) = (&cache, &cache_options) {
+        ctx.errors.push(syn::Error::new(name.span(), "`cache_options` needs the option `cache = &mut option` that receives the cache"));
+    }
     let grad = match grad_option {
         Some(g) => quote!(if #g { #tr.enable_grad(); }),
         None => quote!(),
@@ -116,6 +131,21 @@ pub fn trace(mut input: TraceInput, mode: Mode) -> TokenStream {
         return quote!({ #(#errors)* ::core::result::Result::<_, ::nnsight::Error>::Ok(::nnsight::__private::never()) });
     }
     let finish = quote_spanned!(value_span=> ::nnsight::Tracer::finish(::core::mem::ManuallyDrop::into_inner(#tr), __nn_value));
+    // With `cache = &mut slot`: the cache ticket is resolved with the block's value.
+    let (cache_setup, finish) = match &cache {
+        Some(slot) => {
+            let options = match &cache_options {
+                Some((_, o)) => quote!(#o),
+                None => quote!(::nnsight::CacheOptions::default()),
+            };
+            (
+                quote!(let __nn_cache = #tr.cache(::nnsight::Group::ALL, #options);),
+                quote_spanned!(value_span=> ::nnsight::Tracer::finish(::core::mem::ManuallyDrop::into_inner(#tr), (__nn_value, __nn_cache))
+                    .map(|(__nn_v, __nn_c)| { *(#slot) = ::core::option::Option::Some(__nn_c); __nn_v })),
+            )
+        }
+        None => (quote!(), finish),
+    };
     let (setup, traced, after) = match mode {
         Mode::Trace => (quote!(), quote!(&#model), quote!()),
         Mode::Generate => (
@@ -140,6 +170,7 @@ pub fn trace(mut input: TraceInput, mode: Mode) -> TokenStream {
         #grad
         #body
         let __nn_value = #value;
+        #cache_setup
         #dot
         let __nn_result = #finish;
         #after

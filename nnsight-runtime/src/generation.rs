@@ -138,6 +138,13 @@ impl<M: CausalLm + TextModel> AsModule for Generator<'_, M> {
     }
 }
 
+/// The language model's module tree (what `Tracer::cache` selects from in a generation).
+impl<M: CausalLm + TextModel + crate::tree::ModuleTree> crate::tree::ModuleTree for Generator<'_, M> {
+    fn visit_modules(&self, f: &mut dyn FnMut(&str, &'static str)) {
+        self.lm.root().visit_modules(f)
+    }
+}
+
 macro_rules! prompt_inputs {
     ($($t:ty => |$v:ident| $e:expr;)*) => {$(
         impl<M: CausalLm + TextModel> IntoInvoke<Generator<'_, M>> for $t {

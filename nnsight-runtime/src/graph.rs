@@ -117,6 +117,8 @@ pub(crate) enum NodeKind<'env> {
     Apply(Option<NodeFn<'env>>),
     /// Placeholder for a node whose construction failed (the trace will not run).
     Poison,
+    /// An activation cache (`Tracer::cache`): saved, given its value when the run ends.
+    Cache,
 }
 
 /// One node of the intervention graph.
@@ -139,8 +141,8 @@ pub(crate) struct Node<'env> {
     pub stop: bool,
     /// An in-place edit of its first argument (`h[..] = v`, `h += v`; see `Tracer::edits`).
     pub edit: bool,
-    /// A merge node (see `Tracer::merge`): its first argument's value if that one ran, else
-    /// its second's.
+    /// A merge node (see `Tracer::merge`): its first argument's value when the conditions
+    /// after its second all held, else its second's.
     pub merge: bool,
     /// For apply nodes that call `.backward()`: the backward pass they run (see [`Graph::backward`]).
     pub backward: Option<usize>,
@@ -176,6 +178,8 @@ pub(crate) struct Graph<'env> {
     /// Apply nodes that call `.backward()`, in the order they were built: backward pass `k`
     /// is the one node `backward[k]` runs.
     pub backward: Vec<NodeId>,
+    /// Activation caches asked for (`Tracer::cache`), recorded at every matching module call.
+    pub caches: Vec<crate::cache::Request>,
 }
 
 impl<'env> Graph<'env> {
@@ -263,6 +267,7 @@ impl<'env> Graph<'env> {
                 NodeKind::Grad { .. } => ("box", "blue"),
                 NodeKind::Apply(_) => ("ellipse", "black"),
                 NodeKind::Poison => ("octagon", "red"),
+                NodeKind::Cache => ("box3d", "green4"),
             };
             let style = if n.saved { ",style=bold" } else { "" };
             let label = n.label.replace('"', "\\\"");

@@ -34,6 +34,7 @@ use crate::tensor_hook::GradHooks;
 use crate::tracer::Group;
 
 mod audit;
+mod cache;
 mod grad;
 mod outcome;
 mod saved;
@@ -105,6 +106,8 @@ pub(crate) struct Interleaver<'env> {
     grad: bool,
     /// Set for [`Interleaver::audit`]: every module's hook points are recorded, none changed.
     audit: Option<RefCell<Vec<HookPointLayout>>>,
+    /// The activation caches of this run (module [`cache`]).
+    cache: RefCell<cache::Recorder>,
 }
 
 /// Unwraps a swap's value into the hook point's type; `node` names the node for the error only.
@@ -140,7 +143,7 @@ pub(crate) fn module_call<M: HookModule>(m: &Hooked<M>, input: M::Input) -> M::O
     // with the interleaver alive; the guard resets it before the interleaver is dropped.
     let il = unsafe { &*(p as *const Interleaver<'static>) };
     let key = m.key();
-    match il.enter(key) {
+    match il.enter(key, m.path()) {
         None => m.inner().forward(input),
         Some(call) => {
             let input = il.hook(key, Io::Input, call, input, || m.input_layout(), m.path());
@@ -153,6 +156,7 @@ pub(crate) fn module_call<M: HookModule>(m: &Hooked<M>, input: M::Input) -> M::O
 impl<'env> Interleaver<'env> {
     fn new(mut graph: Graph<'env>, batch: Batch, grad: bool) -> Self {
         graph.settle_passes();
+        let cache = RefCell::new(cache::Recorder::new(std::mem::take(&mut graph.caches)));
         let n = graph.nodes.len();
         let waiting = graph.nodes.iter().map(|n| n.args.len() + n.gates.len()).collect();
         let uses_left = graph.nodes.iter().map(|n| n.listeners.len() + n.swap_uses).collect();
@@ -170,7 +174,7 @@ impl<'env> Interleaver<'env> {
             guarded: Vec::new(),
             snapshots: Vec::new(),
         };
-        Interleaver { graph: RefCell::new(graph), state: RefCell::new(state), batch, grad, audit: None }
+        Interleaver { graph: RefCell::new(graph), state: RefCell::new(state), batch, grad, audit: None, cache }
     }
 
     /// Runs `forward` with this interleaver active on this thread; a panic (or an interrupt)
@@ -219,6 +223,7 @@ impl<'env> Interleaver<'env> {
         let saved = il.check_saved(|| {
             "after the last hook point with an intervention (by the model's forward pass, or by a backward pass)".to_string()
         });
+        let caches = il.take_caches();
         let mut state = il.state.into_inner();
         let mut graph = il.graph.into_inner();
         removed?;
@@ -237,6 +242,7 @@ impl<'env> Interleaver<'env> {
         }
         shared?;
         saved?;
+        let caches = caches?;
         if stopped_at.is_none() && !lenient() {
             for (id, n) in graph.nodes.iter().enumerate() {
                 if let (NodeKind::Grad { of, pass, .. }, Slot::Empty) = (&n.kind, &state.slots[id]) {
@@ -270,15 +276,18 @@ impl<'env> Interleaver<'env> {
         let labels = graph.nodes.iter_mut().map(|n| n.saved.then(|| (std::mem::take(&mut n.label), n.location))).collect();
         drop(graph); // intervention closures and their borrows end here
         Interleaver::use_snapshots(&mut state.slots, std::mem::take(&mut state.snapshots));
+        for (id, c) in caches {
+            state.slots[id] = Slot::Ready(Rc::new(c));
+        }
         Ok(Outcome::new(state.slots, labels, stopped_at))
     }
 
     /// Counts a call of a traced module; `None` for modules the graph does not use.
-    fn enter(&self, key: usize) -> Option<usize> {
+    fn enter(&self, key: usize, path: &str) -> Option<usize> {
         let mut st = self.state.borrow_mut();
         let c = match st.counters.get_mut(&key) {
             Some(c) => c,
-            None if self.audit.is_some() => st.counters.entry(key).or_insert(0),
+            None if self.audit.is_some() || self.cache_wants(key, path) => st.counters.entry(key).or_insert(0),
             None => return None,
         };
         let call = *c;
@@ -307,14 +316,15 @@ impl<'env> Interleaver<'env> {
             let g = self.graph.borrow();
             match g.modules.get(&key) {
                 Some(m) => m.side(io).iter().filter(|e| e.call == call).copied().collect(),
-                None => return act,
+                None => Vec::new(),
             }
         };
-        if effects.is_empty() {
+        let cached = self.cache_records(key, io, path);
+        if effects.is_empty() && !cached {
             return act;
         }
         let layout = layout();
-        if !self.state.borrow().guarded.is_empty() {
+        if !effects.is_empty() && !self.state.borrow().guarded.is_empty() {
             let before = || format!("by the model's forward pass before it reached `{}` (call {call})", self.graph.borrow().point_name(key, io));
             if let Err(err) = self.check_saved(before) {
                 self.interrupt(err);
@@ -342,6 +352,12 @@ impl<'env> Interleaver<'env> {
             let missing = matches!(self.state.borrow().slots[node], Slot::Empty);
             if missing {
                 let err = self.not_ready(node, key, io, &e);
+                self.interrupt(err);
+            }
+        }
+        if cached {
+            // After this call's swaps and edits: the cache holds what the model goes on with.
+            if let Err(err) = self.record(key, io, call, &act, layout, path) {
                 self.interrupt(err);
             }
         }
@@ -600,6 +616,7 @@ impl<'env> Interleaver<'env> {
                     if edit {
                         // First copy the saved values whose memory the edit may change.
                         self.protect_saved(&values);
+                        self.protect_cache(&values);
                     }
                     let refs: Vec<&dyn Any> = values.iter().map(|v| &**v).collect();
                     // Modules called inside an intervention run untraced.
@@ -641,6 +658,7 @@ impl<'env> Interleaver<'env> {
         }
         if edit {
             self.refresh_saved();
+            self.refresh_cache();
         } else if !self.state.borrow().guarded.is_empty() {
             self.check_saved(|| self.by_node(id))?;
         }

@@ -7,6 +7,7 @@
 
 pub mod activation;
 pub mod bundled;
+pub mod cache;
 pub mod error;
 pub mod generation;
 pub mod graph;
@@ -25,6 +26,7 @@ pub mod traced;
 pub mod tracer;
 pub mod tree;
 
+pub use cache::{Cache, CacheOptions, RunWithCache};
 pub use activation::{Activation, LeafPairs, Leaves, Layout, Refusal, Rows, Split};
 pub use error::{Error, Result};
 pub use generation::{GenerateOptions, Generator, Prompt};

@@ -494,6 +494,30 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         self.proxy(id)
     }
 
+    /// The traced model (for `Tracer::cache`, module `crate::cache`).
+    pub(crate) fn model(&self) -> &'env M {
+        self.model
+    }
+
+    /// Adds an activation cache for `group` (see `Tracer::cache`): a saved node that the run
+    /// gives the recorded values. An `Err` request is recorded like any building error.
+    #[track_caller]
+    pub(crate) fn add_cache(&mut self, group: Group, request: Result<crate::cache::Request>) -> Saved<crate::cache::Cache> {
+        let ok = self.check_group(group);
+        let id = self.graph.add("cache".to_string(), Location::caller(), NodeKind::Cache, vec![], vec![]);
+        self.graph.nodes[id].saved = true;
+        match request {
+            Ok(mut r) if ok => {
+                r.node = id;
+                r.group = group.0;
+                self.graph.caches.push(r);
+            }
+            Ok(_) => {}
+            Err(e) => self.fail(e),
+        }
+        Saved { id, trace: self.trace, _t: std::marker::PhantomData }
+    }
+
     /// Ends the forward pass as soon as this node has its value (early stop); values already
     /// computed stay valid.
     pub fn stop<P: ProxyRef>(&mut self, p: P) -> P {

@@ -48,6 +48,13 @@ impl<M: ModuleTree> ModuleTree for Hooked<M> {
     }
 }
 
+/// A reference to a model lists the model's modules (`trace!` on a `&Model`).
+impl<T: ModuleTree + ?Sized> ModuleTree for &T {
+    fn visit_modules(&self, f: &mut dyn FnMut(&str, &'static str)) {
+        (**self).visit_modules(f)
+    }
+}
+
 impl<T: ModuleTree> ModuleTree for Vec<T> {
     fn visit_modules(&self, f: &mut dyn FnMut(&str, &'static str)) {
         self.iter().for_each(|m| m.visit_modules(f))
