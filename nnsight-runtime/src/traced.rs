@@ -100,3 +100,24 @@ impl<'a, T: Traced + ?Sized, X: IntoInvoke<T>> IntoInvoke<&'a T> for X {
     }
 }
 
+/// A locked model traces the model: threads that share one model through a `Mutex` trace it
+/// with the guard (`let model = shared.lock().unwrap(); trace!(model, ..)`).
+impl<T: Traced + ?Sized> Traced for std::sync::MutexGuard<'_, T> {
+    type Invoke = T::Invoke;
+    fn invoke_rows(&self, invoke: &Self::Invoke) -> Result<i64> {
+        (**self).invoke_rows(invoke)
+    }
+    fn forward_invokes(&self, invokes: &[Self::Invoke]) -> Result<()> {
+        (**self).forward_invokes(invokes)
+    }
+    fn tolerates_missing(&self) -> bool {
+        (**self).tolerates_missing()
+    }
+}
+
+impl<T: Traced + ?Sized, X: IntoInvoke<T>> IntoInvoke<std::sync::MutexGuard<'_, T>> for X {
+    fn into_invoke(self, model: &std::sync::MutexGuard<'_, T>) -> Result<T::Invoke> {
+        self.into_invoke(&**model)
+    }
+}
+
