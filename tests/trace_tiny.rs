@@ -156,7 +156,10 @@ fn derived_module_tree_lists_paths() {
     let model = stack(&vs, 3);
     let paths: Vec<String> = model.modules().into_iter().map(|(p, _)| p).collect();
     assert_eq!(paths, vec!["", "layers.0", "layers.1", "layers.2"]);
-    assert_eq!(model.module_tree(), "<root>: Stack  []\n  0: Linear  [layers.0]\n  1: Linear  [layers.1]\n  2: Linear  [layers.2]\n");
+    assert_eq!(
+        model.module_tree(),
+        "model: Stack\n  layers[0]: Linear  model.layers[0]\n  layers[1]: Linear  model.layers[1]\n  layers[2]: Linear  model.layers[2]\n"
+    );
 }
 
 #[test]
@@ -363,4 +366,19 @@ fn formatting_macros_and_assertions_run_on_real_values() {
     })
     .unwrap_err();
     assert!(err.to_string().contains("batch is not 3"), "{err}");
+}
+
+/// `module_tree()` prints each module with the path written in `trace!`; the printed paths of
+/// MiniLM's first self-attention and a GPT-2 block are the ones a trace reads.
+#[test]
+fn module_tree_prints_trace_paths() {
+    let model = common::minilm::minilm();
+    let tree = model.module_tree();
+    assert!(tree.starts_with("model: Bert\n"), "{tree}");
+    assert!(tree.contains("\n        self_: BertSelfAttention  model.encoder.layer[0].attention.self_\n"), "{tree}");
+    assert!(tree.contains("  model.encoder.layer[5].output_\n"), "{tree}");
+    let q = trace!(model, "Hello", { model.encoder.layer[0].attention.self_.query.output.save() }).unwrap();
+    assert_eq!(q.size()[2], 384);
+    assert_eq!(nnsight::trace_path("h.0.attn.c_attn"), "h[0].attn.c_attn");
+    assert_eq!(nnsight::trace_path("encoder.layer.11.output"), "encoder.layer[11].output_");
 }

@@ -43,7 +43,7 @@ pub use resolve::{Resolve, SwapValue};
 pub use sae::{Sae, SaeConfig};
 pub use traced::{IntoInvoke, Traced};
 pub use tracer::{Call, Group, Tracer};
-pub use tree::ModuleTree;
+pub use tree::{trace_path, ModuleTree};
 pub use nnsight_macros::ModuleTree;
 pub use tch;
 pub use tokenizers;

@@ -19,7 +19,16 @@ pub trait ModuleTree {
         out
     }
 
-    /// The tree as text, one module per line, indented by depth (like printing a PyTorch model).
+    /// The tree as text, one module per line, indented by depth (like printing a PyTorch model),
+    /// each with the path to write in `trace!` ([`trace_path`]), to copy from:
+    ///
+    /// ```text
+    /// model: Bert
+    ///   encoder: BertEncoder  model.encoder
+    ///     layer[0]: BertLayer  model.encoder.layer[0]
+    ///       attention: BertAttention  model.encoder.layer[0].attention
+    ///         self_: BertSelfAttention  model.encoder.layer[0].attention.self_
+    /// ```
     fn module_tree(&self) -> String {
         let mut s = String::new();
         let mut ancestors: Vec<String> = Vec::new();
@@ -27,12 +36,39 @@ pub trait ModuleTree {
             while ancestors.last().is_some_and(|a| !(a.is_empty() || p.starts_with(&format!("{a}.")))) {
                 ancestors.pop();
             }
-            let name = if p.is_empty() { "<root>" } else { p.rsplit('.').next().unwrap_or(p) };
-            s.push_str(&format!("{}{name}: {t}  [{p}]\n", "  ".repeat(ancestors.len())));
+            let indent = "  ".repeat(ancestors.len());
+            if p.is_empty() {
+                s.push_str(&format!("{indent}model: {t}\n"));
+            } else {
+                let parent = ancestors.last().map_or(0, |a| if a.is_empty() { 0 } else { a.len() + 1 });
+                let own = trace_path(&p[parent.min(p.len())..]);
+                s.push_str(&format!("{indent}{own}: {t}  model.{}\n", trace_path(p)));
+            }
             ancestors.push(p.to_string());
         });
         s
     }
+}
+
+/// A module path (checkpoint names, `encoder.layer.0.attention.self`) as it is written in
+/// `trace!` after `model.`: list elements indexed (`layer[0]`), and `self`, `output`, `input`
+/// and `inputs` with a trailing `_` (`self` is a Rust keyword; the others are hook points).
+pub fn trace_path(path: &str) -> String {
+    let mut out = String::new();
+    for seg in path.split('.').filter(|s| !s.is_empty()) {
+        if seg.bytes().all(|b| b.is_ascii_digit()) {
+            out.push_str(&format!("[{seg}]"));
+            continue;
+        }
+        if !out.is_empty() {
+            out.push('.');
+        }
+        out.push_str(seg);
+        if matches!(seg, "self" | "output" | "input" | "inputs") {
+            out.push('_');
+        }
+    }
+    out
 }
 
 fn short_type_name<M>() -> &'static str {
