@@ -23,8 +23,9 @@ use crate::error::{Error, Result};
 use crate::language_model::LanguageModel;
 use crate::models::bert::Bert;
 
-/// The command that fills the cache, named in every error of this module.
-pub const SETUP_COMMAND: &str = "nnsight-setup";
+/// The command that fills the cache, named in every error of this module (run in a clone of
+/// nnsight-rs; the cache it fills is shared by every project on the machine).
+pub const SETUP_COMMAND: &str = "cargo xtask setup";
 
 /// Folder name of the model inside the cache.
 pub const MINILM_DIR_NAME: &str = "all-MiniLM-L6-v2";
@@ -74,8 +75,8 @@ pub fn minilm_dir() -> Result<PathBuf> {
             check_minilm(&d).map_err(|missing| {
                 Error::Setup(format!(
                     "the bundled model all-MiniLM-L6-v2 is not set up: {missing} (NNSIGHT_MINILM_DIR is unset, so it \
-                     was looked for in the set-up cache); run `{SETUP_COMMAND}` to download it (in the nnsight-rs \
-                     repository: `cargo xtask setup`)"
+                     was looked for in the set-up cache); run `{SETUP_COMMAND}` in a clone of nnsight-rs to download it \
+                     into that cache (once per machine)"
                 ))
             })?;
             Ok(d)

