@@ -80,38 +80,29 @@ fn display_path(p: &str) -> &str {
 }
 
 
-/// A reference to a traced model traces the model (`trace!(m, ..)` with `m: &Model`).
-impl<T: Traced + ?Sized> Traced for &T {
-    type Invoke = T::Invoke;
-    fn invoke_rows(&self, invoke: &Self::Invoke) -> Result<i64> {
-        (**self).invoke_rows(invoke)
-    }
-    fn forward_invokes(&self, invokes: &[Self::Invoke]) -> Result<()> {
-        (**self).forward_invokes(invokes)
-    }
-    fn tolerates_missing(&self) -> bool {
-        (**self).tolerates_missing()
-    }
+/// Traces the model behind a handle: a reference (`trace!(m, ..)` with `m: &Model`) or a
+/// locked `Mutex` (threads that share one model: `let m = shared.lock().unwrap(); trace!(m, ..)`).
+macro_rules! traced_through {
+    ($($handle:ty),*) => {$(
+        impl<T: Traced + ?Sized> Traced for $handle {
+            type Invoke = T::Invoke;
+            fn invoke_rows(&self, invoke: &Self::Invoke) -> Result<i64> {
+                (**self).invoke_rows(invoke)
+            }
+            fn forward_invokes(&self, invokes: &[Self::Invoke]) -> Result<()> {
+                (**self).forward_invokes(invokes)
+            }
+            fn tolerates_missing(&self) -> bool {
+                (**self).tolerates_missing()
+            }
+        }
+    )*};
 }
+traced_through!(&T, std::sync::MutexGuard<'_, T>);
 
 impl<'a, T: Traced + ?Sized, X: IntoInvoke<T>> IntoInvoke<&'a T> for X {
     fn into_invoke(self, model: &&'a T) -> Result<T::Invoke> {
         self.into_invoke(*model)
-    }
-}
-
-/// A locked model traces the model: threads that share one model through a `Mutex` trace it
-/// with the guard (`let model = shared.lock().unwrap(); trace!(model, ..)`).
-impl<T: Traced + ?Sized> Traced for std::sync::MutexGuard<'_, T> {
-    type Invoke = T::Invoke;
-    fn invoke_rows(&self, invoke: &Self::Invoke) -> Result<i64> {
-        (**self).invoke_rows(invoke)
-    }
-    fn forward_invokes(&self, invokes: &[Self::Invoke]) -> Result<()> {
-        (**self).forward_invokes(invokes)
-    }
-    fn tolerates_missing(&self) -> bool {
-        (**self).tolerates_missing()
     }
 }
 
