@@ -256,23 +256,7 @@ impl<M: TextModel> LanguageModel<M> {
             // `tokenizers::utils::padding::pad_encodings` hand even two sentences to rayon's
             // thread pool, which costs ~0.1 ms here and, on a 2-core machine, slows the
             // forward pass after it by another ~0.2 ms while the pool's idle threads spin.
-            let mut encodings = texts
-                .iter()
-                .map(|t| self.tokenizer.encode(*t, true))
-                .collect::<tokenizers::Result<Vec<_>>>()
-                .map_err(|e| Error::Tokenizer(e.to_string()))?;
-            if let Some(p) = self.tokenizer.get_padding() {
-                let longest = encodings.iter().map(|e| e.len()).max().unwrap_or(0);
-                let target = match (&p.strategy, p.pad_to_multiple_of) {
-                    (PaddingStrategy::Fixed(n), _) => *n,
-                    (PaddingStrategy::BatchLongest, Some(m)) if m > 0 => longest.div_ceil(m) * m,
-                    (PaddingStrategy::BatchLongest, _) => longest,
-                };
-                for e in &mut encodings {
-                    e.pad(target, p.pad_id, p.pad_type_id, &p.pad_token, p.direction);
-                }
-            }
-            encodings
+            encode_serial(&self.tokenizer, texts).map_err(|e| Error::Tokenizer(e.to_string()))?
         } else {
             // The tokenizers crate encodes on rayon's pool: its panics come back here, and must
             // not print on the pool's threads either.
@@ -337,4 +321,23 @@ impl<M: TextModel> AsModule for LanguageModel<M> {
     fn as_module(&self) -> &Hooked<M> {
         &self.root
     }
+}
+
+/// `texts` encoded one after the other on this thread and padded as the tokenizer's padding
+/// says, without rayon (whose idle threads spin and take CPU from a forward pass on a small
+/// machine).
+pub(crate) fn encode_serial<S: AsRef<str>>(tokenizer: &Tokenizer, texts: &[S]) -> tokenizers::Result<Vec<Encoding>> {
+    let mut encodings = texts.iter().map(|t| tokenizer.encode(t.as_ref(), true)).collect::<tokenizers::Result<Vec<_>>>()?;
+    if let Some(p) = tokenizer.get_padding() {
+        let longest = encodings.iter().map(|e| e.len()).max().unwrap_or(0);
+        let target = match (&p.strategy, p.pad_to_multiple_of) {
+            (PaddingStrategy::Fixed(n), _) => *n,
+            (PaddingStrategy::BatchLongest, Some(m)) if m > 0 => longest.div_ceil(m) * m,
+            (PaddingStrategy::BatchLongest, _) => longest,
+        };
+        for e in &mut encodings {
+            e.pad(target, p.pad_id, p.pad_type_id, &p.pad_token, p.direction);
+        }
+    }
+    Ok(encodings)
 }

@@ -8,8 +8,8 @@
 //! let manifest = harvest(&model, &points, &Input::lines("sentences.txt"), "acts/".as_ref(), &mut HarvestOptions::new("all-MiniLM-L6-v2"))?;
 //! ```
 //!
-//! Three threads overlap: a reader tokenizes the next batches (the tokenizers crate's
-//! `encode_batch`, parallel on rayon's threads) while the calling thread runs the forward pass
+//! Three threads overlap: a reader tokenizes the next batches (one sentence after the other:
+//! rayon's spinning threads would take CPU from the forward pass) while the calling thread runs the forward pass
 //! of the current one with the hook points saved, and a writer thread (fed through a bounded
 //! queue, [`HarvestOptions::queue`]) keeps the rows of real tokens and writes the shards.
 //! Memory is bounded by the queues and one shard, whatever the dataset's size.
