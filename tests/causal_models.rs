@@ -126,12 +126,13 @@ fn module_paths_are_the_checkpoint_keys() {
     check_paths::<Gpt2>(
         "gpt2",
         &[("", "Gpt2"), ("transformer.h.1", "Gpt2Block"), ("transformer.h.0.attn.c_attn", "Conv1D"),
-          ("transformer.h.0.mlp.act", "HiddenAct"), ("lm_head", "LmHead")],
+          ("transformer.h.0.mlp.act", "HiddenAct"), ("transformer.h.1.attn.probs", "HookPoint"), ("lm_head", "LmHead")],
     );
     check_paths::<Llama>(
         "llama",
         &[("model.layers.1.self_attn.k_proj", "Linear"), ("model.rotary_emb", "RotaryEmbedding"),
-          ("model.layers.0.mlp.act_fn", "HiddenAct"), ("model.norm", "RmsNorm"), ("lm_head", "LmHead")],
+          ("model.layers.0.mlp.act_fn", "HiddenAct"), ("model.layers.0.mlp.act", "HookPoint"),
+          ("model.layers.1.self_attn.z", "HookPoint"), ("model.norm", "RmsNorm"), ("lm_head", "LmHead")],
     );
     eprintln!("{}", load::<Gpt2>("gpt2").module_tree());
 }

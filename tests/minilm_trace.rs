@@ -164,9 +164,10 @@ fn module_tree_lists_every_hook_point_by_checkpoint_name() {
     let model = minilm();
     let modules = model.modules();
     // Hand count: root, embeddings (+4 children), encoder, and per layer: the layer, attention,
-    // attention.self (+query, key, value), attention.output (+dense, LayerNorm), intermediate
-    // (+dense, intermediate_act_fn), output (+dense, LayerNorm) = 15 per layer.
-    assert_eq!(modules.len(), 1 + 5 + 1 + 6 * 15);
+    // attention.self (+query, key, value, and the hook points q, k, scores, probs, z),
+    // attention.output (+dense, LayerNorm), intermediate (+dense, intermediate_act_fn, the hook
+    // point act), output (+dense, LayerNorm) = 21 per layer.
+    assert_eq!(modules.len(), 1 + 5 + 1 + 6 * 21);
     assert_eq!(modules[0], ("".to_string(), "Bert"));
     assert!(modules.contains(&("encoder.layer.5.attention.self".to_string(), "BertSelfAttention")));
     assert!(modules.contains(&("encoder.layer.0.output.LayerNorm".to_string(), "LayerNorm")));

@@ -16,9 +16,11 @@
 //! └── encoder                            BertEncoder
 //!     └── layer[i]                       BertLayer      (encoder.layer.0 .. encoder.layer.N-1)
 //!         ├── attention                  BertAttention
-//!         │   ├── self_    "self"        BertSelfAttention: query, key, value (Linear)
+//!         │   ├── self_    "self"        BertSelfAttention: query, key, value (Linear);
+//!         │   │                          hook points q, k, scores, probs, z (HookPoint)
 //!         │   └── output_  "output"      BertSelfOutput:    dense, LayerNorm
-//!         ├── intermediate               BertIntermediate:  dense, intermediate_act_fn
+//!         ├── intermediate               BertIntermediate:  dense, intermediate_act_fn;
+//!         │                              hook point act
 //!         └── output_      "output"      BertOutput:        dense, LayerNorm
 //! ```
 //!
@@ -44,6 +46,7 @@ use crate::activation::Layout;
 use crate::hook::{HookModule, Hooked};
 use crate::models::ROWS;
 use crate::models::linear::Linear;
+use crate::models::point::{AttentionPoints, HookPoint};
 use crate::tree::ModuleTree;
 use nnsight_macros::ModuleTree;
 use crate::language_model::{TextBatch, TextModel};
@@ -570,6 +573,11 @@ impl HookModule for BertAttention {
 /// Output: the context `[batch, seq, hidden]`: per head
 /// `softmax(Q Kᵀ · head_dim^-0.5 + mask) V` (softmax in f32), heads merged back
 /// (`[batch, heads, seq, head_dim]` → `[batch, seq, heads * head_dim]`).
+///
+/// Hook points (identity [`HookPoint`]s, see [`crate::models::point`]; each later stage uses
+/// the hooked value): `q`, `k` `[batch, heads, seq, head_dim]` after the head split, `scores`
+/// (`Q Kᵀ · head_dim^-0.5 + mask`) and `probs` `[batch, heads, seq, seq]`, `z`
+/// `[batch, seq, heads, head_dim]`.
 #[derive(Debug)]
 #[derive(ModuleTree)]
 #[module(crate = "crate")]
@@ -580,6 +588,17 @@ pub struct BertSelfAttention {
     pub key: Hooked<Linear>,
     /// `value`: `[batch, seq, hidden]` → `[batch, seq, hidden]`.
     pub value: Hooked<Linear>,
+    /// `q`: queries after the head split, `[batch, heads, seq, head_dim]`.
+    pub q: Hooked<HookPoint>,
+    /// `k`: keys after the head split, `[batch, heads, seq, head_dim]`.
+    pub k: Hooked<HookPoint>,
+    /// `scores`: `Q Kᵀ · head_dim^-0.5 + mask`, before the softmax, `[batch, heads, seq, seq]`
+    /// (padding keys get the mask's large negative value).
+    pub scores: Hooked<HookPoint>,
+    /// `probs`: the softmax of `scores`, `[batch, heads, seq, seq]`.
+    pub probs: Hooked<HookPoint>,
+    /// `z`: `probs V`, each head's output before the heads are merged, `[batch, seq, heads, head_dim]`.
+    pub z: Hooked<HookPoint>,
     /// Number of heads.
     pub num_attention_heads: i64,
     /// Width of one head (`hidden / heads`).
@@ -593,6 +612,11 @@ impl BertSelfAttention {
             query: linear(p, "query", c.hidden_size, c.hidden_size),
             key: linear(p, "key", c.hidden_size, c.hidden_size),
             value: linear(p, "value", c.hidden_size, c.hidden_size),
+            q: HookPoint::new(p, "q"),
+            k: HookPoint::new(p, "k"),
+            scores: HookPoint::new(p, "scores"),
+            probs: HookPoint::new(p, "probs"),
+            z: HookPoint::new(p, "z"),
             num_attention_heads: c.num_attention_heads,
             attention_head_size: c.head_dim(),
         }
@@ -620,9 +644,8 @@ impl HookModule for BertSelfAttention {
         let k = heads(self.key.call(hidden.shallow_clone()));
         let v = heads(self.value.call(hidden));
         let scaling = (self.attention_head_size as f64).powf(-0.5);
-        let scores = q.matmul(&k.transpose(2, 3)) * scaling + mask;
-        let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
-        probs.matmul(&v).transpose(1, 2).contiguous().reshape([b, s, -1])
+        let points = AttentionPoints { q: &self.q, k: &self.k, scores: &self.scores, probs: &self.probs, z: &self.z };
+        points.attend(q, k, &v, &mask, scaling, false)
     }
 }
 
@@ -684,6 +707,10 @@ pub struct BertIntermediate {
     pub dense: Hooked<Linear>,
     /// `intermediate_act_fn`: the config's `hidden_act` (exact GELU for MiniLM/BERT), no weights.
     pub intermediate_act_fn: Hooked<HiddenAct>,
+    /// `act`: the MLP's activation `intermediate_act_fn(dense(x))`, `[batch, seq,
+    /// intermediate_size]` (TransformerLens' `hook_post`; the same point as `mlp.act` of GPT-2
+    /// and Llama). Editing it changes the block's output.
+    pub act: Hooked<HookPoint>,
 }
 
 impl BertIntermediate {
@@ -695,6 +722,7 @@ impl BertIntermediate {
         Ok(BertIntermediate {
             dense: linear(p, "dense", c.hidden_size, c.intermediate_size),
             intermediate_act_fn: Hooked::new(&(p / "intermediate_act_fn"), act),
+            act: HookPoint::new(p, "act"),
         })
     }
 }
@@ -713,7 +741,7 @@ impl HookModule for BertIntermediate {
         ROWS
     }
     fn forward(&self, x: Tensor) -> Tensor {
-        self.intermediate_act_fn.call(self.dense.call(x))
+        self.act.call(self.intermediate_act_fn.call(self.dense.call(x)))
     }
 }
 

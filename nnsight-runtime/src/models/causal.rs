@@ -197,6 +197,9 @@ pub fn causal_mask(attention_mask: &Tensor, seq: i64) -> Tensor {
 /// `q`: `[batch, heads, seq, head_dim]`; `k`, `v`: `[batch, heads, past + seq, head_dim]`
 /// (already repeated for grouped-query attention); `mask`: [`causal_mask`]'s
 /// `[batch, 1, seq, past + seq]`. Returns `[batch, seq, heads * head_dim]` (heads merged).
+///
+/// The bundled models compute the same through their attention hook points (`q`, `k`,
+/// `scores`, `probs`, `z`; see [`super::point`]); this function is the plain computation.
 pub fn eager_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scaling: f64) -> Tensor {
     let size = q.size();
     let (b, s) = (size[0], size[2]);

@@ -12,7 +12,8 @@
 //! │   ├── wpe                   nn::Embedding [n_positions, hidden]
 //! │   ├── h[i]                  Gpt2Block              (transformer.h.0 ..), Output [batch, seq, hidden]
 //! │   │   ├── ln_1, ln_2        nn::LayerNorm
-//! │   │   ├── attn              Gpt2Attention: c_attn, c_proj (Conv1D)
+//! │   │   ├── attn              Gpt2Attention: c_attn, c_proj (Conv1D); hook points
+//! │   │   │                     q, k, scores, probs, z (HookPoint, see super::point)
 //! │   │   └── mlp               Gpt2Mlp: c_fc, act, c_proj
 //! │   └── ln_f                  nn::LayerNorm
 //! └── lm_head                   LmHead, tied to transformer.wte.weight
@@ -30,6 +31,7 @@ use tch::{nn, Device, Kind, Tensor};
 use super::bert::HiddenAct;
 use super::causal::{self, CausalInput, CausalLm, KvCacheHandle, LmHead, LoadOptions, TokenIds};
 use super::params;
+use super::point::{AttentionPoints, HookPoint};
 use crate::error::Result;
 use crate::activation::Layout;
 use crate::hook::{HookModule, Hooked};
@@ -262,6 +264,11 @@ impl HookModule for Gpt2Block {
 /// `c_attn` gives q, k, v (`[batch, seq, 3 * hidden]`, split in three); k and v are appended to
 /// layer `layer_idx` of the cache; output `c_proj(softmax(q kᵀ · scale + mask) v)`,
 /// `[batch, seq, hidden]` (transformers returns `(output, weights)`; only the output here).
+///
+/// Hook points (identity [`HookPoint`]s, see [`super::point`]; each later stage uses the hooked
+/// value): `q` `[batch, heads, seq, head_dim]`, `k` `[batch, heads, past + seq, head_dim]`
+/// (cached + new), `scores` and `probs` `[batch, heads, seq, past + seq]` (f32 / model dtype),
+/// `z` `[batch, seq, heads, head_dim]`.
 #[derive(Debug, ModuleTree)]
 #[module(crate = "crate")]
 pub struct Gpt2Attention {
@@ -269,6 +276,16 @@ pub struct Gpt2Attention {
     pub c_attn: Hooked<Conv1D>,
     /// `c_proj`: `[batch, seq, hidden]` → `[batch, seq, hidden]`.
     pub c_proj: Hooked<Conv1D>,
+    /// `q`: queries after the head split, `[batch, heads, seq, head_dim]`.
+    pub q: Hooked<HookPoint>,
+    /// `k`: keys after the head split, cached + new, `[batch, heads, past + seq, head_dim]`.
+    pub k: Hooked<HookPoint>,
+    /// `scores`: `q kᵀ · scaling + mask` in f32, before the softmax, `[batch, heads, seq, past + seq]`.
+    pub scores: Hooked<HookPoint>,
+    /// `probs`: the softmax of `scores` (model dtype), `[batch, heads, seq, past + seq]`.
+    pub probs: Hooked<HookPoint>,
+    /// `z`: `probs v`, each head's output before `c_proj`, `[batch, seq, heads, head_dim]`.
+    pub z: Hooked<HookPoint>,
     /// Index of the block (the cache slot).
     pub layer_idx: usize,
     /// Number of heads.
@@ -291,6 +308,11 @@ impl Gpt2Attention {
         Gpt2Attention {
             c_attn: Conv1D::new(&(p / "c_attn"), c.n_embd, 3 * c.n_embd),
             c_proj: Conv1D::new(&(p / "c_proj"), c.n_embd, c.n_embd),
+            q: HookPoint::new(p, "q"),
+            k: HookPoint::new(p, "k"),
+            scores: HookPoint::new(p, "scores"),
+            probs: HookPoint::new(p, "probs"),
+            z: HookPoint::new(p, "z"),
             layer_idx: layer_idx as usize,
             num_heads: c.n_head,
             head_dim,
@@ -319,8 +341,14 @@ impl HookModule for Gpt2Attention {
         let heads = |t: &Tensor| t.view([b, s, self.num_heads, self.head_dim]).transpose(1, 2);
         let (q, k, v) = (heads(&qkv[0]), heads(&qkv[1]), heads(&qkv[2]));
         let (k, v) = cache.update(self.layer_idx, k, v);
-        let context = causal::eager_attention(&q, &k, &v, &mask, self.scaling);
+        let context = self.points().attend(q, k, &v, &mask, self.scaling, true);
         self.c_proj.call(context)
+    }
+}
+
+impl Gpt2Attention {
+    fn points(&self) -> AttentionPoints<'_> {
+        AttentionPoints { q: &self.q, k: &self.k, scores: &self.scores, probs: &self.probs, z: &self.z }
     }
 }
 
@@ -332,7 +360,9 @@ impl HookModule for Gpt2Attention {
 pub struct Gpt2Mlp {
     /// `c_fc`: `[batch, seq, hidden]` → `[batch, seq, inner]`.
     pub c_fc: Hooked<Conv1D>,
-    /// `act`: the config's `activation_function` (GELU tanh approximation for GPT-2), no weights.
+    /// `act`: the config's `activation_function` (GELU tanh approximation for GPT-2), no weights;
+    /// its output `[batch, seq, inner]` is the MLP's activation (TransformerLens' `hook_post`),
+    /// as `mlp.act` of the other bundled families.
     pub act: Hooked<HiddenAct>,
     /// `c_proj`: `[batch, seq, inner]` → `[batch, seq, hidden]`.
     pub c_proj: Hooked<Conv1D>,

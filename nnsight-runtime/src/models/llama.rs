@@ -14,9 +14,11 @@
 //! │   ├── rotary_emb                  RotaryEmbedding   (no weights) position ids → (cos, sin)
 //! │   ├── layers[i]                   LlamaDecoderLayer (model.layers.0 ..), Output [batch, seq, hidden]
 //! │   │   ├── input_layernorm         RmsNorm
-//! │   │   ├── self_attn               LlamaAttention: q_proj, k_proj, v_proj, o_proj (Linear)
+//! │   │   ├── self_attn               LlamaAttention: q_proj, k_proj, v_proj, o_proj (Linear);
+//! │   │   │                           hook points q, k, scores, probs, z (HookPoint)
 //! │   │   ├── post_attention_layernorm RmsNorm
-//! │   │   └── mlp                     LlamaMlp: gate_proj, up_proj, down_proj, act_fn
+//! │   │   └── mlp                     LlamaMlp: gate_proj, up_proj, down_proj, act_fn;
+//! │   │                               hook point act (act_fn(gate) * up)
 //! │   └── norm                        RmsNorm
 //! └── lm_head                         LmHead (own weight, or embed_tokens' if tie_word_embeddings)
 //! ```
@@ -33,6 +35,7 @@ use tch::{nn, Device, Kind, Tensor};
 use super::bert::HiddenAct;
 use super::causal::{self, CausalInput, CausalLm, KvCacheHandle, LmHead, LoadOptions, TokenIds};
 use super::params;
+use super::point::{AttentionPoints, HookPoint};
 
 use crate::error::Result;
 use crate::activation::Layout;
@@ -282,6 +285,12 @@ impl HookModule for LlamaDecoderLayer {
 /// `[batch, kv_heads, seq, head_dim]`; q and k rotated, k and v appended to cache slot
 /// `layer_idx`, k and v repeated `heads / kv_heads` times; output
 /// `o_proj(softmax(q kᵀ · head_dim^-0.5 + mask) v)`, `[batch, seq, hidden]`.
+///
+/// Hook points (identity [`HookPoint`]s, see [`super::point`]; each later stage uses the hooked
+/// value): `q` `[batch, heads, seq, head_dim]` after rotary, `k`
+/// `[batch, heads, past + seq, head_dim]` after rotary, the cache and `repeat_kv` (editing it
+/// changes this step's scores, not what the cache keeps), `scores` and `probs`
+/// `[batch, heads, seq, past + seq]` (f32 / model dtype), `z` `[batch, seq, heads, head_dim]`.
 #[derive(Debug, ModuleTree)]
 #[module(crate = "crate")]
 pub struct LlamaAttention {
@@ -293,6 +302,18 @@ pub struct LlamaAttention {
     pub v_proj: Hooked<Linear>,
     /// `o_proj`: `[batch, seq, heads * head_dim]` → `[batch, seq, hidden]`.
     pub o_proj: Hooked<Linear>,
+    /// `q`: queries after rotary, `[batch, heads, seq, head_dim]`.
+    pub q: Hooked<HookPoint>,
+    /// `k`: keys after rotary, cached + new, each key/value head repeated for its query heads,
+    /// `[batch, heads, past + seq, head_dim]`.
+    pub k: Hooked<HookPoint>,
+    /// `scores`: `q kᵀ · head_dim^-0.5 + mask` in f32, before the softmax,
+    /// `[batch, heads, seq, past + seq]`.
+    pub scores: Hooked<HookPoint>,
+    /// `probs`: the softmax of `scores` (model dtype), `[batch, heads, seq, past + seq]`.
+    pub probs: Hooked<HookPoint>,
+    /// `z`: `probs v`, each head's output before `o_proj`, `[batch, seq, heads, head_dim]`.
+    pub z: Hooked<HookPoint>,
     /// Index of the layer (the cache slot).
     pub layer_idx: usize,
     /// Query heads.
@@ -313,6 +334,11 @@ impl LlamaAttention {
             k_proj: linear(p, "k_proj", h, kv * hd, bias),
             v_proj: linear(p, "v_proj", h, kv * hd, bias),
             o_proj: linear(p, "o_proj", c.num_attention_heads * hd, h, bias),
+            q: HookPoint::new(p, "q"),
+            k: HookPoint::new(p, "k"),
+            scores: HookPoint::new(p, "scores"),
+            probs: HookPoint::new(p, "probs"),
+            z: HookPoint::new(p, "z"),
             layer_idx,
             num_heads: c.num_attention_heads,
             num_key_value_heads: kv,
@@ -347,7 +373,8 @@ impl HookModule for LlamaAttention {
         let (k, v) = cache.update(self.layer_idx, k, v);
         let groups = self.num_heads / self.num_key_value_heads;
         let (k, v) = (repeat_kv(&k, groups), repeat_kv(&v, groups));
-        let context = causal::eager_attention(&q, &k, &v, &mask, (self.head_dim as f64).powf(-0.5));
+        let points = AttentionPoints { q: &self.q, k: &self.k, scores: &self.scores, probs: &self.probs, z: &self.z };
+        let context = points.attend(q, k, &v, &mask, (self.head_dim as f64).powf(-0.5), true);
         self.o_proj.call(context)
     }
 }
@@ -377,6 +404,10 @@ pub struct LlamaMlp {
     pub down_proj: Hooked<Linear>,
     /// `act_fn`: the config's `hidden_act` (SiLU), no weights; `[batch, seq, intermediate]`.
     pub act_fn: Hooked<HiddenAct>,
+    /// `act`: the MLP's activation, `act_fn(gate_proj(x)) * up_proj(x)`, the input of
+    /// `down_proj`, `[batch, seq, intermediate]` (TransformerLens' `hook_post` of a gated MLP);
+    /// editing it changes the MLP's output.
+    pub act: Hooked<HookPoint>,
 }
 
 impl LlamaMlp {
@@ -389,6 +420,7 @@ impl LlamaMlp {
             up_proj: linear(p, "up_proj", h, i, bias),
             down_proj: linear(p, "down_proj", i, h, bias),
             act_fn: Hooked::new(&(p / "act_fn"), act),
+            act: HookPoint::new(p, "act"),
         })
     }
 }
@@ -408,7 +440,7 @@ impl HookModule for LlamaMlp {
     }
     fn forward(&self, x: Tensor) -> Tensor {
         let gate = self.act_fn.call(self.gate_proj.call(x.shallow_clone()));
-        self.down_proj.call(gate * self.up_proj.call(x))
+        self.down_proj.call(self.act.call(gate * self.up_proj.call(x)))
     }
 }
 

@@ -23,6 +23,7 @@ pub mod linear;
 pub mod llama;
 pub mod model_dir;
 pub mod params;
+pub mod point;
 pub mod validate;
 
 use std::path::Path;
