@@ -153,3 +153,24 @@ fn assignments_under_an_if_on_a_proxy_follow_the_condition() {
     assert!(scaled.equal(&(&e[0] * 1.0 * 2f64.powi(below))), "below {below}");
     assert!(want_count >= 1 && below >= 1, "both branches taken for this input: {sums:?}");
 }
+
+/// The fix the compile error for `.next()` on both sides of a swap suggests: one `.next()`,
+/// then the current call; the swap doubles the module's second call, by hand.
+#[test]
+fn next_once_then_the_current_call_is_the_same_call() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = common::tiny::twice(&vs);
+    let x = input(2, 21);
+    let out = trace!(model, &x, {
+        let h = model.lin.next().output;
+        model.lin.output = h * 2.0;
+        model.post.output
+    })
+    .unwrap();
+    let want = tch::no_grad(|| {
+        let h0 = nn::Module::forward(model.lin.inner(), &x);
+        let h1 = nn::Module::forward(model.lin.inner(), &h0.relu()) * 2.0;
+        nn::Module::forward(model.post.inner(), &h1)
+    });
+    assert!(out.equal(&want));
+}

@@ -649,6 +649,9 @@ impl Ctx {
     fn assign(&mut self, a: &syn::ExprAssign) -> TokenStream {
         let tr = self.tr.clone();
         if let Some(hp) = hook_path(&a.left, &self.model) {
+            if let Some(err) = self.next_twice(&hp, &a.right) {
+                return err;
+            }
             let value = self.swap_value(&a.right);
             let Some((path, call)) = self.module_access(&hp) else { return quote!(()) };
             let Some(group) = self.group.clone() else { return self.outside_invoke(hp.full_span) };
@@ -707,6 +710,53 @@ impl Ctx {
             return quote!(#left = #v);
         }
         a.to_token_stream()
+    }
+
+    /// `m.x.next().output = m.x.next().output * 2.0`: each `.next()` moves the module's cursor
+    /// one call on, so this reads one call and writes another. A compile error that says so.
+    fn next_twice(&mut self, left: &HookPath, right: &Expr) -> Option<TokenStream> {
+        fn moves(hp: &HookPath) -> bool {
+            hp.segs.iter().any(|s| matches!(s, Seg::Next(_)))
+        }
+        fn module(hp: &HookPath) -> String {
+            hp.segs
+                .iter()
+                .map(|s| match s {
+                    Seg::Field(f) => f.to_string(),
+                    Seg::Index(i) => format!("[{}]", i.to_token_stream()),
+                    _ => String::new(),
+                })
+                .collect::<Vec<_>>()
+                .join(".")
+        }
+        struct V<'a> {
+            model: &'a Ident,
+            out: Option<HookPath>,
+        }
+        impl<'ast> Visit<'ast> for V<'_> {
+            fn visit_expr(&mut self, e: &'ast Expr) {
+                if let Some(hp) = hook_path(e, self.model) {
+                    if moves(&hp) && self.out.is_none() {
+                        self.out = Some(hp);
+                    }
+                    return;
+                }
+                visit::visit_expr(self, e);
+            }
+        }
+        if !moves(left) {
+            return None;
+        }
+        let mut v = V { model: &self.model, out: None };
+        v.visit_expr(right);
+        let read = v.out?;
+        if module(&read) != module(left) {
+            return None;
+        }
+        Some(self.error(
+            read.full_span,
+            "each `.next()` moves this module's cursor one call on, so this statement would read one call and write the next. Move once, then use the current call: `let h = m.x.next().output; m.x.output = h * 2.0;` (after one `.next()`, `m.x.output` is that same call), or name the call on both sides with `.at(i)`",
+        ))
     }
 
     /// `target op= rhs` on a proxy (or an indexed proxy): an in-place edit; a proxy name is
