@@ -130,6 +130,25 @@ fn with_two_backward_passes_a_read_refers_to_the_next_one_written_or_the_last() 
     assert_close(&last, &(&g * 3.0), "written after every pass: the last one");
 }
 
+/// A second backward through a graph the first freed: libtorch's error, with the way to keep
+/// the graph (the test above is that way, giving the by-hand values).
+#[test]
+fn a_second_backward_through_a_freed_graph_says_how_to_keep_it() {
+    let _serial = serial();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = stack(&vs, 2);
+    let x = input(1, 44).set_requires_grad(true);
+    let err = trace!(model, &x, {
+        model.output.sum(Kind::Float).backward();
+        (model.output.sum(Kind::Float) * 3.0).backward();
+        model.layers[0].output.grad.save()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("second time") && err.contains("run_backward") && err.contains("keep_graph"), "{err}");
+    assert!(!nnsight::is_tracing());
+}
+
 #[test]
 fn a_pass_that_does_not_reach_the_activation_is_named_in_the_error() {
     let _serial = serial();

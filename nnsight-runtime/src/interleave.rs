@@ -625,6 +625,8 @@ impl<'env> Interleaver<'env> {
                     let failed = |message: String| {
                         let hint = if message.contains("does not require grad") && !self.grad {
                             " — autograd is off in this trace: it turns on when the block calls `.backward()` or reads `.grad`; add the option `grad = true` when backward happens inside your own function"
+                        } else if message.contains("backward through the graph a second time") {
+                            " — an earlier backward pass in this trace freed the graph: keep it there with `Tensor::run_backward(&[loss], &[] as &[&Tensor], true, false)` (keep_graph = true) instead of `loss.backward()`"
                         } else {
                             ""
                         };
