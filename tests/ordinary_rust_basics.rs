@@ -129,7 +129,10 @@ fn assignments_under_an_if_on_a_proxy_follow_the_condition() {
     let model = stack(&vs, 3);
     let x = input(2, 11);
     let e = hand(&model, &x);
-    let thr = e[0].sum(Kind::Float).double_value(&[]);
+    // The middle of the three layer sums: both branches are taken, whatever the seeded weights.
+    let mut sorted: Vec<f64> = e.iter().map(|t| t.sum(Kind::Float).double_value(&[])).collect();
+    sorted.sort_by(f64::total_cmp);
+    let thr = sorted[1];
     let (count, last, scaled) = trace!(model, &x, {
         let mut count = 0;
         let mut last = -1i64;
@@ -173,4 +176,45 @@ fn next_once_then_the_current_call_is_the_same_call() {
         nn::Module::forward(model.post.inner(), &h1)
     });
     assert!(out.equal(&want));
+}
+
+/// A value computed from a view of an activation, written before an in-place edit of that
+/// activation, is computed before the edit (program order), also when it is one node further
+/// from the hook than the edit; so is a condition, and a copy kept to restore the value later.
+#[test]
+fn values_written_before_an_edit_see_the_activation_before_it() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = stack(&vs, 3);
+    let x = input(2, 11);
+    let e = hand(&model, &x);
+    let (n, flag, restored) = trace!(model, &x, {
+        let h = model.layers[0].output[.., 1];
+        let n = h.norm().double_value(&[]);
+        let big = h.abs().max().double_value(&[]) > -1.0; // always true before the edit
+        let keep = model.layers[1].output[.., 2] * 1.0;
+        model.layers[0].output[.., 1] = 0.0;
+        model.layers[1].output[.., 2] = 0.0;
+        let mut flag = 0;
+        if big {
+            flag = 1;
+        }
+        model.layers[2].output[.., 2] = keep;
+        (n, flag, model.layers[2].output)
+    })
+    .unwrap();
+    assert_eq!(n, e[0].i((.., 1)).norm().double_value(&[]));
+    assert_eq!(flag, 1);
+    // By hand: layer 0's column 1 zeroed, layer 1's column 2 zeroed, layer 2's column 2 set to
+    // the clean-path value of layer 1's column 2 (computed after the layer-0 edit, before its own).
+    let want = tch::no_grad(|| {
+        let h0 = layer(&model, 0, &x);
+        let _ = h0.i((.., 1)).fill_(0.0);
+        let h1 = layer(&model, 1, &h0.tanh());
+        let keep = h1.i((.., 2)) * 1.0;
+        let _ = h1.i((.., 2)).fill_(0.0);
+        let h2 = layer(&model, 2, &h1.tanh());
+        h2.i((.., 2)).copy_(&keep);
+        h2
+    });
+    assert!(restored.equal(&want));
 }

@@ -21,7 +21,6 @@
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::panic::{self, AssertUnwindSafe};
 use std::rc::Rc;
 
@@ -473,8 +472,12 @@ impl<'env> Interleaver<'env> {
 
     /// `first` has just got a value (or was skipped): run every listener that is now ready.
     fn settle(&self, first: NodeId) -> Result<()> {
-        let mut queue = VecDeque::from([first]);
-        while let Some(done) = queue.pop_front() {
+        // Ready nodes run in the order the block built them (smallest id first), not level by
+        // level: `let n = h.norm()` over a view `h`, written before an edit of the same
+        // activation, must run before that edit although it is one step further from the hook.
+        let mut ready = std::collections::BinaryHeap::new();
+        let mut done = first;
+        loop {
             let (listeners, stop, unused, saved) = {
                 let g = self.graph.borrow();
                 let n = &g.nodes[done];
@@ -490,18 +493,16 @@ impl<'env> Interleaver<'env> {
                         st.slots[done] = Slot::Freed;
                     }
                 }
-            }
-            for l in listeners {
-                let ready = {
-                    let mut st = self.state.borrow_mut();
+                for l in listeners {
                     st.waiting[l] -= 1;
-                    st.waiting[l] == 0
-                };
-                if ready {
-                    self.execute(l)?;
-                    queue.push_back(l);
+                    if st.waiting[l] == 0 {
+                        ready.push(std::cmp::Reverse(l));
+                    }
                 }
             }
+            let Some(std::cmp::Reverse(next)) = ready.pop() else { break };
+            self.execute(next)?;
+            done = next;
         }
         Ok(())
     }
