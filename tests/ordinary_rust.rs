@@ -1427,20 +1427,6 @@ fn range_from_an_i64_start() {
 }
 
 #[test]
-fn negative_range_end_same_as_tch() {
-    let vs = nn::VarStore::new(Device::Cpu);
-    let model = stack(&vs, 2);
-    let x = input(2, 166);
-    let c = trace!(model, &x, {
-        model.layers[0].output[.., ..-1].save()
-    })
-    .unwrap();
-    let want = plain(&model, &x)[0].i((.., ..-1));
-    assert_eq!(c.size(), want.size());
-    assert!(c.equal(&want));
-}
-
-#[test]
 fn negative_single_index_counts_from_the_end() {
     let vs = nn::VarStore::new(Device::Cpu);
     let model = stack(&vs, 2);

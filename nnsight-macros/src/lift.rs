@@ -89,6 +89,22 @@ impl Ctx {
     }
 }
 
+/// The span of a range bound written as a negative literal (`..-1`, `-3..`) in an index.
+fn negative_range_bound(index: &Expr) -> Option<proc_macro2::Span> {
+    let parts: Vec<&Expr> = match index {
+        Expr::Tuple(t) => t.elems.iter().collect(),
+        Expr::Paren(p) => match &*p.expr {
+            Expr::Tuple(t) => t.elems.iter().collect(),
+            other => vec![other],
+        },
+        other => vec![other],
+    };
+    parts.into_iter().find_map(|p| match p {
+        Expr::Range(r) => [&r.start, &r.end].into_iter().flatten().find(|b| matches!(&***b, Expr::Unary(u) if matches!(u.op, syn::UnOp::Neg(_)))).map(|b| b.span()),
+        _ => None,
+    })
+}
+
 /// True when `e` uses `?` outside the closures inside it.
 fn has_try(e: &Expr) -> bool {
     struct V(bool);
@@ -304,6 +320,12 @@ impl VisitMut for Replacer<'_> {
         // Indexing a real value that came from a proxy is tensor indexing (tch's IndexOp).
         if let Expr::Index(ix) = e {
             if self.mentions_param(&ix.expr) {
+                if let Some(span) = negative_range_bound(&ix.index) {
+                    self.ctx.errors.push(syn::Error::new(
+                        span,
+                        "a negative range bound does not count from the end in tch: `..-1` gives an empty slice and `-3..` fails; write the length (`..n - 1`, `n - 3..`) — a single negative index (`-1`) does count from the end",
+                    ));
+                }
                 let base = &ix.expr;
                 // Every part through `ix`: `usize` and its ranges index like `i64`.
                 let idx: Expr = match &*ix.index {

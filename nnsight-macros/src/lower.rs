@@ -286,7 +286,7 @@ impl Ctx {
                 if let syn::Pat::Type(pt) = pat {
                     let (inner, ty) = (&pt.pat, &pt.ty);
                     if !is_proxy_type(ty) {
-                        return quote!(#(#attrs)* let #inner = ::nnsight::__private::typed::<#ty, _>(#value););
+                        return quote!(#(#attrs)* let #inner: ::nnsight::Proxy<#ty> = ::core::convert::Into::into(#value););
                     }
                 }
             }

@@ -412,11 +412,6 @@ pub fn call_at(i: impl IndexArg) -> crate::Call {
     crate::Call::At(i.into_i64().max(0) as usize)
 }
 
-/// A `let` with a type annotation whose value is a proxy: `let n: f64 = ..` binds the proxy
-/// (a `Proxy<f64>` or `Saved<f64>`), and rustc checks that its value is an `f64`.
-pub fn typed<T, P: crate::ProxyRef<Value = T>>(p: P) -> P {
-    p
-}
 
 /// `&x` for a node argument `x` inside a lifted expression: arguments are `&T` (tensors) or `T`
 /// (`Copy` values), and `&x` must be a `&T` either way, as `&x` of the plain value would be.

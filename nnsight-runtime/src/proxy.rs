@@ -101,6 +101,14 @@ impl<T: 'static> ProxyRef for Saved<T> {
     }
 }
 
+/// A saved proxy where a plain one is expected (`let n: f64 = h.norm().save()..` in `trace!`
+/// binds a `Proxy<f64>`).
+impl<T> From<Saved<T>> for Proxy<T> {
+    fn from(s: Saved<T>) -> Proxy<T> {
+        Proxy::new(s.trace, s.id)
+    }
+}
+
 impl<T> Saved<T> {
     /// The same node as an ordinary proxy.
     pub fn proxy(self) -> Proxy<T> {
