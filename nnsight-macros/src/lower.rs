@@ -347,6 +347,9 @@ impl Ctx {
             Expr::Binary(b) if is_compound(&b.op) && self.mentions(&b.left) => self.compound(b),
             Expr::Binary(b) if is_compound(&b.op) && self.mentions(&b.right) => self.plain_target(&b.left),
             Expr::ForLoop(f) => {
+                if let Some(err) = self.loop_over_module_list(f) {
+                    return err;
+                }
                 // `for h in [model.a.output, model.b.output]`: a loop over proxies, run now.
                 let literal = match &*f.expr {
                     Expr::Reference(r) => &*r.expr,
@@ -933,6 +936,48 @@ impl Ctx {
                 (self.lift(e, None), true)
             }
         }
+    }
+
+    /// `for layer in model.encoder.layer.iter() { layer.output.. }` (Python's habit): the loop
+    /// variable is the module itself, not a path `trace!` can hook. A compile error that shows
+    /// the indexed form, when the body reads a hook point of the loop variable.
+    fn loop_over_module_list(&mut self, f: &syn::ExprForLoop) -> Option<TokenStream> {
+        let mut list = &*f.expr;
+        loop {
+            list = match list {
+                Expr::Reference(r) => &r.expr,
+                Expr::Paren(p) => &p.expr,
+                Expr::MethodCall(m) if matches!(m.method.to_string().as_str(), "iter" | "into_iter" | "enumerate" | "skip" | "take" | "rev") => &m.receiver,
+                _ => break,
+            };
+        }
+        module_chain(list, &self.model)?;
+        let mut names = Vec::new();
+        pat_idents(&f.pat, &mut names);
+        struct V<'a> {
+            names: &'a [Ident],
+            found: Option<Span>,
+        }
+        impl<'ast> Visit<'ast> for V<'_> {
+            fn visit_expr_field(&mut self, e: &'ast syn::ExprField) {
+                if crate::paths::point_of(&e.member).is_some() {
+                    if let Expr::Path(p) = &*e.base {
+                        if p.path.get_ident().is_some_and(|i| self.names.contains(i)) && self.found.is_none() {
+                            self.found = Some(e.member.span());
+                        }
+                    }
+                }
+                visit::visit_expr_field(self, e);
+            }
+        }
+        let mut v = V { names: &names, found: None };
+        v.visit_block(&f.body);
+        let span = v.found?;
+        let list = list.to_token_stream().to_string().replace(' ', "");
+        Some(self.error(
+            span,
+            format!("hook points are read through module paths, not module values: loop over indices, `for l in 0..{list}.len() {{ .. {list}[l].output .. }}`"),
+        ))
     }
 
     /// A closure that reads hook points or saves: it runs while the graph is built (called by
