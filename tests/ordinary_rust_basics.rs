@@ -218,3 +218,29 @@ fn values_written_before_an_edit_see_the_activation_before_it() {
     });
     assert!(restored.equal(&want));
 }
+
+/// A node built before an edit that also waits for a later hook point reads the earlier
+/// activation as it was before the edit (the edit runs first, at the earlier hook point).
+#[test]
+fn a_read_built_before_an_edit_keeps_the_old_value_while_it_waits_for_a_later_hook() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = stack(&vs, 3);
+    let x = input(2, 12);
+    let (d, after) = trace!(model, &x, {
+        let h = model.layers[0].output[.., 1];
+        let d = h - model.layers[1].output[.., 1];
+        model.layers[0].output[.., 1] = 0.0;
+        let after = h * 1.0; // built after the edit: the edited memory, as tch's aliasing gives
+        (d, after)
+    })
+    .unwrap();
+    let (want_d, want_after) = tch::no_grad(|| {
+        let h0 = layer(&model, 0, &x);
+        let clean = h0.i((.., 1)).copy();
+        let _ = h0.i((.., 1)).fill_(0.0);
+        let h1 = layer(&model, 1, &h0.tanh());
+        (&clean - h1.i((.., 1)), h0.i((.., 1)) * 1.0)
+    });
+    assert!(d.equal(&want_d), "{d:?} {want_d:?}");
+    assert!(after.equal(&want_after));
+}

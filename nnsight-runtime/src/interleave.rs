@@ -78,6 +78,9 @@ struct RunState {
     guarded: Vec<saved::Guard>,
     /// Copies of saved values taken before an edit changed their memory (see [`saved`]).
     snapshots: Vec<(NodeId, Value)>,
+    /// Copies of values taken just before an edit changed their memory, for the nodes built
+    /// before that edit that had not run yet: `(value's node) -> [(edit node, copy)]`.
+    pre_edit: std::collections::HashMap<NodeId, Vec<(NodeId, Value)>>,
 }
 
 /// Batch layout of a run: each invoke's `(start, rows)` and the total batch size.
@@ -172,6 +175,7 @@ impl<'env> Interleaver<'env> {
             watched: Vec::new(),
             guarded: Vec::new(),
             snapshots: Vec::new(),
+            pre_edit: std::collections::HashMap::new(),
         };
         Interleaver { graph: RefCell::new(graph), state: RefCell::new(state), batch, grad, audit: None, cache }
     }
@@ -600,9 +604,14 @@ impl<'env> Interleaver<'env> {
         } else {
             let values: Result<Vec<Value>> = {
                 let st = self.state.borrow();
+                // A node built before an edit reads the value as it was before that edit.
+                let before_edit = |a: NodeId| {
+                    st.pre_edit.get(&a).and_then(|copies| copies.iter().filter(|(e, _)| *e > id).min_by_key(|(e, _)| *e)).map(|(_, v)| v.clone())
+                };
                 args.iter()
-                    .map(|&a| match &st.slots[a] {
-                        Slot::Ready(v) => Ok(v.clone()),
+                    .map(|&a| match (&st.slots[a], before_edit(a)) {
+                        (Slot::Ready(_), Some(v)) => Ok(v),
+                        (Slot::Ready(v), None) => Ok(v.clone()),
                         _ => Err(Error::Node {
                             node: self.node_name(id),
                             message: format!("internal: argument %{a} has no value"),
@@ -615,8 +624,10 @@ impl<'env> Interleaver<'env> {
                 (Ok(_), None) => Err(Error::Node { node: self.node_name(id), message: "node has no body".into() }),
                 (Ok(values), Some(f)) => {
                     if edit {
-                        // First copy the saved values whose memory the edit may change.
+                        // First copy the saved values whose memory the edit may change, and the
+                        // values nodes built before the edit still wait to read.
                         self.protect_saved(&values);
+                        self.protect_pending(id, &values);
                         self.protect_cache(&values);
                     }
                     let refs: Vec<&dyn Any> = values.iter().map(|v| &**v).collect();

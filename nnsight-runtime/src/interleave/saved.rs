@@ -163,6 +163,35 @@ impl Interleaver<'_> {
         }
     }
 
+    /// Before edit node `edit` runs on `args`: every value whose memory it may change and that a
+    /// node built before the edit has not read yet (it waits for a later hook point) is copied,
+    /// and that node reads the copy (program order: it was written before the edit).
+    pub(super) fn protect_pending(&self, edit: NodeId, args: &[Value]) {
+        let mut edited = Vec::new();
+        for a in args {
+            match parts_of_any(&**a) {
+                Some((ts, _)) => edited.extend(ts),
+                None => return,
+            }
+        }
+        let g = self.graph.borrow();
+        let mut st = self.state.borrow_mut();
+        for j in 0..edit {
+            let Slot::Ready(v) = &st.slots[j] else { continue };
+            let waiting = g.nodes[j].listeners.iter().any(|&l| l < edit && matches!(st.slots[l], Slot::Empty));
+            if !waiting {
+                continue;
+            }
+            let Some((tensors, copy)) = parts_of_any(&**v) else { continue };
+            if !tensors.iter().any(|t| edited.iter().any(|e| overlaps(t, e))) {
+                continue;
+            }
+            if let Some(c) = copy(&**v) {
+                st.pre_edit.entry(j).or_default().push((edit, c));
+            }
+        }
+    }
+
     /// After an edit node ran: the saved values it did not overlap share a version counter
     /// with what it changed (another invoke's rows of one tensor), so their counters are read
     /// again.
