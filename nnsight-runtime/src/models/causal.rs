@@ -20,6 +20,7 @@
 
 mod cache;
 mod generate;
+pub mod rotary;
 
 use std::path::Path;
 

@@ -47,10 +47,9 @@ use crate::tree::ModuleTree;
 use nnsight_macros::ModuleTree;
 
 mod config;
-mod rotary;
 pub use config::LlamaConfig;
-pub use rotary::{Rope, RotaryEmbedding};
-use rotary::rotate_half;
+pub use super::causal::rotary::{Rope, RotaryEmbedding};
+use super::causal::rotary::apply_rotary;
 
 /// A Llama-family model with its language-model head (transformers' `LlamaForCausalLM`).
 ///
@@ -368,8 +367,7 @@ impl HookModule for LlamaAttention {
         let k = heads(self.k_proj.call(hidden.shallow_clone()));
         let v = heads(self.v_proj.call(hidden));
         let (cos, sin) = (cos.unsqueeze(1), sin.unsqueeze(1));
-        let q = &q * &cos + rotate_half(&q) * &sin;
-        let k = &k * &cos + rotate_half(&k) * &sin;
+        let (q, k) = (apply_rotary(&q, &cos, &sin), apply_rotary(&k, &cos, &sin));
         let (k, v) = cache.update(self.layer_idx, k, v);
         let groups = self.num_heads / self.num_key_value_heads;
         let (k, v) = (repeat_kv(&k, groups), repeat_kv(&v, groups));

@@ -1,6 +1,8 @@
 //! Rotary position embeddings (Su et al. 2021, "RoFormer", arXiv:2104.09864) in transformers'
 //! `rotate_half` convention: the two halves of each head are rotated together (not interleaved
-//! pairs as in the original Meta code).
+//! pairs as in the original Meta code). Shared by every rotary family (Llama, GPT-NeoX, Gemma,
+//! ...); a table narrower than the head rotates only the head's first dims (GPT-NeoX's
+//! `rotary_pct`, see [`apply_rotary`]).
 
 use tch::{Device, Kind, Tensor};
 
@@ -119,7 +121,23 @@ impl HookModule for RotaryEmbedding {
 }
 
 /// `rotate_half`: `[x1, x2]` → `[-x2, x1]` over the last dim (split in two halves).
-pub(crate) fn rotate_half(x: &Tensor) -> Tensor {
+pub fn rotate_half(x: &Tensor) -> Tensor {
     let half = x.size()[x.dim() - 1] / 2;
     Tensor::cat(&[&x.narrow(-1, half, half).neg(), &x.narrow(-1, 0, half)], -1)
+}
+
+/// `x · cos + rotate_half(x) · sin` (transformers' `apply_rotary_pos_emb` for one tensor).
+///
+/// `x`: `[batch, heads, seq, head_dim]`; `cos`, `sin`: `[batch, 1, seq, rot]` with `rot <= head_dim`
+/// (even). When `rot < head_dim` only the first `rot` dims of each head are rotated and the rest
+/// pass through (GPT-NeoX's partial rotary, `modeling_gpt_neox.py`).
+pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let d = x.size()[x.dim() - 1];
+    let rot = cos.size()[cos.dim() - 1];
+    if rot == d {
+        return x * cos + rotate_half(x) * sin;
+    }
+    let (head, tail) = (x.narrow(-1, 0, rot), x.narrow(-1, rot, d - rot));
+    let rotated = &head * cos + rotate_half(&head) * sin;
+    Tensor::cat(&[&rotated, &tail], -1)
 }
