@@ -19,6 +19,7 @@
 //! transformers' `generate` computes them), so a padded row computes what it computes alone.
 
 mod cache;
+mod decoder;
 mod generate;
 pub mod rotary;
 
@@ -36,6 +37,7 @@ use crate::language_model::TextBatch;
 use crate::tree::ModuleTree;
 
 pub use cache::KvCacheHandle;
+pub use decoder::{AttnPoint, Decoder};
 pub use super::checkpoint::{checkpoint_kind, checkpoint_tensors, kind_of_dtype, load_into, TensorInfo};
 pub(crate) use super::validate::config_error;
 pub use generate::{CausalLmExt, Eos, Sampling};

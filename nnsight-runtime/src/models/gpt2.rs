@@ -29,7 +29,7 @@ use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
 use super::bert::HiddenAct;
-use super::causal::{self, CausalInput, CausalLm, KvCacheHandle, LmHead, LoadOptions, TokenIds};
+use super::causal::{self, AttnPoint, CausalInput, CausalLm, Decoder, KvCacheHandle, LmHead, LoadOptions, TokenIds};
 use super::params;
 use super::point::{AttentionPoints, HookPoint};
 use crate::error::Result;
@@ -124,6 +124,43 @@ impl CausalLm for Gpt2 {
 }
 
 /// `LanguageModel::<Gpt2>`: ids and mask from the tokenizer, position ids from the mask, no cache.
+/// `transformer.h`, `transformer.h.{i}.attn`, `.mlp`, `.mlp.act`, `transformer.ln_f`, `lm_head`.
+impl Decoder for Gpt2 {
+    type Layer = Gpt2Block;
+    type Attn = Gpt2Attention;
+    type Mlp = Gpt2Mlp;
+    type MlpAct = HiddenAct;
+    type Norm = nn::LayerNorm;
+    fn layers(&self) -> &Vec<Hooked<Gpt2Block>> {
+        &self.transformer.h
+    }
+    fn attn(&self, layer: usize) -> &Hooked<Gpt2Attention> {
+        &self.transformer.h[layer].attn
+    }
+    fn mlp(&self, layer: usize) -> &Hooked<Gpt2Mlp> {
+        &self.transformer.h[layer].mlp
+    }
+    fn mlp_act(&self, layer: usize) -> &Hooked<HiddenAct> {
+        &self.transformer.h[layer].mlp.act
+    }
+    fn attn_point(&self, layer: usize, point: AttnPoint) -> &Hooked<HookPoint> {
+        let a = &self.transformer.h[layer].attn;
+        match point {
+            AttnPoint::Q => &a.q,
+            AttnPoint::K => &a.k,
+            AttnPoint::Scores => &a.scores,
+            AttnPoint::Probs => &a.probs,
+            AttnPoint::Z => &a.z,
+        }
+    }
+    fn final_norm(&self) -> &Hooked<nn::LayerNorm> {
+        &self.transformer.ln_f
+    }
+    fn unembedding(&self) -> &Hooked<LmHead> {
+        &self.lm_head
+    }
+}
+
 impl TextModel for Gpt2 {
     fn load(dir: &Path, device: Device) -> Result<Self> {
         Gpt2::load_with(dir, &LoadOptions { device, dtype: None })

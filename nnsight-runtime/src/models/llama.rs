@@ -33,7 +33,7 @@ use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
 use super::bert::HiddenAct;
-use super::causal::{self, CausalInput, CausalLm, KvCacheHandle, LmHead, LoadOptions, TokenIds};
+use super::causal::{self, AttnPoint, CausalInput, CausalLm, Decoder, KvCacheHandle, LmHead, LoadOptions, TokenIds};
 use super::params;
 use super::point::{AttentionPoints, HookPoint};
 
@@ -127,6 +127,43 @@ impl CausalLm for Llama {
     }
     fn kind(&self) -> Kind {
         self.model.embed_tokens.ws.kind()
+    }
+}
+
+/// `model.layers`, `model.layers.{i}.self_attn`, `.mlp`, `.mlp.act`, `model.norm`, `lm_head`.
+impl Decoder for Llama {
+    type Layer = LlamaDecoderLayer;
+    type Attn = LlamaAttention;
+    type Mlp = LlamaMlp;
+    type MlpAct = HookPoint;
+    type Norm = RmsNorm;
+    fn layers(&self) -> &Vec<Hooked<LlamaDecoderLayer>> {
+        &self.model.layers
+    }
+    fn attn(&self, layer: usize) -> &Hooked<LlamaAttention> {
+        &self.model.layers[layer].self_attn
+    }
+    fn mlp(&self, layer: usize) -> &Hooked<LlamaMlp> {
+        &self.model.layers[layer].mlp
+    }
+    fn mlp_act(&self, layer: usize) -> &Hooked<HookPoint> {
+        &self.model.layers[layer].mlp.act
+    }
+    fn attn_point(&self, layer: usize, point: AttnPoint) -> &Hooked<HookPoint> {
+        let a = &self.model.layers[layer].self_attn;
+        match point {
+            AttnPoint::Q => &a.q,
+            AttnPoint::K => &a.k,
+            AttnPoint::Scores => &a.scores,
+            AttnPoint::Probs => &a.probs,
+            AttnPoint::Z => &a.z,
+        }
+    }
+    fn final_norm(&self) -> &Hooked<RmsNorm> {
+        &self.model.norm
+    }
+    fn unembedding(&self) -> &Hooked<LmHead> {
+        &self.lm_head
     }
 }
 

@@ -1,0 +1,110 @@
+//! [`Decoder`]: the parts of a decoder-only LM that an experiment can name without naming the
+//! family — the residual stream (each layer's output), the attention and MLP of a layer, the
+//! hook points inside attention, the final norm and the unembedding.
+//!
+//! Family-specific paths stay typed where the family is named (`model.transformer.h[3]` for
+//! GPT-2, `model.model.layers[3]` for Llama). Code generic over `M: Decoder` reaches the same
+//! modules through methods, which `trace!` accepts inside a module path:
+//!
+//! ```ignore
+//! fn residual<M: Decoder + TextModel>(model: &LanguageModel<M>, prompt: &str) -> nnsight::Result<Vec<Tensor>> {
+//!     let n = model.layers().len();
+//!     trace!(model, prompt, {
+//!         let mut out = Vec::new();
+//!         for l in 0..n {
+//!             out.push(model.layers()[l].output.save());           // [batch, seq, hidden]
+//!         }
+//!         let probs = model.attn_point(0, AttnPoint::Probs).output.save(); // [batch, heads, q, k]
+//!         out
+//!     })
+//! }
+//! ```
+//!
+//! [`super::super::auto::AutoCausalLm`] loads any supported family by the `model_type` of its
+//! `config.json` and hands the concrete model to such generic code.
+
+use tch::Tensor;
+
+use super::{CausalLm, LmHead};
+use crate::hook::{HookModule, Hooked};
+use crate::models::point::HookPoint;
+
+/// One of the five hook points inside every bundled attention module (see
+/// [`crate::models::point`]; TransformerLens' `hook_q`, `hook_k`, `hook_attn_scores`,
+/// `hook_pattern`, `hook_z`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AttnPoint {
+    /// Queries after the head split (and rotary where the family has it),
+    /// `[batch, heads, seq, head_dim]`.
+    Q,
+    /// Keys, cached + new (after rotary and grouped-query repetition),
+    /// `[batch, heads, past + seq, head_dim]`.
+    K,
+    /// `q kᵀ · scaling + mask` (and soft-cap where the family has one) before the softmax,
+    /// `[batch, heads, seq, past + seq]`.
+    Scores,
+    /// The attention probabilities, `[batch, heads, seq, past + seq]`.
+    Probs,
+    /// Each head's output before the output projection, `[batch, seq, heads, head_dim]`.
+    Z,
+}
+
+impl AttnPoint {
+    /// The field name of the hook point in every attention module (`q`, `k`, `scores`,
+    /// `probs`, `z`).
+    pub fn name(self) -> &'static str {
+        match self {
+            AttnPoint::Q => "q",
+            AttnPoint::K => "k",
+            AttnPoint::Scores => "scores",
+            AttnPoint::Probs => "probs",
+            AttnPoint::Z => "z",
+        }
+    }
+}
+
+/// A decoder-only causal LM seen through the parts every family has.
+///
+/// Every method returns the model's own [`Hooked`] module, so its hook points are the same ones
+/// the family's typed path reaches (`model.layers()[3]` *is* `model.transformer.h[3]` on GPT-2):
+/// a read, an edit or a cache entry through either is the same.
+pub trait Decoder: CausalLm {
+    /// A decoder layer: output the residual stream after it, `[batch, seq, hidden]`.
+    type Layer: HookModule<Output = Tensor>;
+    /// A layer's attention: output `[batch, seq, hidden]` before it is added to the residual.
+    type Attn: HookModule<Output = Tensor>;
+    /// A layer's MLP: `[batch, seq, hidden]` → `[batch, seq, hidden]`.
+    type Mlp: HookModule<Input = Tensor, Output = Tensor>;
+    /// The MLP's activation hook point: `[batch, seq, intermediate]` (TransformerLens' `hook_post`).
+    type MlpAct: HookModule<Input = Tensor, Output = Tensor>;
+    /// The final norm: `[batch, seq, hidden]` → `[batch, seq, hidden]`.
+    type Norm: HookModule<Input = Tensor, Output = Tensor>;
+
+    /// The decoder layers in order (`transformer.h`, `model.layers`, `gpt_neox.layers`, ...).
+    /// The input of layer 0 is the embedding as the residual stream starts.
+    fn layers(&self) -> &Vec<Hooked<Self::Layer>>;
+    /// Layer `layer`'s attention module (`transformer.h.3.attn`, `model.layers.3.self_attn`, ...).
+    /// Panics if `layer >= layers().len()`, as indexing a `Vec` does; in `trace!` prefer
+    /// `model.layers()[l]` for the residual stream, whose index is checked.
+    fn attn(&self, layer: usize) -> &Hooked<Self::Attn>;
+    /// Layer `layer`'s MLP module. Panics like [`Decoder::attn`].
+    fn mlp(&self, layer: usize) -> &Hooked<Self::Mlp>;
+    /// Layer `layer`'s MLP activation (`mlp.act`). Panics like [`Decoder::attn`].
+    fn mlp_act(&self, layer: usize) -> &Hooked<Self::MlpAct>;
+    /// One hook point inside layer `layer`'s attention. Panics like [`Decoder::attn`].
+    fn attn_point(&self, layer: usize, point: AttnPoint) -> &Hooked<HookPoint>;
+    /// The final norm before the unembedding (`transformer.ln_f`, `model.norm`,
+    /// `gpt_neox.final_layer_norm`, ...).
+    fn final_norm(&self) -> &Hooked<Self::Norm>;
+    /// The unembedding (`lm_head`, GPT-NeoX's `embed_out`).
+    fn unembedding(&self) -> &Hooked<LmHead>;
+
+    /// Logits from a residual-stream value, as the model computes them from its last layer's
+    /// output: `final_norm` then the unembedding, then whatever the family does after it
+    /// (Gemma 2's final soft-cap). This is the logit lens's map. `h`: `[batch, seq, hidden]`;
+    /// returns `[batch, seq, vocab]`. Inside an intervention the modules run as plain
+    /// functions (untraced).
+    fn unembed(&self, h: &Tensor) -> Tensor {
+        self.unembedding().call(self.final_norm().call(h.shallow_clone()))
+    }
+}
