@@ -727,6 +727,7 @@ impl Ctx {
                 .map(|s| match s {
                     Seg::Field(f) => f.to_string(),
                     Seg::Index(i) => format!("[{}]", i.to_token_stream()),
+                    Seg::Method(m) => format!("{}({})", m.method, m.args.to_token_stream()),
                     _ => String::new(),
                 })
                 .collect::<Vec<_>>()
@@ -1024,6 +1025,11 @@ impl Ctx {
         for (i, s) in hp.segs.iter().enumerate() {
             match s {
                 Seg::Field(id) => expr = quote!(#expr.#id),
+                Seg::Method(m) => {
+                    // The method returns `&Module`: `*` makes the module the place (as for indices).
+                    let (method, turbofish, args) = (&m.method, &m.turbofish, &m.args);
+                    expr = quote_spanned!(m.method.span()=> (*#expr.#method #turbofish (#args)));
+                }
                 Seg::Index(ix) => {
                     let sp = ix.span();
                     expr = quote_spanned!(sp=> (*::nnsight::ModuleList::module_at(&#expr, ::nnsight::__private::IndexArg::into_i64(#ix))?));

@@ -17,6 +17,10 @@ pub enum Seg {
     Next(Span),
     /// `.at(i)`: call `i` of the module.
     At(Expr, Span),
+    /// Any other method call, `model.layers()[3]`, `model.attn_point(3, AttnPoint::Z)`: a method
+    /// that returns a reference to a module (generic code over `nnsight::models::causal::Decoder`).
+    /// Only inside a hook point (`.output` etc. follows).
+    Method(syn::ExprMethodCall),
 }
 
 /// Which hook point.
@@ -48,8 +52,14 @@ pub fn point_of(m: &Member) -> Option<Point> {
     }
 }
 
-/// The module path in `e`, if `e` is one rooted at `model` (no hook point in it).
+/// The module path in `e`, if `e` is one rooted at `model` (no hook point in it) made of
+/// fields, indices, `.next()` and `.at(i)`.
 pub fn module_chain(e: &Expr, model: &Ident) -> Option<(Ident, Vec<Seg>)> {
+    chain(e, model, false)
+}
+
+fn chain(e: &Expr, model: &Ident, methods: bool) -> Option<(Ident, Vec<Seg>)> {
+    let module_chain = |e: &Expr, model: &Ident| chain(e, model, methods);
     match e {
         Expr::Path(p) if p.qself.is_none() && p.path.get_ident() == Some(model) => {
             Some((p.path.get_ident().unwrap().clone(), Vec::new()))
@@ -79,6 +89,11 @@ pub fn module_chain(e: &Expr, model: &Ident) -> Option<(Ident, Vec<Seg>)> {
             segs.push(Seg::At(m.args[0].clone(), m.method.span()));
             Some((root, segs))
         }
+        Expr::MethodCall(m) if methods && m.method != "next" && m.method != "at" => {
+            let (root, mut segs) = module_chain(&m.receiver, model)?;
+            segs.push(Seg::Method(m.clone()));
+            Some((root, segs))
+        }
         _ => None,
     }
 }
@@ -87,6 +102,6 @@ pub fn module_chain(e: &Expr, model: &Ident) -> Option<(Ident, Vec<Seg>)> {
 pub fn hook_path(e: &Expr, model: &Ident) -> Option<HookPath> {
     let Expr::Field(f) = e else { return None };
     let point = point_of(&f.member)?;
-    let (root, segs) = module_chain(&f.base, model)?;
+    let (root, segs) = chain(&f.base, model, true)?;
     Some(HookPath { root, segs, point, span: f.member.span(), full_span: e.span() })
 }

@@ -289,6 +289,11 @@ pub const MAX_TOKENIZER_BYTES: u64 = 512 << 20;
 
 /// Reads `tokenizer.json` of the folder ([`Error::Io`] if missing, not a regular file inside
 /// the folder, or too large; [`Error::Tokenizer`] if unreadable).
+/// `dir/tokenizer.json`, read as [`LanguageModel::from_pretrained`] reads it.
+pub(crate) fn load_tokenizer_from(dir: &Path) -> Result<Tokenizer> {
+    load_tokenizer(&ModelDir::new(dir)?)
+}
+
 fn load_tokenizer(folder: &ModelDir) -> Result<Tokenizer> {
     let text = folder.read_text("tokenizer.json", MAX_TOKENIZER_BYTES)?;
     let p = folder.join("tokenizer.json").display().to_string();
