@@ -1,6 +1,6 @@
 //! Activation patching on the indirect-object-identification (IOI) task (Wang et al., 2022,
 //! "Interpretability in the Wild: a Circuit for Indirect Object Identification in GPT-2 small")
-//! on a Hugging Face GPT-2 (gpt2, distilgpt2, ...) or Llama checkpoint.
+//! on a Hugging Face checkpoint of any supported family (GPT-2, Llama, ...: `nnsight::models::auto`).
 //!
 //! # The task and the method
 //!
@@ -19,17 +19,18 @@
 //!
 //! # Here
 //!
-//! ONE `trace!` per layer `l`, two invokes: the clean prompt, then the corrupted prompt
+//! ONE `trace!` per layer `l`, written once for every family (generic over `Decoder`), two invokes: the clean prompt, then the corrupted prompt
 //! `seq + 2` times (one batch row each): row 0 as it is, row `1 + p` with the clean block
-//! output at position `p` (`model.transformer.h[l].output[r, p] = clean[0, p]`), the last row
+//! output at position `p` (`model.layers()[l].output[r, p] = clean[0, p]`, GPT-2's
+//! `model.transformer.h[l]`), the last row
 //! with it at every position. The IO and S answer tokens are read from the prompts: at the last
 //! position where clean and corrupted differ, the clean token is S and the corrupted one IO.
 //! Printed: both logit differences and the table of normalized effects, layers × positions, with
 //! an `all` column (the whole residual stream patched: must be 1).
 //!
 //! Run: `cargo run --release --example ioi_patching -- <checkpoint dir> [options]`, the folder
-//! with `config.json`, `model.safetensors`, `tokenizer.json` (its `model_type`, `gpt2` or
-//! `llama`, picks the architecture). Options:
+//! with `config.json`, `model.safetensors`, `tokenizer.json` (its `model_type` picks the
+//! architecture). Options:
 //!
 //! - `--io NAME --s NAME`: the names (default Mary, John);
 //! - `--template TEXT`: the clean prompt with `{IO}` and `{S}` (default "When {IO} and {S} went
@@ -37,12 +38,12 @@
 //! - `--clean TEXT --corrupt TEXT`: both prompts as they are (same number of tokens).
 
 use std::error::Error;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use nnsight::models::gpt2::Gpt2;
-use nnsight::models::llama::Llama;
+use nnsight::models::auto::AutoLanguageModel;
+use nnsight::models::causal::Decoder;
 use nnsight::prelude::*;
-use nnsight::{LanguageModel, TextModel};
+use nnsight::{with_family, LanguageModel, TextModel};
 
 const USAGE: &str = "usage: ioi_patching <checkpoint dir with config.json, model.safetensors, tokenizer.json> \
                      [--io NAME] [--s NAME] [--template TEXT with {IO} and {S}] [--clean TEXT --corrupt TEXT]";
@@ -135,62 +136,35 @@ pub fn patch_rows(seq: usize) -> Vec<Vec<i64>> {
     rows
 }
 
-/// GPT-2: one trace per layer, two invokes: the clean prompt, then the corrupted prompt once per
-/// row of [`patch_rows`]; row `r` gets the clean output of block `layer` at its positions.
-/// Returns the logit differences `[clean, row 0, row 1, ..]` per layer.
-pub fn patch_gpt2(model: LanguageModel<Gpt2>, task: &Task) -> Result<Patching, Box<dyn Error>> {
-    let p = Prepared::new(&model, task)?;
+/// Any supported family (generic over [`Decoder`]): one trace per layer, two invokes: the clean
+/// prompt, then the corrupted prompt once per row of [`patch_rows`]; row `r` gets the clean
+/// output of layer `layer` (the residual stream) at its positions. Returns the logit
+/// differences `[clean, row 0, row 1, ..]` per layer.
+pub fn patch<M: Decoder + TextModel>(model: &LanguageModel<M>, model_type: &str, task: &Task) -> Result<Patching, Box<dyn Error>> {
+    let p = Prepared::new(model, task)?;
     let (io, s) = (p.io, p.s);
     let rows = patch_rows(p.tokens.len());
     let corrupted = vec![task.corrupt.clone(); rows.len()];
     let mut ld = Vec::new();
-    for layer in 0..model.transformer.h.len() {
+    for layer in 0..model.layers().len() {
         let (clean_ld, patched_ld) = trace!(model, {
             invoke(&task.clean) {
-                let clean = model.transformer.h[layer].output;               // [1, seq, hidden]
-                let clean_ld = logit_diff(&model.lm_head.output, io, s).save();
+                let clean = model.layers()[layer].output;                    // [1, seq, hidden]
+                let clean_ld = logit_diff(&model.output, io, s).save();
             }
             invoke(&corrupted) {
                 for (r, positions) in rows.iter().enumerate() {
                     let r = r as i64;
                     for &q in positions {
-                        model.transformer.h[layer].output[r, q] = clean[0, q];
+                        model.layers()[layer].output[r, q] = clean[0, q];
                     }
                 }
-                (clean_ld, logit_diff(&model.lm_head.output, io, s).save())
+                (clean_ld, logit_diff(&model.output, io, s).save())
             }
         })?;
         ld.push(Tensor::cat(&[clean_ld, patched_ld], 0));
     }
-    p.finish(&model, "gpt2", task, ld)
-}
-
-/// Llama: the same with `model.model.layers[i]`.
-pub fn patch_llama(model: LanguageModel<Llama>, task: &Task) -> Result<Patching, Box<dyn Error>> {
-    let p = Prepared::new(&model, task)?;
-    let (io, s) = (p.io, p.s);
-    let rows = patch_rows(p.tokens.len());
-    let corrupted = vec![task.corrupt.clone(); rows.len()];
-    let mut ld = Vec::new();
-    for layer in 0..model.model.layers.len() {
-        let (clean_ld, patched_ld) = trace!(model, {
-            invoke(&task.clean) {
-                let clean = model.model.layers[layer].output;
-                let clean_ld = logit_diff(&model.lm_head.output, io, s).save();
-            }
-            invoke(&corrupted) {
-                for (r, positions) in rows.iter().enumerate() {
-                    let r = r as i64;
-                    for &q in positions {
-                        model.model.layers[layer].output[r, q] = clean[0, q];
-                    }
-                }
-                (clean_ld, logit_diff(&model.lm_head.output, io, s).save())
-            }
-        })?;
-        ld.push(Tensor::cat(&[clean_ld, patched_ld], 0));
-    }
-    p.finish(&model, "llama", task, ld)
+    p.finish(model, model_type, task, ld)
 }
 
 /// Token ids of one prompt (special tokens included, as in the trace).
@@ -291,14 +265,6 @@ pub fn format_patching(r: &Patching) -> String {
     out
 }
 
-/// `model_type` from the folder's `config.json`.
-pub fn model_type(dir: &Path) -> Result<String, Box<dyn Error>> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(json.get("model_type").and_then(|t| t.as_str()).unwrap_or("gpt2").to_string())
-}
-
 /// Parses `args` (`<dir> [options]`, see the file's docs): the folder and the task.
 pub fn parse_args(args: &[String]) -> Result<(PathBuf, Task), Box<dyn Error>> {
     let dir = PathBuf::from(args.first().ok_or(USAGE)?);
@@ -327,14 +293,9 @@ pub fn parse_args(args: &[String]) -> Result<(PathBuf, Task), Box<dyn Error>> {
 /// The whole example on `args`: prints and returns the result.
 pub fn run(args: &[String]) -> Result<Patching, Box<dyn Error>> {
     let (dir, task) = parse_args(args)?;
-    let kind = model_type(&dir)?;
-    let r = match kind.as_str() {
-        "gpt2" => patch_gpt2(LanguageModel::from_pretrained(&dir)?, &task)?,
-        "llama" => patch_llama(LanguageModel::from_pretrained(&dir)?, &task)?,
-        other => {
-            return Err(format!("{}: model_type {other:?}; this example knows gpt2 and llama", dir.join("config.json").display()).into())
-        }
-    };
+    // The family named by config.json's model_type; one generic `patch` for all of them.
+    let model = AutoLanguageModel::from_pretrained(&dir)?;
+    let r = with_family!(&model, |m| patch(m, model.model_type(), &task))?;
     print!("{}", format_patching(&r));
     Ok(r)
 }

@@ -1,5 +1,5 @@
 //! The logit lens (nostalgebraist, 2020, "interpreting GPT: the logit lens") on a Hugging Face
-//! GPT-2 (gpt2, distilgpt2, ...) or Llama checkpoint.
+//! checkpoint of any supported family (GPT-2, Llama, ...: see `nnsight::models::auto`).
 //!
 //! # The method
 //!
@@ -12,8 +12,9 @@
 //!
 //! # Here
 //!
-//! ONE `trace!`: for the input of block 0 (the embeddings) and the output of every block,
-//! `model.lm_head.call(model.transformer.ln_f.call(h))` inside the trace becomes one graph node
+//! ONE `trace!`, written once for every family (generic over `Decoder`): for the input of
+//! layer 0 (the embeddings) and the output of every layer, `model.unembed(&h)` (the final norm
+//! and the unembedding, `lm_head(ln_f(h))` on GPT-2) inside the trace becomes one graph node
 //! (the modules called inside an intervention run untraced, as plain functions), reduced at once
 //! to the top token and its probability at every position. Printed per layer: the top token at
 //! each position (decoded with the tokenizer) and its probability; written: a PNG heatmap,
@@ -22,16 +23,16 @@
 //!
 //! Run: `cargo run --release --example logit_lens -- <checkpoint dir> [prompt] [png path]`
 //! The folder holds `config.json`, `model.safetensors` and `tokenizer.json` (e.g. a download of
-//! `gpt2`); its `model_type` (`gpt2` or `llama`) picks the architecture. The PNG goes to
+//! `gpt2`); its `model_type` picks the architecture (`AutoLanguageModel`). The PNG goes to
 //! `target/logit_lens.png` unless a path is given.
 
 use std::error::Error;
 use std::path::{Path, PathBuf};
 
-use nnsight::models::gpt2::Gpt2;
-use nnsight::models::llama::Llama;
+use nnsight::models::auto::AutoLanguageModel;
+use nnsight::models::causal::Decoder;
 use nnsight::prelude::*;
-use nnsight::{LanguageModel, TextModel};
+use nnsight::{with_family, LanguageModel, TextModel};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
@@ -47,7 +48,7 @@ const DEFAULT_PNG: &str = "target/logit_lens.png";
 /// output), one column per input position.
 #[derive(Debug)]
 pub struct Lens {
-    /// Architecture, for the titles (`gpt2`, `llama`).
+    /// Architecture, for the titles (`gpt2`, `llama`; empty until [`load_and_run`] sets it).
     pub model_type: String,
     /// The prompt.
     pub prompt: String,
@@ -68,36 +69,24 @@ pub fn top1(logits: &Tensor) -> (Tensor, Tensor) {
     logits.softmax(-1, Kind::Float).max_dim(-1, false)
 }
 
-/// GPT-2: one trace; for the embeddings (block 0's input) and every block's output `h`,
-/// `(probability, id)` of the top token of `lm_head(ln_f(h))`, each `[1, seq]`.
-pub fn lens_gpt2(model: LanguageModel<Gpt2>, prompt: &str) -> Result<Lens, Box<dyn Error>> {
-    let n_layers = model.transformer.h.len();
+/// The lens on any supported family (generic over [`Decoder`]): one trace; for the embeddings
+/// (layer 0's input) and every layer's output `h`, `(probability, id)` of the top token of
+/// `unembed(h)` = the final norm then the unembedding (then Gemma 2's final soft-cap), each
+/// `[1, seq]`. `model.layers()` is the family's own list (`transformer.h`, `model.layers`,
+/// `gpt_neox.layers`).
+pub fn lens<M: Decoder + TextModel>(model: &LanguageModel<M>, prompt: &str) -> Result<Lens, Box<dyn Error>> {
+    let n_layers = model.layers().len();
     let rows = trace!(model, prompt, {
-        // The embeddings (wte + wpe) are what block 0 receives.
-        let emb = model.transformer.h[0].input;
-        let mut rows = vec![top1(&model.lm_head.call(model.transformer.ln_f.call(emb.shallow_clone()))).save()];
+        // The embeddings are what layer 0 receives.
+        let emb = model.layers()[0].input;
+        let mut rows = vec![top1(&model.unembed(&emb)).save()];
         for l in 0..n_layers {
-            let h = model.transformer.h[l].output;
-            rows.push(top1(&model.lm_head.call(model.transformer.ln_f.call(h.shallow_clone()))).save());
+            let h = model.layers()[l].output;
+            rows.push(top1(&model.unembed(&h)).save());
         }
         rows
     })?;
-    decode_lens(&model, "gpt2", prompt, rows)
-}
-
-/// Llama: the same with `model.model.layers[i]` and the final RMSNorm `model.model.norm`.
-pub fn lens_llama(model: LanguageModel<Llama>, prompt: &str) -> Result<Lens, Box<dyn Error>> {
-    let n_layers = model.model.layers.len();
-    let rows = trace!(model, prompt, {
-        let emb = model.model.layers[0].input;
-        let mut rows = vec![top1(&model.lm_head.call(model.model.norm.call(emb.shallow_clone()))).save()];
-        for l in 0..n_layers {
-            let h = model.model.layers[l].output;
-            rows.push(top1(&model.lm_head.call(model.model.norm.call(h.shallow_clone()))).save());
-        }
-        rows
-    })?;
-    decode_lens(&model, "llama", prompt, rows)
+    decode_lens(model, prompt, rows)
 }
 
 /// One token's text, special tokens kept (`<|endoftext|>`, `<s>`).
@@ -108,14 +97,13 @@ pub fn token_text<M: TextModel>(model: &LanguageModel<M>, id: i64) -> Result<Str
 /// The lens's `(probability, id)` rows with the tokens decoded.
 pub fn decode_lens<M: TextModel>(
     model: &LanguageModel<M>,
-    model_type: &str,
     prompt: &str,
     rows: Vec<(Tensor, Tensor)>,
 ) -> Result<Lens, Box<dyn Error>> {
     let batch = model.tokenize(&[prompt])?;
     let ids: Vec<i64> = Vec::try_from(batch.input_ids.get(0))?;
     let mut lens = Lens {
-        model_type: model_type.to_string(),
+        model_type: String::new(),
         prompt: prompt.to_string(),
         input: ids.iter().map(|&i| token_text(model, i)).collect::<Result<_, _>>()?,
         layers: std::iter::once("emb".to_string()).chain((0..rows.len() - 1).map(|l| l.to_string())).collect(),
@@ -170,22 +158,13 @@ pub fn format_lens(lens: &Lens) -> String {
     s
 }
 
-/// `model_type` from the folder's `config.json`.
-pub fn model_type(dir: &Path) -> Result<String, Box<dyn Error>> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(json.get("model_type").and_then(|t| t.as_str()).unwrap_or("gpt2").to_string())
-}
-
-/// Loads the checkpoint in `dir` (architecture from `model_type`) and runs the lens.
+/// Loads the checkpoint in `dir` (the family its `config.json`'s `model_type` names) and runs
+/// the lens.
 pub fn load_and_run(dir: &Path, prompt: &str) -> Result<Lens, Box<dyn Error>> {
-    let kind = model_type(dir)?;
-    match kind.as_str() {
-        "gpt2" => lens_gpt2(LanguageModel::from_pretrained(dir)?, prompt),
-        "llama" => lens_llama(LanguageModel::from_pretrained(dir)?, prompt),
-        other => Err(format!("{}: model_type {other:?}; this example knows gpt2 and llama", dir.join("config.json").display()).into()),
-    }
+    let model = AutoLanguageModel::from_pretrained(dir)?;
+    let mut lens = with_family!(&model, |m| lens(m, prompt))?;
+    lens.model_type = model.model_type().to_string();
+    Ok(lens)
 }
 
 /// The whole example on `args` (`<dir> [prompt] [png]`): prints the table, writes the PNG.

@@ -26,6 +26,7 @@
 use tch::Tensor;
 
 use super::{CausalLm, LmHead};
+use crate::activation::Activation;
 use crate::hook::{HookModule, Hooked};
 use crate::models::point::HookPoint;
 
@@ -69,8 +70,9 @@ impl AttnPoint {
 /// the family's typed path reaches (`model.layers()[3]` *is* `model.transformer.h[3]` on GPT-2):
 /// a read, an edit or a cache entry through either is the same.
 pub trait Decoder: CausalLm {
-    /// A decoder layer: output the residual stream after it, `[batch, seq, hidden]`.
-    type Layer: HookModule<Output = Tensor>;
+    /// A decoder layer: output the residual stream after it, `[batch, seq, hidden]`; its first
+    /// input (`.input`) the residual stream before it.
+    type Layer: HookModule<Output = Tensor, Input: Activation<First = Tensor>>;
     /// A layer's attention: output `[batch, seq, hidden]` before it is added to the residual.
     type Attn: HookModule<Output = Tensor>;
     /// A layer's MLP: `[batch, seq, hidden]` → `[batch, seq, hidden]`.
