@@ -134,8 +134,65 @@ fn split_invokes(tokens: TokenStream, single: Option<Expr>) -> syn::Result<Vec<S
 }
 
 fn stmts_segment(toks: Vec<TokenTree>, invoke: Option<Expr>) -> syn::Result<Segment> {
-    let ts: TokenStream = toks.into_iter().collect();
+    let ts: TokenStream = nested_invokes(toks.into_iter().collect());
     let span = ts.clone().into_iter().next().map(|t| t.span()).unwrap_or_else(Span::call_site);
     let stmts = Block::parse_within.parse2(ts)?;
     Ok(Segment { invoke, stmts, span })
+}
+
+/// Label of the block an invoke inside a loop (or any nested block) becomes; see [`nested_invokes`].
+pub const INVOKE_LABEL: &str = "__nn_invoke";
+/// Its first statement: `__nn_invoke_input(<input>);`.
+pub const INVOKE_INPUT: &str = "__nn_invoke_input";
+
+/// Rewrites every `invoke(<input>) { <stmts> }` inside a nested brace group (a loop's body, an
+/// `if`'s branch, a block) into the labeled block `'__nn_invoke: { __nn_invoke_input(<input>);
+/// <stmts> }`, which is Rust syntax (so the lowering's look-ahead sees its statements) and
+/// which the lowering turns into a new invoke each time it runs: `for p in &prompts {
+/// invoke(p) { .. } }` adds one invoke per prompt. Top-level invokes are split by
+/// [`split_invokes`] instead.
+fn nested_invokes(tokens: TokenStream) -> TokenStream {
+    let toks: Vec<TokenTree> = tokens.into_iter().collect();
+    let mut out: Vec<TokenTree> = Vec::with_capacity(toks.len());
+    let mut i = 0;
+    while i < toks.len() {
+        let at_stmt_start = match out.last() {
+            None => true,
+            Some(TokenTree::Punct(p)) => p.as_char() == ';',
+            Some(TokenTree::Group(g)) => g.delimiter() == Delimiter::Brace,
+            _ => false,
+        };
+        if let (true, TokenTree::Ident(id), Some(TokenTree::Group(args)), Some(TokenTree::Group(body))) =
+            (at_stmt_start, &toks[i], toks.get(i + 1), toks.get(i + 2))
+        {
+            if id == "invoke" && args.delimiter() == Delimiter::Parenthesis && body.delimiter() == Delimiter::Brace {
+                let span = id.span();
+                let mut label = proc_macro2::Punct::new('\'', proc_macro2::Spacing::Joint);
+                label.set_span(span);
+                let mut colon = proc_macro2::Punct::new(':', proc_macro2::Spacing::Alone);
+                colon.set_span(span);
+                let name = proc_macro2::Ident::new(INVOKE_LABEL, span);
+                let input = proc_macro2::Ident::new(INVOKE_INPUT, span);
+                let inner = nested_invokes(body.stream());
+                let args = args.clone();
+                let block: TokenStream = quote::quote_spanned!(span=> { #input #args; #inner });
+                out.push(TokenTree::Punct(label));
+                out.push(TokenTree::Ident(name));
+                out.push(TokenTree::Punct(colon));
+                out.extend(block);
+                i += 3;
+                continue;
+            }
+        }
+        match &toks[i] {
+            TokenTree::Group(g) => {
+                let mut ng = proc_macro2::Group::new(g.delimiter(), nested_invokes(g.stream()));
+                ng.set_span(g.span());
+                out.push(TokenTree::Group(ng));
+            }
+            t => out.push(t.clone()),
+        }
+        i += 1;
+    }
+    out.into_iter().collect()
 }

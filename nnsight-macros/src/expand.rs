@@ -96,8 +96,12 @@ pub fn trace(mut input: TraceInput, mode: Mode) -> TokenStream {
                 invokes += 1;
                 body.extend(quote!(let #g = #tr.invoke(#inp);));
                 ctx.group = Some(g);
+                ctx.in_invoke = true;
             }
-            None => ctx.group = Some(all.clone()),
+            None => {
+                ctx.group = Some(all.clone());
+                ctx.in_invoke = false;
+            }
         }
         let (stmts, tail) = if i + 1 == n { ctx.trace_stmts(&seg.stmts) } else { ctx.stmts(&seg.stmts) };
         body.extend(stmts);
@@ -110,7 +114,7 @@ pub fn trace(mut input: TraceInput, mode: Mode) -> TokenStream {
             }
         }
     }
-    if invokes == 0 {
+    if invokes == 0 && ctx.nested_invokes == 0 {
         ctx.errors.push(syn::Error::new(
             input.model.span(),
             "a trace needs an input: `trace!(model, input, { .. })` or `invoke(input) { .. }` blocks",

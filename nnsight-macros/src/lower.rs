@@ -48,6 +48,10 @@ pub struct Ctx {
     pub(crate) gate_scopes: Vec<HashSet<String>>,
     /// The statements of the invokes after the current one (what a `let` looks ahead at).
     pub(crate) later: Vec<Stmt>,
+    /// Invokes written inside loops and blocks (see [`crate::ast::INVOKE_LABEL`]).
+    pub nested_invokes: usize,
+    /// Whether the statements being translated are inside an invoke.
+    pub in_invoke: bool,
 }
 
 impl Ctx {
@@ -64,6 +68,8 @@ impl Ctx {
             promoted: HashSet::new(),
             gate_scopes: Vec::new(),
             later: Vec::new(),
+            nested_invokes: 0,
+            in_invoke: false,
         }
     }
 
@@ -400,6 +406,7 @@ impl Ctx {
                 let label = &lp.label;
                 quote!(#label loop #body)
             }
+            Expr::Block(b) if invoke_input(b).is_some() => self.nested_invoke(b),
             Expr::Block(b) if b.label.is_none() && b.attrs.is_empty() => self.block(&b.block),
             Expr::If(i) => self.if_stmt(i),
             Expr::Match(m) => self.match_expr(m, false).0,
@@ -409,9 +416,34 @@ impl Ctx {
         }
     }
 
+    /// `invoke(input) { stmts }` inside a loop or a block (rewritten by the parser into a
+    /// labeled block): a new invoke each time it runs, its statements in that invoke's batch
+    /// group. Its variables live in its block (collect values in a variable declared before
+    /// the loop).
+    fn nested_invoke(&mut self, b: &syn::ExprBlock) -> TokenStream {
+        let input = invoke_input(b).expect("checked by the caller").clone();
+        if self.in_invoke {
+            return self.error(b.span(), "an invoke inside an invoke: invokes are not nested; close the first `invoke(..) { .. }` before the next");
+        }
+        if !self.gate_scopes.is_empty() {
+            return self.error(b.span(), "an invoke under an `if` on a proxy cannot work: whether it runs would be known only while the model runs; decide with plain values");
+        }
+        self.nested_invokes += 1;
+        let g = self.fresh("ginv", b.span());
+        let body = syn::Block { brace_token: b.block.brace_token, stmts: b.block.stmts[1..].to_vec() };
+        let (prev_group, prev_in) = (self.group.replace(g.clone()), self.in_invoke);
+        self.in_invoke = true;
+        let body = self.block(&body);
+        self.group = prev_group;
+        self.in_invoke = prev_in;
+        let tr = &self.tr;
+        quote_spanned!(b.span()=> { let #g = #tr.invoke(#input); #body })
+    }
+
     /// A tail expression: a value, or a statement whose value is `()`.
     fn value_or_stmt(&mut self, e: &Expr) -> (TokenStream, bool) {
         match e {
+            Expr::Block(b) if invoke_input(b).is_some() => (self.nested_invoke(b), false),
             Expr::ForLoop(_) | Expr::While(_) | Expr::Loop(_) | Expr::Assign(_) => {
                 let t = self.expr_stmt(e);
                 (quote!({ #t; }), false)
@@ -1067,6 +1099,20 @@ impl Ctx {
             Point::Inputs => format_ident!("inputs", span = hp.span),
         };
         quote_spanned!(hp.span=> #tr.#method(#group, #call, #path))
+    }
+}
+
+/// The input of an invoke written inside a loop or block (the labeled block
+/// `'__nn_invoke: { __nn_invoke_input(input); .. }` of [`crate::ast::INVOKE_LABEL`]).
+pub(crate) fn invoke_input(b: &syn::ExprBlock) -> Option<&Expr> {
+    if !b.label.as_ref().is_some_and(|l| l.name.ident == crate::ast::INVOKE_LABEL) {
+        return None;
+    }
+    match b.block.stmts.first() {
+        Some(Stmt::Expr(Expr::Call(c), _)) if matches!(&*c.func, Expr::Path(p) if p.path.is_ident(crate::ast::INVOKE_INPUT)) => {
+            c.args.first()
+        }
+        _ => None,
     }
 }
 
