@@ -110,7 +110,7 @@ fn model_type_picks_the_family_and_generic_paths_are_the_typed_modules() {
 
 #[test]
 fn one_experiment_runs_on_every_family_through_with_family() {
-    for (name, layers) in [("gpt2", 2usize), ("llama", 2), ("llama_tied", 2)] {
+    for (name, layers) in [("gpt2", 2usize), ("llama", 2), ("llama_tied", 2), ("pythia", 2), ("pythia_seq", 2)] {
         let auto = AutoLanguageModel::from_pretrained(folder(name, |_| {})).unwrap();
         // The logit lens's map on the last layer is the model's own logits, bit for bit.
         let (lens, logits) = with_family!(&auto, |m| lens_last(m)).unwrap();
@@ -120,7 +120,12 @@ fn one_experiment_runs_on_every_family_through_with_family() {
         assert_eq!(hs[0].size(), [1, 6, 64], "{name}: [batch, seq, hidden]");
         // The module tree is the family's.
         let tree = auto.modules();
-        let want = if name == "gpt2" { "transformer.h.1.attn.probs" } else { "model.layers.1.self_attn.probs" };
+        let want = match auto.model_type() {
+            "gpt2" => "transformer.h.1.attn.probs",
+            "gpt_neox" => "gpt_neox.layers.1.attention.probs",
+            _ => "model.layers.1.self_attn.probs",
+        };
+        assert_eq!(with_family!(&auto, |m| m.attn_point(1, AttnPoint::Probs).path().to_string()), want);
         assert!(tree.iter().any(|(p, _)| p == want), "{name}: {want} missing from the tree");
     }
 }

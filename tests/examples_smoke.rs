@@ -1,5 +1,5 @@
-//! Smoke test of `examples/logit_lens.rs` and `examples/ioi_patching.rs` on the tiny GPT-2 and
-//! Llama of `fixtures/causal` (2 blocks, hidden 64, vocab 1000), no download: the test writes a
+//! Smoke test of `examples/logit_lens.rs` and `examples/ioi_patching.rs` on the tiny GPT-2,
+//! Llama and GPT-NeoX of `fixtures/causal` (2 blocks, hidden 64, vocab 1000), no download: the test writes a
 //! checkpoint folder into a temporary directory (copies of the fixture's `config.json` and
 //! `model.safetensors`, and a `tokenizer.json`: word-level over "t0" .. "t999", id = number,
 //! without a pad token), runs the examples' own `run` on it (the architecture comes from
@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use nnsight::models::gpt2::Gpt2;
+use nnsight::models::gpt_neox::GptNeoX;
 use nnsight::models::llama::Llama;
 use nnsight::prelude::*;
 use nnsight::tokenizers::models::wordlevel::WordLevel;
@@ -29,7 +30,8 @@ const PROMPT: &str = "t11 t402 t7 t93 t5 t250 t61";
 /// IOI-shaped prompts for the tiny model: "{A} and {B} ..., {C} gave ... to" as word ids.
 const TEMPLATE: &str = "t20 {IO} t30 {S} t40 t41 t42 {S} t50 t51 t52";
 
-const MODELS: [&str; 2] = ["gpt2", "llama"];
+/// Fixture folders and their `model_type`.
+const MODELS: [(&str, &str); 3] = [("gpt2", "gpt2"), ("llama", "llama"), ("pythia", "gpt_neox")];
 
 /// A checkpoint folder for the examples: the tiny fixture `name` plus a word-level tokenizer.json.
 fn tiny_checkpoint(name: &str, tag: &str) -> PathBuf {
@@ -55,18 +57,19 @@ fn args(v: &[&str]) -> Vec<String> {
 fn plain_logits(name: &str, dir: &Path, prompt: &str) -> Tensor {
     match name {
         "gpt2" => LanguageModel::<Gpt2>::from_pretrained(dir).unwrap().forward(&[prompt]).unwrap(),
-        _ => LanguageModel::<Llama>::from_pretrained(dir).unwrap().forward(&[prompt]).unwrap(),
+        "llama" => LanguageModel::<Llama>::from_pretrained(dir).unwrap().forward(&[prompt]).unwrap(),
+        _ => LanguageModel::<GptNeoX>::from_pretrained(dir).unwrap().forward(&[prompt]).unwrap(),
     }
 }
 
 #[test]
 fn logit_lens_last_layer_is_the_models_own_prediction() {
-    for name in MODELS {
-        check_lens(name);
+    for (name, model_type) in MODELS {
+        check_lens(name, model_type);
     }
 }
 
-fn check_lens(name: &str) {
+fn check_lens(name: &str, model_type: &str) {
     let dir = tiny_checkpoint(name, "lens");
     let png = dir.join("lens.png");
     let lens = logit_lens::run(&args(&[dir.to_str().unwrap(), PROMPT, png.to_str().unwrap()])).unwrap();
@@ -75,7 +78,7 @@ fn check_lens(name: &str) {
     assert_eq!(lens.input, PROMPT.split(' ').collect::<Vec<_>>());
     assert!(lens.top_ids.iter().all(|r| r.len() == seq) && lens.probs.iter().flatten().all(|p| (0.0..=1.0).contains(p)));
 
-    assert_eq!(lens.model_type, name);
+    assert_eq!(lens.model_type, model_type);
     // Independent: a plain forward pass (no trace, no hooks) of the same prompt.
     let logits = plain_logits(name, &dir, PROMPT); // [1, seq, vocab]
     let probs = logits.softmax(-1, Kind::Double);
@@ -98,12 +101,12 @@ fn check_lens(name: &str) {
 
 #[test]
 fn ioi_patching_restores_the_clean_run_where_it_must() {
-    for name in MODELS {
-        check_ioi(name);
+    for (name, model_type) in MODELS {
+        check_ioi(name, model_type);
     }
 }
 
-fn check_ioi(name: &str) {
+fn check_ioi(name: &str, model_type: &str) {
     let dir = tiny_checkpoint(name, "ioi");
     let r = ioi_patching::run(&args(&[dir.to_str().unwrap(), "--io", "t5", "--s", "t7", "--template", TEMPLATE])).unwrap();
     assert_eq!(r.task.clean, "t20 t5 t30 t7 t40 t41 t42 t7 t50 t51 t52");
@@ -116,7 +119,7 @@ fn check_ioi(name: &str) {
     assert!(r.ld.iter().all(|row| row.len() == seq + 3), "clean, corrupted, one per position, all");
 
     // Independent: the logit differences from plain forward passes.
-    assert_eq!(r.model_type, name);
+    assert_eq!(r.model_type, model_type);
     let ld = |text: &str| {
         let l = plain_logits(name, &dir, text).to_kind(Kind::Double);
         l.double_value(&[0, -1, 5]) - l.double_value(&[0, -1, 7])

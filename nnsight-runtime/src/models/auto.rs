@@ -31,6 +31,7 @@ use tch::Device;
 
 use super::causal::{CausalLm, LoadOptions};
 use super::gpt2::Gpt2;
+use super::gpt_neox::GptNeoX;
 use super::llama::Llama;
 use super::model_dir::ModelDir;
 use super::validate::{config_error, MAX_CONFIG_BYTES};
@@ -177,6 +178,7 @@ families! {
     $
     Gpt2(Gpt2) = ["gpt2"] / "GPT2LMHeadModel",
     Llama(Llama) = ["llama"] / "LlamaForCausalLM",
+    GptNeoX(GptNeoX) = ["gpt_neox"] / "GPTNeoXForCausalLM",
 }
 
 /// A bare model of any supported family (`Hooked<M>`, path `""`); see [`Auto`].

@@ -20,6 +20,7 @@ pub mod bert;
 pub mod causal;
 pub mod checkpoint;
 pub mod gpt2;
+pub mod gpt_neox;
 pub mod linear;
 pub mod llama;
 pub mod model_dir;
