@@ -36,10 +36,16 @@ pub enum Mode {
 const GENERATE_OPTIONS: &[&str] = &["max_new_tokens", "temperature", "top_k", "seed", "stop_at_eos"];
 
 pub fn trace(mut input: TraceInput, mode: Mode) -> TokenStream {
+    let mut steps = Steps { model: &input.model, mode, errors: Vec::new() };
     for seg in &mut input.segments {
         crate::format::explicit_format_args(&mut seg.stmts);
+        for s in &mut seg.stmts {
+            syn::visit_mut::VisitMut::visit_stmt_mut(&mut steps, s);
+        }
     }
+    let steps_errors = steps.errors;
     let mut ctx = Ctx::new(input.model.clone());
+    ctx.errors.extend(steps_errors);
     let tr = ctx.tr.clone();
     let model = &input.model;
     let mut dot = None;
@@ -180,4 +186,33 @@ pub fn trace(mut input: TraceInput, mode: Mode) -> TokenStream {
         #after
         __nn_result
     }}
+}
+
+/// `model.steps(range)` in `generate!`: the generation steps in `range` (`Generator::steps`),
+/// so a loop can address every step (`model.steps(..)`) or some (`model.steps(1..3)`) without
+/// naming `max_new_tokens`. In `trace!` (one forward pass, no steps) it is a compile error.
+struct Steps<'a> {
+    model: &'a syn::Ident,
+    mode: Mode,
+    errors: Vec<syn::Error>,
+}
+
+impl syn::visit_mut::VisitMut for Steps<'_> {
+    fn visit_expr_method_call_mut(&mut self, m: &mut syn::ExprMethodCall) {
+        syn::visit_mut::visit_expr_method_call_mut(self, m);
+        let on_model = matches!(&*m.receiver, syn::Expr::Path(p) if p.qself.is_none() && p.path.is_ident(self.model));
+        if !on_model || m.method != "steps" {
+            return;
+        }
+        match self.mode {
+            Mode::Generate => {
+                let span = m.method.span();
+                *m.receiver = syn::parse_quote_spanned!(span=> __nn_generator);
+            }
+            Mode::Trace => self.errors.push(syn::Error::new(
+                m.method.span(),
+                "`model.steps(..)` counts generation steps: it exists in `generate!`; `trace!` runs one forward pass (address calls of a module with `.at(i)` / `.next()`)",
+            )),
+        }
+    }
 }

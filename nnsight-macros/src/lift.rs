@@ -278,7 +278,7 @@ impl VisitMut for Replacer<'_> {
             }
         }
         if let Expr::MethodCall(m) = e {
-            if (m.method == "save" || m.method == "stop") && m.args.is_empty() {
+            if crate::scan::is_save_like(&m.method) && m.args.is_empty() {
                 let (v, _) = self.ctx.value(e);
                 let name = self.ctx.fresh("p", e.span());
                 return self.leaf(e, v, name);

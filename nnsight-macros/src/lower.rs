@@ -894,11 +894,13 @@ impl Ctx {
                 }
             }
             Expr::Field(f) if grad_field(e).is_some() => (self.grad_of(f), true),
-            Expr::MethodCall(m) if (m.method == "save" || m.method == "stop") && m.args.is_empty() => {
+            Expr::MethodCall(m) if crate::scan::is_save_like(&m.method) && m.args.is_empty() => {
                 // Also on a proxy the macro cannot see (`hs[0].save()`): rustc checks it is one.
                 let (r, _) = self.value(&m.receiver);
                 let method = &m.method;
-                (quote_spanned!(m.method.span()=> { let __nn_recv = #r; #tr.#method(__nn_recv) }), true)
+                // `.save_if_ran()` gives a `SavedIfRan`, not a proxy: nothing more is computed on it.
+                let is_proxy = m.method != "save_if_ran";
+                (quote_spanned!(m.method.span()=> { let __nn_recv = #r; #tr.#method(__nn_recv) }), is_proxy)
             }
             Expr::MethodCall(m) if m.method == "backward" => {
                 self.grad = true;
@@ -1202,7 +1204,7 @@ pub(crate) fn builds_graph(e: &Expr, model: &Ident) -> bool {
                         self.found = true;
                     }
                     if let Expr::MethodCall(m) = e {
-                        if m.method == "save" || m.method == "stop" {
+                        if crate::scan::is_save_like(&m.method) {
                             self.found = true;
                         }
                     }
@@ -1245,7 +1247,7 @@ pub(crate) fn has_effect(e: &Expr, ctx: &Ctx) -> bool {
                 Expr::Binary(b) if is_compound(&b.op) => self.found = true,
                 Expr::MethodCall(m) => {
                     let n = m.method.to_string();
-                    if matches!(n.as_str(), "save" | "stop" | "backward") || BUILD_TIME_METHODS.contains(&n.as_str()) {
+                    if matches!(n.as_str(), "save" | "save_if_ran" | "stop" | "backward") || BUILD_TIME_METHODS.contains(&n.as_str()) {
                         self.found = true;
                     }
                     if inplace_root(e).is_some_and(|r| self.ctx.is_proxy_root(r)) {
@@ -1417,7 +1419,7 @@ fn computes(e: &Expr) -> bool {
         Expr::Tuple(_) | Expr::Array(_) | Expr::Struct(_) => false,
         Expr::Macro(m) if m.mac.path.is_ident("vec") => false,
         Expr::Call(c) => !is_constructor(&c.func),
-        Expr::MethodCall(m) => !(m.method == "save" || m.method == "stop"),
+        Expr::MethodCall(m) => !crate::scan::is_save_like(&m.method),
         Expr::Paren(p) => computes(&p.expr),
         _ => true,
     }

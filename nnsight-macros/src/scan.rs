@@ -45,7 +45,7 @@ pub fn mentions_proxy(e: &Expr, names: &Names) -> bool {
             }
             // `.save()` is always on a proxy (tch's `save` takes a path), seen or not.
             if let Expr::MethodCall(m) = e {
-                if (m.method == "save" || m.method == "stop") && m.args.is_empty() {
+                if is_save_like(&m.method) && m.args.is_empty() {
                     self.found = true;
                     return;
                 }
@@ -194,4 +194,9 @@ pub fn free_idents(e: &Expr, skip: &HashSet<String>) -> Vec<Ident> {
     B(&mut v.bound).visit_expr(e);
     v.visit_expr(e);
     v.out
+}
+
+/// `.save()`, `.save_if_ran()` and `.stop()`: always on a proxy, whether the macro sees one or not.
+pub fn is_save_like(method: &syn::Ident) -> bool {
+    method == "save" || method == "stop" || method == "save_if_ran"
 }

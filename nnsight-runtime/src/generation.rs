@@ -73,6 +73,29 @@ impl<'m, M: CausalLm + TextModel> Generator<'m, M> {
         Generator { lm, options, tokens: RefCell::new(None), ended_early: Cell::new(false) }
     }
 
+    /// The generation steps in `range` that this generation may run: `range` clipped to
+    /// `0..max_new_tokens` (step 0 reads the prompt, step `k` makes new token `k`; call `k` of
+    /// a module that runs once per step). In `generate!`, `for s in model.steps(..)` loops
+    /// over every step and `model.steps(1..3)` over steps 1 and 2 (nnsight's `.all()` and
+    /// `iter[1:3]`) without the block naming `max_new_tokens`. Steps that generation does not
+    /// reach (every row ended at end-of-sequence) skip their interventions; save their values
+    /// with `.save_if_ran()` to get `None` for them.
+    pub fn steps(&self, range: impl std::ops::RangeBounds<usize>) -> std::ops::Range<usize> {
+        use std::ops::Bound;
+        let max = usize::try_from(self.options.max_new_tokens).unwrap_or(0);
+        let start = match range.start_bound() {
+            Bound::Included(&s) => s,
+            Bound::Excluded(&s) => s.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&e) => e.saturating_add(1),
+            Bound::Excluded(&e) => e,
+            Bound::Unbounded => max,
+        };
+        start.min(max)..end.min(max).max(start.min(max))
+    }
+
     /// After a run: the token ids `[batch, prompt + new]` (left-padded prompts, then the
     /// generated tokens; finished rows are filled with the pad id).
     pub fn tokens(&self) -> Option<Tensor> {

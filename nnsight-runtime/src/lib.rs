@@ -36,7 +36,7 @@ pub use inplace::InPlaceArith;
 pub use interleave::{is_tracing, HookPointLayout, Outcome};
 pub use language_model::{LanguageModel, TextBatch, TextModel};
 pub use models::bert::{Bert, BertConfig};
-pub use proxy::{NodeId, Proxy, ProxyRef, Saved};
+pub use proxy::{NodeId, Proxy, ProxyRef, Saved, SavedIfRan};
 pub use text_invoke::TextInvoke;
 pub use tensor_hook::{live_grad_hooks, register_grad_hook, retain_grad, retains_grad, GradHook, GradHooks};
 pub use resolve::{Resolve, SwapValue};

@@ -109,6 +109,18 @@ impl<T> From<Saved<T>> for Proxy<T> {
     }
 }
 
+/// A value saved with `.save_if_ran()` ([`crate::Tracer::save_if_ran`]): after the run,
+/// `Some(value)`, or `None` when the run ended before computing it (generation stopped at
+/// end-of-sequence before that step; a `.stop()`).
+#[derive(Debug)]
+pub struct SavedIfRan<T>(pub(crate) Saved<T>);
+
+impl<T> Clone for SavedIfRan<T> {
+    fn clone(&self) -> Self {
+        SavedIfRan(self.0)
+    }
+}
+
 impl<T> Saved<T> {
     /// The same node as an ordinary proxy.
     pub fn proxy(self) -> Proxy<T> {

@@ -5,7 +5,7 @@ use tch::Tensor;
 
 use crate::error::Result;
 use crate::interleave::Outcome;
-use crate::proxy::Saved;
+use crate::proxy::{Saved, SavedIfRan};
 
 /// What a hook point holding `T` can be set to: `T` itself (checked by rustc at the
 /// assignment in `trace!`).
@@ -35,6 +35,13 @@ impl<T: 'static> Resolve for Saved<T> {
     type Output = T;
     fn resolve(self, run: &mut Outcome) -> Result<T> {
         run.take(self.trace, self.id)
+    }
+}
+
+impl<T: 'static> Resolve for SavedIfRan<T> {
+    type Output = Option<T>;
+    fn resolve(self, run: &mut Outcome) -> Result<Option<T>> {
+        run.take_if_ran(self.0.trace, self.0.id)
     }
 }
 

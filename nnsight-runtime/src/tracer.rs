@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::graph::{Effect, EffectKind, Graph, Io, NodeKind, Part};
 use crate::hook::{AsModule, HookModule, Hooked};
 use crate::interleave::{Batch, HookPointLayout, Interleaver};
-use crate::proxy::{NodeId, Proxy, ProxyRef, Saved};
+use crate::proxy::{NodeId, Proxy, ProxyRef, Saved, SavedIfRan};
 use crate::resolve::{Resolve, SwapValue};
 use crate::traced::{IntoInvoke, Traced};
 
@@ -476,6 +476,16 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         }
         self.graph.nodes[id].saved = true;
         Saved { id, trace: self.trace, _t: std::marker::PhantomData }
+    }
+
+    /// [`Tracer::save`] for a value that may legitimately never be computed: after the run it
+    /// gives `Some(value)`, or `None` when the run ended before reaching it — generation that
+    /// stopped at end-of-sequence before this step, or a `.stop()` earlier in the forward pass
+    /// (`.save_if_ran()` in `trace!` / `generate!`). A plain `.save()` of such a value is an
+    /// [`crate::Error::NotComputed`] instead, and fails the whole trace.
+    #[track_caller]
+    pub fn save_if_ran<P: ProxyRef>(&mut self, p: P) -> SavedIfRan<P::Value> {
+        SavedIfRan(self.save(p))
     }
 
     /// What a variable holds after an `if` on a proxy that may have assigned it: `new`'s value

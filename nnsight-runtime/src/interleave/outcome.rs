@@ -35,6 +35,16 @@ impl Outcome {
         self.trace = trace;
     }
 
+    /// [`Outcome::take`], with `None` for a node the run never reached (its slot is still
+    /// empty: generation ended early, or a `.stop()`; a run that misses a hook point for any
+    /// other reason has already failed with `Error::NeverProvided`).
+    pub(crate) fn take_if_ran<T: 'static>(&mut self, trace: u32, id: NodeId) -> Result<Option<T>> {
+        if trace == self.trace && matches!(self.slots.get(id), Some(Slot::Empty)) {
+            return Ok(None);
+        }
+        self.take(trace, id).map(Some)
+    }
+
     /// The value of saved node `id` of trace `trace` (it may be taken several times: tensors
     /// are shared, numbers and strings copied). Errors with [`Error::NotComputed`] when it has
     /// none, and [`Error::Input`] for a node of another trace.
@@ -67,8 +77,8 @@ impl Outcome {
             Slot::Empty => Err(Error::NotComputed {
                 node: self.name(id),
                 reason: match &self.stopped_at {
-                    Some(s) => format!("the run stopped early at {s} before it was computed"),
-                    None => "its inputs were never provided".into(),
+                    Some(s) => format!("the run stopped early at {s} before it was computed (`.save_if_ran()` gives `None` instead)"),
+                    None => "its inputs were never provided (a generation step after every row ended at end-of-sequence: save it with `.save_if_ran()` to get `None` for such steps)".into(),
                 },
             }),
             Slot::Freed => Err(Error::NotComputed {

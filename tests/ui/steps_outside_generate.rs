@@ -1,0 +1,14 @@
+#[path = "support/net.rs"]
+mod support;
+use nnsight::prelude::*;
+use support::net;
+
+fn main() {
+    let model = net();
+    let x = Tensor::zeros([1, 4], (Kind::Float, Device::Cpu));
+    let _ = trace!(model, &x, {
+        for s in model.steps(..) {
+            model.lin.at(s).output *= 2.0;
+        }
+    });
+}
