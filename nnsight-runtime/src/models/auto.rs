@@ -30,6 +30,8 @@ use std::path::Path;
 use tch::Device;
 
 use super::causal::{CausalLm, LoadOptions};
+use super::gemma2::Gemma2;
+use super::gemma3::Gemma3;
 use super::gpt2::Gpt2;
 use super::gpt_neox::GptNeoX;
 use super::llama::Llama;
@@ -179,6 +181,8 @@ families! {
     Gpt2(Gpt2) = ["gpt2"] / "GPT2LMHeadModel",
     Llama(Llama) = ["llama"] / "LlamaForCausalLM",
     GptNeoX(GptNeoX) = ["gpt_neox"] / "GPTNeoXForCausalLM",
+    Gemma2(Gemma2) = ["gemma2"] / "Gemma2ForCausalLM",
+    Gemma3(Gemma3) = ["gemma3_text"] / "Gemma3ForCausalLM",
 }
 
 /// A bare model of any supported family (`Hooked<M>`, path `""`); see [`Auto`].

@@ -256,3 +256,24 @@ pub(crate) fn embedding(p: &nn::Path, rows: i64, dim: i64) -> Hooked<nn::Embeddi
     let cfg = nn::EmbeddingConfig { ws_init: nn::Init::Const(0.0), ..Default::default() };
     Hooked::new(p, params::embedding(p, rows, dim, cfg)).with_layouts(ROWS, ROWS)
 }
+
+/// [`causal_mask`] restricted to a sliding window (Gemma 2 / 3's local layers, Mistral's
+/// `sliding_window`): 0 where key `j` may be seen by query `i` — `j <= past + i`,
+/// `j > past + i - window` (the last `window` positions, the query's own included) and
+/// `attention_mask[b, j] == 1` — and `f32::MIN` elsewhere.
+///
+/// The window counts positions of the (left-padded) sequence, as transformers'
+/// `sliding_window_overlay` (`kv_idx > q_idx - sliding_window`, on cache positions) does; with
+/// left padding only, a row sees the same real keys as it does alone. `attention_mask`:
+/// `[batch, past + seq]`; `window` >= 1. Returns `[batch, 1, seq, past + seq]` f32.
+pub fn sliding_window_mask(attention_mask: &Tensor, seq: i64, window: i64) -> Tensor {
+    let device = attention_mask.device();
+    let size = attention_mask.size();
+    let (batch, total) = (size[0], size[1]);
+    let past = total - seq;
+    let q = (Tensor::arange(seq, (Kind::Int64, device)) + past).unsqueeze(1);
+    let k = Tensor::arange(total, (Kind::Int64, device)).unsqueeze(0);
+    let visible = k.le_tensor(&q).logical_and(&k.gt_tensor(&(&q - window))).view([1, 1, seq, total]);
+    let keep = attention_mask.ne(0).view([batch, 1, 1, total]).logical_and(&visible);
+    Tensor::zeros([batch, 1, seq, total], (Kind::Float, device)).masked_fill(&keep.logical_not(), f32::MIN as f64)
+}

@@ -416,7 +416,7 @@ impl HookModule for LlamaAttention {
 
 /// `[batch, kv_heads, n, d]` → `[batch, kv_heads * groups, n, d]`, each head repeated `groups`
 /// times in place (transformers' `repeat_kv`).
-fn repeat_kv(x: &Tensor, groups: i64) -> Tensor {
+pub(crate) fn repeat_kv(x: &Tensor, groups: i64) -> Tensor {
     if groups == 1 {
         return x.shallow_clone();
     }

@@ -19,6 +19,8 @@ pub mod auto;
 pub mod bert;
 pub mod causal;
 pub mod checkpoint;
+pub mod gemma2;
+pub mod gemma3;
 pub mod gpt2;
 pub mod gpt_neox;
 pub mod linear;

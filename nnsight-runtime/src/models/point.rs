@@ -95,4 +95,25 @@ impl AttentionPoints<'_> {
         let size = z.size();
         z.contiguous().reshape([size[0], size[1], -1])
     }
+
+    /// [`AttentionPoints::attend`] with Gemma 2's attention-logit soft-cap (transformers'
+    /// `eager_attention_forward` with `softcap`): `raw = q kᵀ · scaling`, then
+    /// `tanh(raw / cap) · cap` in the scores' dtype, then `+ mask` in f32 → `scores` →
+    /// `probs = softmax(scores)` (f32, cast to `v`'s dtype) → `z`. The `scores` point sees the
+    /// capped, masked values (visible entries within `[-cap, cap]`). `cap = None` computes
+    /// exactly what `attend(.., upcast_scores = true)` computes. Shapes as in `attend`.
+    pub fn attend_softcapped(&self, q: Tensor, k: Tensor, v: &Tensor, mask: &Tensor, scaling: f64, cap: Option<f64>) -> Tensor {
+        let q = self.q.call(q);
+        let k = self.k.call(k);
+        let raw = q.matmul(&k.transpose(-1, -2)) * scaling;
+        let raw = match cap {
+            Some(cap) => (raw / cap).tanh() * cap,
+            None => raw,
+        };
+        let scores = self.scores.call(raw.to_kind(Kind::Float) + mask);
+        let probs = self.probs.call(scores.softmax(-1, Kind::Float).to_kind(v.kind()));
+        let z = self.z.call(probs.matmul(v).transpose(1, 2));
+        let size = z.size();
+        z.contiguous().reshape([size[0], size[1], -1])
+    }
 }
