@@ -407,6 +407,7 @@ impl Ctx {
                 quote!(#label loop #body)
             }
             Expr::Block(b) if invoke_input(b).is_some() => self.nested_invoke(b),
+            Expr::MethodCall(m) if m.method == "skip" && m.args.len() == 1 && module_chain(&m.receiver, &self.model).is_some() => self.skip(m),
             Expr::Block(b) if b.label.is_none() && b.attrs.is_empty() => self.block(&b.block),
             Expr::If(i) => self.if_stmt(i),
             Expr::Match(m) => self.match_expr(m, false).0,
@@ -440,9 +441,25 @@ impl Ctx {
         quote_spanned!(b.span()=> { let #g = #tr.invoke(#input); #body })
     }
 
+    /// `model.x.skip(value)`: the module returns `value` (its output type, checked by rustc)
+    /// without running its forward, at the call `.next()` / `.at(i)` select.
+    fn skip(&mut self, m: &syn::ExprMethodCall) -> TokenStream {
+        let tr = self.tr.clone();
+        let Some((root, segs)) = module_chain(&m.receiver, &self.model) else { return quote!(()) };
+        let hp = HookPath { root, segs, point: Point::Output, span: m.method.span(), full_span: m.span() };
+        let value = self.swap_value(&m.args[0]);
+        let Some((path, call)) = self.module_access(&hp) else { return quote!(()) };
+        let Some(group) = self.group.clone() else { return self.outside_invoke(m.span()) };
+        let method = format_ident!("skip_with", span = m.method.span());
+        quote_spanned! {m.span()=> #tr.#method(#group, #call, #path, |#tr| #value) }
+    }
+
     /// A tail expression: a value, or a statement whose value is `()`.
     fn value_or_stmt(&mut self, e: &Expr) -> (TokenStream, bool) {
         match e {
+            Expr::MethodCall(m) if m.method == "skip" && m.args.len() == 1 && module_chain(&m.receiver, &self.model).is_some() => {
+                (self.skip(m), false)
+            }
             Expr::Block(b) if invoke_input(b).is_some() => (self.nested_invoke(b), false),
             Expr::ForLoop(_) | Expr::While(_) | Expr::Loop(_) | Expr::Assign(_) => {
                 let t = self.expr_stmt(e);
@@ -1251,6 +1268,9 @@ pub(crate) fn has_effect(e: &Expr, ctx: &Ctx) -> bool {
                         self.found = true;
                     }
                     if inplace_root(e).is_some_and(|r| self.ctx.is_proxy_root(r)) {
+                        self.found = true;
+                    }
+                    if n == "skip" && module_chain(&m.receiver, &self.ctx.model).is_some() {
                         self.found = true;
                     }
                 }

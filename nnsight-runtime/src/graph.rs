@@ -77,6 +77,8 @@ pub(crate) enum EffectKind {
     Swap(NodeId, Part),
     /// An in-place edit node that must have run before the module returns.
     Require(NodeId),
+    /// The module returns the node's value without running its forward (`.skip(value)`).
+    Skip(NodeId),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -296,6 +298,7 @@ impl<'env> Graph<'env> {
                     let (from, what) = match e.kind {
                         EffectKind::Swap(v, _) => (v, "swap"),
                         EffectKind::Require(v) => (v, "edit"),
+                        EffectKind::Skip(v) => (v, "skip"),
                         EffectKind::Read(..) => continue,
                     };
                     let point = format!("p{k}_{}_{}_{}", io.word(), e.call, e.group);

@@ -24,7 +24,8 @@ use std::cell::{Cell, RefCell};
 use std::panic::{self, AssertUnwindSafe};
 use std::rc::Rc;
 
-use crate::activation::{Activation, Layout, Narrow, Refusal, Rows};
+use tch::Tensor;
+use crate::activation::{self, Activation, Layout, Narrow, Refusal, Rows};
 use crate::error::{panic_message, Error, QuietGuard, Result};
 use crate::graph::{AddrMap, Effect, EffectKind, Graph, Io, NodeKind, Part, Value};
 use crate::hook::{HookModule, Hooked};
@@ -149,7 +150,10 @@ pub(crate) fn module_call<M: HookModule>(m: &Hooked<M>, input: M::Input) -> M::O
         None => m.inner().forward(input),
         Some(call) => {
             let input = il.hook(key, Io::Input, call, input, || m.input_layout(), m.path());
-            let out = m.inner().forward(input);
+            let out = match il.skip_output::<M::Input, M::Output>(key, call, &input, m.output_layout()) {
+                Some(out) => out,
+                None => m.inner().forward(input),
+            };
             il.hook(key, Io::Output, call, out, || m.output_layout(), m.path())
         }
     }
@@ -346,6 +350,8 @@ impl<'env> Interleaver<'env> {
                     requires.push((node, e));
                     Ok(())
                 }
+                // Taken before the forward (see `skip_output`).
+                EffectKind::Skip(_) => Ok(()),
             };
             if let Err(err) = r {
                 self.interrupt(err);
@@ -368,6 +374,96 @@ impl<'env> Interleaver<'env> {
             panic::resume_unwind(Box::new(Interrupt));
         }
         act
+    }
+
+    /// The output a `.skip(value)` gives this call of the module instead of running its
+    /// forward, or `None` when nothing skips it (or the `if` around the skip was false).
+    ///
+    /// The module runs once for the whole batch, so a skip must cover every row: one invoke
+    /// holding the whole batch. The value must have the module's output layout for that batch
+    /// (rows on the declared axis) and the device (and, for a floating-point input, the dtype)
+    /// of the module's input. Otherwise the run stops with [`Error::Input`] or
+    /// [`Error::SwapMismatch`], naming the hook point, the call and the invoke.
+    fn skip_output<I: Activation, O: Activation>(&self, key: usize, call: usize, input: &I, layout: Layout) -> Option<O> {
+        if self.audit.is_some() {
+            return None;
+        }
+        let effects: Vec<Effect> = {
+            let g = self.graph.borrow();
+            let m = g.modules.get(&key)?;
+            m.output.iter().filter(|e| e.call == call && matches!(e.kind, EffectKind::Skip(_))).copied().collect()
+        };
+        let mut chosen: Option<(Value, NodeId, Effect)> = None;
+        for e in effects {
+            let EffectKind::Skip(node) = e.kind else { continue };
+            match self.swap_value(node, key, Io::Output, &e) {
+                Ok(None) => {}
+                Ok(Some(v)) => {
+                    if let Some((_, _, first)) = &chosen {
+                        let point = self.graph.borrow().point_name(key, Io::Output);
+                        self.interrupt(Error::Input(format!(
+                            "`.skip()` of `{point}` (call {call}) in {} and in {}: a module runs once for the whole batch, so only a trace with one invoke can skip it",
+                            Group(first.group),
+                            Group(e.group)
+                        )));
+                    }
+                    chosen = Some((v, node, e));
+                }
+                Err(err) => self.interrupt(err),
+            }
+        }
+        let (v, node, e) = chosen?;
+        let point = || self.graph.borrow().point_name(key, Io::Output);
+        let rows = self.batch.rows(e.group);
+        if !rows.is_all() {
+            self.interrupt(Error::Input(format!(
+                "`.skip()` of `{}` (call {call}) in {} covers rows {}..{} of a batch of {}: a module runs once for the whole batch, so every row must skip it; skip in a trace with one invoke",
+                point(),
+                Group(e.group),
+                rows.start,
+                rows.start + rows.len,
+                rows.total
+            )));
+        }
+        let out = match activation_from::<O>(v, || self.node_name(node)) {
+            Ok(o) => o,
+            Err(err) => self.interrupt(err),
+        };
+        // What the forward would have been given: its device, and its dtype when floating.
+        let mut like: Option<Tensor> = None;
+        input.for_each_tensor(&mut |t| {
+            if like.is_none() && t.defined() {
+                like = Some(t.shallow_clone());
+            }
+        });
+        let mut problem: Option<(String, String)> = None;
+        out.for_each_tensor(&mut |t| {
+            if problem.is_some() || !t.defined() {
+                return;
+            }
+            if let Some(x) = &like {
+                let kind_differs = x.is_floating_point() && t.is_floating_point() && x.kind() != t.kind();
+                if x.device() != t.device() || kind_differs {
+                    problem = Some((format!("{:?} on {:?} (the module's input)", x.kind(), x.device()), activation::describe_tensor(t)));
+                }
+            }
+        });
+        if problem.is_none() {
+            let mut check = RowsCheck { total: rows.total, bad: None };
+            if let Err(r) = out.map_leaves(layout, &mut check) {
+                let reason = match r {
+                    Refusal::Layout(m) | Refusal::Shared(m) => m,
+                    Refusal::Mismatch { actual, .. } => actual,
+                };
+                problem = Some((format!("the output layout {layout} for a batch of {}", rows.total), reason));
+            } else if let Some(bad) = check.bad {
+                problem = Some((format!("{} rows on the batch axis of {layout}", rows.total), bad));
+            }
+        }
+        if let Some((expected, actual)) = problem {
+            self.interrupt(Error::SwapMismatch { point: point(), call, invoke: Group(e.group), expected, actual });
+        }
+        Some(out)
     }
 
     /// Hands read `node` its group's share of `act` (`.output`/`.inputs`, or `.input`).
@@ -541,7 +637,7 @@ impl<'env> Interleaver<'env> {
         for (&key, m) in &g.modules {
             for io in [Io::Input, Io::Output] {
                 for e in m.side(io) {
-                    if let EffectKind::Swap(v, _) = e.kind {
+                    if let EffectKind::Swap(v, _) | EffectKind::Skip(v) = e.kind {
                         if v == id {
                             return format!("; its value is for the swap at `{}` (call {}, {})", g.point_name(key, io), e.call, Group(e.group));
                         }
@@ -684,5 +780,31 @@ impl<'env> Interleaver<'env> {
             self.release(*a);
         }
         Ok(())
+    }
+}
+
+/// Checks that every tensor of a skip value has the batch's rows on its declared axis.
+struct RowsCheck {
+    total: i64,
+    bad: Option<String>,
+}
+
+impl activation::Leaves for RowsCheck {
+    /// Declared rows ([`Layout::Batch`]) and the dim-0 default ([`Layout::Auto`], which for a
+    /// value the module never computed cannot tell rows from shared: it asks for rows) must
+    /// have the batch's rows; declared [`Layout::Shared`] tensors are taken as they are.
+    fn tensor(&mut self, t: &Tensor, layout: Layout) -> std::result::Result<Tensor, Refusal> {
+        let axis = match layout {
+            Layout::Batch(axis) => Some(axis),
+            Layout::Auto if t.defined() => Some(0),
+            _ => None,
+        };
+        if let Some(axis) = axis {
+            let rows = t.size().get(axis).copied();
+            if self.bad.is_none() && rows != Some(self.total) {
+                self.bad = Some(activation::describe_tensor(t));
+            }
+        }
+        Ok(t.shallow_clone())
     }
 }

@@ -341,6 +341,36 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         self.swap(group, call, Io::Output, Part::Whole, path, v)
     }
 
+    /// `model.x.skip(value)`: at the call `call` selects, the module returns `value` without
+    /// running its forward (its children do not run either); reads of its `.output` see `value`.
+    /// Its input hook point still runs, so `value` may be computed from it
+    /// (`model.layer[3].skip(model.layer[3].input)` removes a layer). `value` is built by the
+    /// closure first, as for [`Tracer::swap_output_with`]; its type is the module's output type.
+    ///
+    /// At run time the module runs once for the whole batch, so the skip must cover every row
+    /// (a trace with one invoke), and `value` must have the module's output layout for that
+    /// batch and the device (and, for a floating-point input, the dtype) of the module's input;
+    /// otherwise [`Error::Input`] or [`Error::SwapMismatch`], naming the hook point, call and
+    /// invoke. A skip under an `if` on a proxy that is false lets the module run.
+    #[track_caller]
+    pub fn skip_with<Mo: AsModule + 'env, V: SwapValue<<Mo::Module as HookModule>::Output> + 'static>(
+        &mut self,
+        group: Group,
+        call: impl Into<Call>,
+        path: impl FnOnce() -> Result<&'env Mo>,
+        value: impl FnOnce(&mut Self) -> Proxy<V>,
+    ) {
+        let v = value(self);
+        let v = self.node(&v);
+        if !self.check_group(group) {
+            return;
+        }
+        let Some((h, call)) = self.module(call.into(), path) else { return };
+        self.reads.retain(|&(k, i, _, c, g), _| !(k == h.key() && i == Io::Output && c == call && g == group.0));
+        self.graph.nodes[v].swap_uses += 1;
+        self.graph.add_effect(h.key(), h.path(), Io::Output, Effect { call, group: group.0, kind: EffectKind::Skip(v) });
+    }
+
     /// [`Tracer::swap_inputs`] with the value built by `value` (see [`Tracer::swap_output_with`]).
     pub fn swap_inputs_with<Mo: AsModule + 'env, V: SwapValue<<Mo::Module as HookModule>::Input> + 'static>(
         &mut self,

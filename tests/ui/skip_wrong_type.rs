@@ -1,0 +1,13 @@
+#[path = "support/net.rs"]
+mod support;
+use nnsight::prelude::*;
+use support::net;
+
+fn main() {
+    let model = net();
+    let x = Tensor::zeros([1, 4], (Kind::Float, Device::Cpu));
+    let _ = trace!(model, &x, {
+        model.layers[1].skip(model.lin.output.sum(Kind::Float).double_value(&[]));
+        model.output.save()
+    });
+}
