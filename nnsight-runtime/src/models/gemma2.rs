@@ -50,7 +50,7 @@ use std::path::Path;
 
 use tch::{nn, Device, Kind, Tensor};
 
-use super::bert::HiddenAct;
+use super::act::HiddenAct;
 use super::causal::{self, AttnPoint, CausalInput, CausalLm, Decoder, LmHead, LoadOptions, TokenIds};
 use super::llama::{LlamaConfig, LlamaMlp, LayerInput, LAYER_INPUT};
 use super::params;

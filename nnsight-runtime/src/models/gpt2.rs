@@ -28,7 +28,7 @@ use std::path::Path;
 
 use tch::{nn, Device, Kind, Tensor};
 
-use super::bert::HiddenAct;
+use super::act::HiddenAct;
 use super::causal::{self, AttnPoint, CausalInput, CausalLm, Decoder, KvCacheHandle, LmHead, LoadOptions, TokenIds};
 use super::params;
 use super::point::{AttentionPoints, HookPoint};

@@ -15,6 +15,7 @@
 //! [`load_safetensors`] fills a `VarStore` from a safetensors checkpoint, checking every name
 //! and shape first (tch's own `VarStore::load` would silently broadcast a wrongly shaped tensor).
 
+pub mod act;
 pub mod auto;
 pub mod bert;
 pub mod causal;

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{LayerType, Rope};
 use crate::error::Result;
-use crate::models::bert::HiddenAct;
+use crate::models::act::HiddenAct;
 use crate::models::causal::TokenIds;
 use crate::models::llama::LlamaConfig;
 use crate::models::validate as v;

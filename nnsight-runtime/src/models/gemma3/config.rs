@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::models::bert::HiddenAct;
+use crate::models::act::HiddenAct;
 use crate::models::causal::TokenIds;
 use crate::models::gemma2::{validate_common, Common, LayerType, Rope};
 use crate::models::llama::LlamaConfig;

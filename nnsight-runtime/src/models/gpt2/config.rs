@@ -5,7 +5,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::models::bert::HiddenAct;
+use crate::models::act::HiddenAct;
 use crate::models::causal::TokenIds;
 use crate::models::validate as v;
 
