@@ -31,6 +31,9 @@ use crate::lower::Ctx;
 pub enum Mode {
     Trace,
     Generate,
+    /// `edit!`: the block becomes a persistent edit of the model (`LanguageModel::add_edit`),
+    /// replayed into every later trace; nothing runs now.
+    Edit,
 }
 
 const GENERATE_OPTIONS: &[&str] = &["max_new_tokens", "temperature", "top_k", "seed", "stop_at_eos"];
@@ -46,6 +49,9 @@ pub fn trace(mut input: TraceInput, mode: Mode) -> TokenStream {
     let steps_errors = steps.errors;
     let mut ctx = Ctx::new(input.model.clone());
     ctx.errors.extend(steps_errors);
+    if mode == Mode::Edit {
+        return edit(input, ctx);
+    }
     let tr = ctx.tr.clone();
     let model = &input.model;
     let mut dot = None;
@@ -74,7 +80,7 @@ pub fn trace(mut input: TraceInput, mode: Mode) -> TokenStream {
             gen_options.push(quote!(__nn_options.#name = #v;));
         } else {
             let known = match mode {
-                Mode::Trace => "`dot = &mut string`, `grad = true`, `cache = &mut option`, `cache_options = options`".to_string(),
+                Mode::Trace | Mode::Edit => "`dot = &mut string`, `grad = true`, `cache = &mut option`, `cache_options = options`".to_string(),
                 Mode::Generate => format!(
                     "{}, `tokens = &mut option`, `dot = &mut string`, `grad = true`, `cache = &mut option`, `cache_options = options`",
                     GENERATE_OPTIONS.join(", ")
@@ -157,7 +163,7 @@ pub fn trace(mut input: TraceInput, mode: Mode) -> TokenStream {
         None => (quote!(), finish),
     };
     let (setup, traced, after) = match mode {
-        Mode::Trace => (quote!(), quote!(&#model), quote!()),
+        Mode::Trace | Mode::Edit => (quote!(), quote!(&#model), quote!()),
         Mode::Generate => (
             quote! {
                 let __nn_generator = {
@@ -209,10 +215,62 @@ impl syn::visit_mut::VisitMut for Steps<'_> {
                 let span = m.method.span();
                 *m.receiver = syn::parse_quote_spanned!(span=> __nn_generator);
             }
-            Mode::Trace => self.errors.push(syn::Error::new(
+            Mode::Trace | Mode::Edit => self.errors.push(syn::Error::new(
                 m.method.span(),
                 "`model.steps(..)` counts generation steps: it exists in `generate!`; `trace!` runs one forward pass (address calls of a module with `.at(i)` / `.next()`)",
             )),
         }
     }
+}
+
+/// `edit!(model, { .. })`: `model.add_edit(move |tracer, model| { <the block's nodes on every
+/// row> })`, returning `Result<(), nnsight::Error>`. The block may not have invokes (an edit
+/// applies to every row of every later trace) nor save values (they would have nowhere to go).
+fn edit(input: TraceInput, mut ctx: Ctx) -> TokenStream {
+    ctx.owned_captures = true;
+    let tr = ctx.tr.clone();
+    let model = &input.model;
+    for (name, _) in &input.options {
+        ctx.errors.push(syn::Error::new(name.span(), format!("`edit!` takes no options (`{name}`): it only stores interventions")));
+    }
+    let mut body = TokenStream::new();
+    for seg in &input.segments {
+        if seg.invoke.is_some() {
+            ctx.errors.push(syn::Error::new(seg.span, "`edit!` applies to every row of every later trace: write its interventions without `invoke`"));
+            continue;
+        }
+        struct Saves(Vec<proc_macro2::Span>);
+        impl<'ast> syn::visit::Visit<'ast> for Saves {
+            fn visit_expr_method_call(&mut self, m: &'ast syn::ExprMethodCall) {
+                if crate::scan::is_save_like(&m.method) && m.method != "stop" {
+                    self.0.push(m.method.span());
+                }
+                syn::visit::visit_expr_method_call(self, m);
+            }
+        }
+        let mut saves = Saves(Vec::new());
+        for s in &seg.stmts {
+            syn::visit::Visit::visit_stmt(&mut saves, s);
+        }
+        for sp in saves.0 {
+            ctx.errors.push(syn::Error::new(sp, "`edit!` stores interventions for later traces, so a saved value would have nowhere to go: save it in the `trace!` that runs with the edit"));
+        }
+        ctx.group = Some(format_ident!("__nn_all"));
+        let (stmts, tail) = ctx.stmts(&seg.stmts);
+        body.extend(stmts);
+        if let Some((t, _)) = tail {
+            body.extend(quote!(let _ = #t;));
+        }
+    }
+    let errors: Vec<TokenStream> = ctx.errors.iter().map(syn::Error::to_compile_error).collect();
+    if !errors.is_empty() {
+        return quote!({ #(#errors)* ::core::result::Result::<(), ::nnsight::Error>::Ok(()) });
+    }
+    quote! {{
+        #model.add_edit(move |#tr, #model| {
+            #[allow(unused_variables)]
+            let __nn_all = ::nnsight::Group::ALL;
+            #body
+        })
+    }}
 }

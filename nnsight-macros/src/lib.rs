@@ -40,6 +40,18 @@ pub fn generate(input: TokenStream) -> TokenStream {
     expand::trace(input, expand::Mode::Generate).into()
 }
 
+/// A persistent edit of a language model: `edit!(model, { model.x.output[.., 0] = 0.0; })`
+/// stores the block's interventions in `model`, and every later `trace!`, `generate!` and
+/// activation cache of it applies them (to every row, before the trace's own block) until
+/// `model.clear_edits()`. Returns `Result<(), nnsight::Error>` (an error building the edit,
+/// found by trying it once). Variables it uses are moved into it (as by a `move` closure) and
+/// kept for every replay: `Copy` values, tensors (sharing storage) and `Clone` values.
+#[proc_macro]
+pub fn edit(input: TokenStream) -> TokenStream {
+    let input = syn::parse_macro_input!(input as ast::TraceInput);
+    expand::trace(input, expand::Mode::Edit).into()
+}
+
 /// Derives `ModuleTree` for a model struct: the walk over its `Hooked` fields (also inside
 /// `Vec`/`Option`), used to list module paths and print the module tree. A module field may not
 /// be named `output`, `input` or `inputs` (those are hook points in `trace!`): name it `output_`.

@@ -43,9 +43,14 @@ impl Ctx {
         let renames: HashMap<String, Ident> =
             captures.iter().map(|c| (c.to_string(), self.fresh("cap", c.span()))).collect();
         UseCaptures { names: &renames, place: false }.visit_expr_mut(&mut body);
+        let owned = self.owned_captures;
         let cap_lets = captures.iter().map(|c| {
             let fresh = &renames[&c.to_string()];
-            quote!(let #fresh = (&::nnsight::__private::Cap(&#c)).__nn_cap();)
+            if owned {
+                quote!(let #fresh = (&::nnsight::__private::CapOwn(&#c)).__nn_cap();)
+            } else {
+                quote!(let #fresh = (&::nnsight::__private::Cap(&#c)).__nn_cap();)
+            }
         });
         let apply = format_ident!("apply{}", leaves.len());
         let arg_names: Vec<&Ident> = leaves.iter().map(|(p, _)| p).collect();
@@ -71,7 +76,7 @@ impl Ctx {
         quote_spanned! {span=> {
             #(#bindings)*
             #[allow(unused_imports)]
-            use ::nnsight::__private::{CapByCopy as _, CapByRef as _};
+            use ::nnsight::__private::{CapByCopy as _, CapByRef as _, CapOwnByCopy as _, CapOwnClone as _, CapOwnTensor as _};
             #(#cap_lets)*
             let __nn_node = #tr.#apply(#(#arg_vals,)* move |#(#arg_names),*| {
                 #[allow(unused_imports)]

@@ -52,6 +52,9 @@ pub struct Ctx {
     pub nested_invokes: usize,
     /// Whether the statements being translated are inside an invoke.
     pub in_invoke: bool,
+    /// `edit!`: captured variables are owned by the nodes (copied, cloned, tensors shared),
+    /// since the edit is replayed into traces long after its block ran.
+    pub owned_captures: bool,
 }
 
 impl Ctx {
@@ -70,6 +73,7 @@ impl Ctx {
             later: Vec::new(),
             nested_invokes: 0,
             in_invoke: false,
+            owned_captures: false,
         }
     }
 

@@ -152,6 +152,14 @@ impl<M: CausalLm + TextModel> Traced for Generator<'_, M> {
     fn tolerates_missing(&self) -> bool {
         self.ended_early.get()
     }
+
+    /// The language model's persistent edits, replayed on a tracer of the language model and
+    /// taken over.
+    fn replay_edits<'e>(&'e self, tracer: &mut crate::Tracer<'e, Self>) {
+        if self.lm.edit_count() > 0 {
+            tracer.absorb(crate::Tracer::new(self.lm));
+        }
+    }
 }
 
 impl<M: CausalLm + TextModel> AsModule for Generator<'_, M> {

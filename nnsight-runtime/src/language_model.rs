@@ -60,7 +60,7 @@ impl TextBatch {
 }
 
 /// A model that runs on tokenized text and can be loaded from a Hugging Face folder.
-pub trait TextModel: HookModule + Sized {
+pub trait TextModel: HookModule + Sized + 'static {
     /// Loads config and weights from the checkpoint folder `dir` onto `device`.
     fn load(dir: &Path, device: Device) -> Result<Self>;
 
@@ -116,6 +116,8 @@ pub struct LanguageModel<M> {
     root: Hooked<M>,
     tokenizer: Tokenizer,
     device: Device,
+    /// Persistent edits (`edit!`), replayed into every trace.
+    edits: crate::edits::PersistentEdits<M>,
 }
 
 impl<M: TextModel> LanguageModel<M> {
@@ -165,7 +167,12 @@ impl<M: TextModel> LanguageModel<M> {
             pad_token,
         }));
         tokenizer.with_truncation(None).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(LanguageModel { root: Hooked::with_path("", model), tokenizer, device })
+        Ok(LanguageModel { root: Hooked::with_path("", model), tokenizer, device, edits: Default::default() })
+    }
+
+    /// The persistent edits (see [`LanguageModel::add_edit`]).
+    pub(crate) fn persistent_edits(&self) -> &crate::edits::PersistentEdits<M> {
+        &self.edits
     }
 
     /// The tokenizer (padding and truncation already set as described on the type).

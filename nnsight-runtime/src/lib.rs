@@ -8,6 +8,7 @@
 pub mod activation;
 pub mod bundled;
 pub mod cache;
+pub mod edits;
 pub mod error;
 pub mod generation;
 pub mod graph;

@@ -185,6 +185,84 @@ pub fn ix<P: IndexPart>(p: P) -> P::Out {
     p.part()
 }
 
+/// A variable captured by an expression of `edit!`: the edit is replayed into every later
+/// trace, so its nodes own what they use: a copy of a `Copy` value ([`CapOwnByCopy`]), a handle
+/// sharing a tensor's storage ([`CapOwnTensor`]), a clone of any other `Clone` value
+/// ([`CapOwnClone`]).
+pub struct CapOwn<'a, T: ?Sized>(pub &'a T);
+
+/// An owned capture of `edit!` (see [`CapOwn`]), used as `(*x)` like the others.
+pub struct CapturedOwned<T>(pub T);
+
+impl<T> std::ops::Deref for CapturedOwned<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+impl<T: std::fmt::Display> std::fmt::Display for CapturedOwned<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+impl<T: std::fmt::Debug> std::fmt::Debug for CapturedOwned<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.0, f)
+    }
+}
+impl UseTensor for &CapturedOwned<Tensor> {
+    fn __nn_use(self) -> Tensor {
+        self.0.shallow_clone()
+    }
+}
+impl<'a, T> UseRef for &&'a CapturedOwned<T> {
+    type Out = &'a T;
+    fn __nn_use(self) -> &'a T {
+        &self.0
+    }
+}
+
+/// See [`CapOwn`].
+pub trait CapOwnByCopy {
+    /// The captured form.
+    type Out;
+    /// Capture.
+    fn __nn_cap(&self) -> Self::Out;
+}
+impl<T: Copy> CapOwnByCopy for CapOwn<'_, T> {
+    type Out = CapturedCopy<T>;
+    fn __nn_cap(&self) -> CapturedCopy<T> {
+        CapturedCopy(*self.0)
+    }
+}
+/// See [`CapOwn`].
+pub trait CapOwnTensor {
+    /// Capture.
+    fn __nn_cap(&self) -> CapturedOwned<Tensor>;
+}
+impl CapOwnTensor for CapOwn<'_, Tensor> {
+    fn __nn_cap(&self) -> CapturedOwned<Tensor> {
+        CapturedOwned(self.0.shallow_clone())
+    }
+}
+/// See [`CapOwn`].
+#[diagnostic::on_unimplemented(
+    message = "`edit!` keeps what it captures for every later trace: `{Self}` is neither `Copy`, `Clone` nor a tensor",
+    note = "capture a clone you can keep, or compute the value inside the block"
+)]
+pub trait CapOwnClone {
+    /// The captured form.
+    type Out;
+    /// Capture.
+    fn __nn_cap(&self) -> Self::Out;
+}
+impl<T: Clone> CapOwnClone for &CapOwn<'_, T> {
+    type Out = CapturedOwned<T>;
+    fn __nn_cap(&self) -> CapturedOwned<T> {
+        CapturedOwned(self.0.clone())
+    }
+}
+
 /// See [`Cap`].
 pub trait CapByCopy {
     /// The captured form.

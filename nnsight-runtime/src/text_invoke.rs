@@ -40,6 +40,10 @@ pub enum TextInvoke {
 impl<M: TextModel> Traced for LanguageModel<M> {
     type Invoke = TextInvoke;
 
+    fn replay_edits<'e>(&'e self, tracer: &mut crate::Tracer<'e, Self>) {
+        self.replay_into(tracer);
+    }
+
     fn invoke_rows(&self, invoke: &TextInvoke) -> Result<i64> {
         match invoke {
             TextInvoke::Sentences(v) if v.is_empty() => Err(no_sentence()),

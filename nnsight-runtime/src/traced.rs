@@ -22,6 +22,11 @@ pub trait Traced {
     fn tolerates_missing(&self) -> bool {
         false
     }
+
+    /// Adds this model's persistent edits (`edit!`, see [`crate::LanguageModel::add_edit`]) to a
+    /// new trace's graph; called by [`crate::Tracer::new`] before the block builds anything.
+    /// Default: none.
+    fn replay_edits<'e>(&'e self, _tracer: &mut crate::Tracer<'e, Self>) {}
 }
 
 /// What can be given to `trace!`/`invoke` as an input for model `M`.

@@ -90,9 +90,10 @@ pub struct Tracer<'env, M: ?Sized + Traced> {
 static NEXT_TRACE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
-    /// A tracer for `model` with no invokes yet.
+    /// A tracer for `model` with no invokes yet; the model's persistent edits (if any, see
+    /// [`Traced::replay_edits`]) are already in its graph.
     pub fn new(model: &'env M) -> Self {
-        Tracer {
+        let mut tracer = Tracer {
             model,
             graph: Graph::default(),
             invokes: Vec::new(),
@@ -104,7 +105,30 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
             edits: Default::default(),
             edit_of: Default::default(),
             trace: NEXT_TRACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        }
+        };
+        model.replay_edits(&mut tracer);
+        tracer.cursors.clear();
+        tracer
+    }
+
+    /// Takes over the graph `other` built (its nodes, effects and errors) into this tracer,
+    /// which must not have built anything yet: how a generation's tracer gets the persistent
+    /// edits replayed on its language model's tracer. `.next()` positions start afresh.
+    pub(crate) fn absorb<N: ?Sized + Traced>(&mut self, other: Tracer<'env, N>) {
+        self.graph = other.graph;
+        self.error = other.error;
+        self.gates = other.gates;
+        self.cursors.clear();
+        self.reads = other.reads;
+        self.grad = other.grad;
+        self.trace = other.trace;
+        self.edits = other.edits;
+        self.edit_of = other.edit_of;
+    }
+
+    /// The error building recorded so far, if any, taken out (checked when an edit is added).
+    pub(crate) fn take_building_error(&mut self) -> Option<Error> {
+        self.error.take()
     }
 
     fn fail(&mut self, e: Error) {
