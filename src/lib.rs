@@ -18,14 +18,14 @@
 //! errors, your own model, the bundled models, loading checkpoints, and how it works. The repository's README has the
 //! commands to set up and run the examples and tests, and BENCHMARKS.md the performance figures.
 
-pub use nnsight_macros::{edit, generate, trace};
+pub use nnsight_macros::{edit, generate, scan, trace};
 pub use nnsight_runtime::*;
 
 pub mod guide;
 
 /// Everything an experiment usually needs: `use nnsight::prelude::*;`.
 pub mod prelude {
-    pub use nnsight_macros::{edit, generate, trace};
+    pub use nnsight_macros::{edit, generate, scan, trace};
     pub use nnsight_runtime::{Cache, CacheOptions, Error, HookModule, Hooked, InPlaceArith, Leaf, ModuleTree, Proxy, RunWithCache, Saved, Tracer};
     pub use tch::{self, Device, IndexOp, Kind, Tensor};
 }

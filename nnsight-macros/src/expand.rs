@@ -34,6 +34,9 @@ pub enum Mode {
     /// `edit!`: the block becomes a persistent edit of the model (`LanguageModel::add_edit`),
     /// replayed into every later trace; nothing runs now.
     Edit,
+    /// `scan!`: builds the graph as `trace!` does and returns every problem found
+    /// (`Tracer::scan`), without running the model.
+    Scan,
 }
 
 const GENERATE_OPTIONS: &[&str] = &["max_new_tokens", "temperature", "top_k", "seed", "stop_at_eos"];
@@ -80,7 +83,7 @@ pub fn trace(mut input: TraceInput, mode: Mode) -> TokenStream {
             gen_options.push(quote!(__nn_options.#name = #v;));
         } else {
             let known = match mode {
-                Mode::Trace | Mode::Edit => "`dot = &mut string`, `grad = true`, `cache = &mut option`, `cache_options = options`".to_string(),
+                Mode::Trace | Mode::Edit | Mode::Scan => "`dot = &mut string`, `grad = true`, `cache = &mut option`, `cache_options = options`".to_string(),
                 Mode::Generate => format!(
                     "{}, `tokens = &mut option`, `dot = &mut string`, `grad = true`, `cache = &mut option`, `cache_options = options`",
                     GENERATE_OPTIONS.join(", ")
@@ -144,12 +147,18 @@ pub fn trace(mut input: TraceInput, mode: Mode) -> TokenStream {
     let errors: Vec<TokenStream> = ctx.errors.iter().map(syn::Error::to_compile_error).collect();
     if !errors.is_empty() {
         // Fail soft: only the real errors, and an expression of a plausible type.
+        if mode == Mode::Scan {
+            return quote!({ #(#errors)* ::std::vec::Vec::<::nnsight::Error>::new() });
+        }
         return quote!({ #(#errors)* ::core::result::Result::<_, ::nnsight::Error>::Ok(::nnsight::__private::never()) });
     }
-    let finish = quote_spanned!(value_span=> ::nnsight::Tracer::finish(::core::mem::ManuallyDrop::into_inner(#tr), __nn_value));
+    let finish = match mode {
+        Mode::Scan => quote_spanned!(value_span=> { let _ = __nn_value; ::nnsight::Tracer::scan(::core::mem::ManuallyDrop::into_inner(#tr)) }),
+        _ => quote_spanned!(value_span=> ::nnsight::Tracer::finish(::core::mem::ManuallyDrop::into_inner(#tr), __nn_value)),
+    };
     // With `cache = &mut slot`: the cache ticket is resolved with the block's value.
     let (cache_setup, finish) = match &cache {
-        Some(slot) => {
+        Some(slot) if mode != Mode::Scan => {
             let options = match &cache_options {
                 Some((_, o)) => quote!(#o),
                 None => quote!(::nnsight::CacheOptions::default()),
@@ -160,10 +169,10 @@ pub fn trace(mut input: TraceInput, mode: Mode) -> TokenStream {
                     .map(|(__nn_v, __nn_c)| { *(#slot) = ::core::option::Option::Some(__nn_c); __nn_v })),
             )
         }
-        None => (quote!(), finish),
+        _ => (quote!(), finish),
     };
     let (setup, traced, after) = match mode {
-        Mode::Trace | Mode::Edit => (quote!(), quote!(&#model), quote!()),
+        Mode::Trace | Mode::Edit | Mode::Scan => (quote!(), quote!(&#model), quote!()),
         Mode::Generate => (
             quote! {
                 let __nn_generator = {
@@ -215,7 +224,7 @@ impl syn::visit_mut::VisitMut for Steps<'_> {
                 let span = m.method.span();
                 *m.receiver = syn::parse_quote_spanned!(span=> __nn_generator);
             }
-            Mode::Trace | Mode::Edit => self.errors.push(syn::Error::new(
+            Mode::Trace | Mode::Edit | Mode::Scan => self.errors.push(syn::Error::new(
                 m.method.span(),
                 "`model.steps(..)` counts generation steps: it exists in `generate!`; `trace!` runs one forward pass (address calls of a module with `.at(i)` / `.next()`)",
             )),

@@ -40,6 +40,16 @@ pub fn generate(input: TokenStream) -> TokenStream {
     expand::trace(input, expand::Mode::Generate).into()
 }
 
+/// Checks a trace without running the model: `scan!(model, input, { .. })` builds the block's
+/// intervention graph as `trace!` would and returns `Vec<nnsight::Error>`, every problem found
+/// (module paths, list indices, invoke inputs, ...; empty when the trace would start running).
+/// It cannot know what needs the model to run: call counts, activation shapes, node values.
+#[proc_macro]
+pub fn scan(input: TokenStream) -> TokenStream {
+    let input = syn::parse_macro_input!(input as ast::TraceInput);
+    expand::trace(input, expand::Mode::Scan).into()
+}
+
 /// A persistent edit of a language model: `edit!(model, { model.x.output[.., 0] = 0.0; })`
 /// stores the block's interventions in `model`, and every later `trace!`, `generate!` and
 /// activation cache of it applies them (to every row, before the trace's own block) until

@@ -73,6 +73,8 @@ pub struct Tracer<'env, M: ?Sized + Traced> {
     graph: Graph<'env>,
     invokes: Vec<M::Invoke>,
     error: Option<Error>,
+    /// Errors recorded after the first (a run reports the first; [`Tracer::scan`] all).
+    more_errors: Vec<Error>,
     gates: Vec<NodeId>,
     cursors: std::collections::HashMap<usize, usize>,
     /// Hook reads by `(module, io, part, call, group)`: reading the same point twice gives the
@@ -98,6 +100,7 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
             graph: Graph::default(),
             invokes: Vec::new(),
             error: None,
+            more_errors: Vec::new(),
             gates: Vec::new(),
             cursors: Default::default(),
             reads: Default::default(),
@@ -117,6 +120,7 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
     pub(crate) fn absorb<N: ?Sized + Traced>(&mut self, other: Tracer<'env, N>) {
         self.graph = other.graph;
         self.error = other.error;
+        self.more_errors = other.more_errors;
         self.gates = other.gates;
         self.cursors.clear();
         self.reads = other.reads;
@@ -134,6 +138,8 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
     fn fail(&mut self, e: Error) {
         if self.error.is_none() {
             self.error = Some(e);
+        } else {
+            self.more_errors.push(e);
         }
     }
 
@@ -615,6 +621,28 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
     fn add_apply(&mut self, label: &str, args: Vec<NodeId>, f: crate::graph::NodeFn<'env>) -> NodeId {
         let gates = self.gates.clone();
         self.graph.add(label.to_string(), Location::caller(), NodeKind::Apply(Some(f)), args, gates)
+    }
+
+    /// Checks the trace without running the model (`scan!`): every problem found while the
+    /// graph was built — module paths and list indices, `.at(i)` / `.next()` misuse, invokes
+    /// that cannot be converted (tokenization, ids outside the vocabulary, sequences over the
+    /// model's length, empty inputs), invoke groups that do not exist, misuse of saves and
+    /// edits — then the batch the invokes would form. Empty when the trace would start running.
+    ///
+    /// What it cannot know without running the model: how many times a module is called (so
+    /// whether `.at(i)` exists), the shapes, dtypes and layouts of activations (so whether a
+    /// swap's value fits, or an index is in range), and anything a node computes.
+    pub fn scan(self) -> Vec<Error> {
+        let mut this = self;
+        let mut errors: Vec<Error> = this.error.take().into_iter().collect();
+        errors.append(&mut this.more_errors);
+        // The invokes that could be converted: do they form a batch?
+        if !this.invokes.is_empty() || errors.is_empty() {
+            if let Err(e) = this.batch() {
+                errors.push(e);
+            }
+        }
+        errors
     }
 
     /// Runs the model once with the graph interleaved, then resolves `value` (saved proxies
