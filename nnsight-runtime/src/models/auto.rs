@@ -35,6 +35,10 @@ use super::gemma3::Gemma3;
 use super::gpt2::Gpt2;
 use super::gpt_neox::GptNeoX;
 use super::llama::Llama;
+use super::olmo2::Olmo2;
+use super::phi3::Phi3;
+use super::qwen2::Qwen2;
+use super::qwen3::Qwen3;
 use super::model_dir::ModelDir;
 use super::validate::{config_error, MAX_CONFIG_BYTES};
 use crate::error::Result;
@@ -183,6 +187,10 @@ families! {
     GptNeoX(GptNeoX) = ["gpt_neox"] / "GPTNeoXForCausalLM",
     Gemma2(Gemma2) = ["gemma2"] / "Gemma2ForCausalLM",
     Gemma3(Gemma3) = ["gemma3_text"] / "Gemma3ForCausalLM",
+    Qwen2(Qwen2) = ["qwen2"] / "Qwen2ForCausalLM",
+    Qwen3(Qwen3) = ["qwen3"] / "Qwen3ForCausalLM",
+    Olmo2(Olmo2) = ["olmo2"] / "Olmo2ForCausalLM",
+    Phi3(Phi3) = ["phi3"] / "Phi3ForCausalLM",
 }
 
 /// A bare model of any supported family (`Hooked<M>`, path `""`); see [`Auto`].

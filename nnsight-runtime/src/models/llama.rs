@@ -211,11 +211,21 @@ pub struct LlamaModel {
 impl LlamaModel {
     /// Zero weights under `p` (`model`).
     pub fn new(p: &nn::Path, c: &LlamaConfig) -> Result<Self> {
+        Self::with_layers(p, c, LlamaDecoderLayer::new)
+    }
+
+    /// [`LlamaModel::new`] with the decoder layers built by `layer(path, config, layer_idx)`
+    /// (families whose layers are Llama's with other projections, e.g. Qwen2's q/k/v biases).
+    pub(crate) fn with_layers(
+        p: &nn::Path,
+        c: &LlamaConfig,
+        layer: impl Fn(&nn::Path, &LlamaConfig, usize) -> Result<LlamaDecoderLayer>,
+    ) -> Result<Self> {
         let pl = p / "layers";
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
                 let q = &pl / i;
-                Ok(Hooked::new(&q, LlamaDecoderLayer::new(&q, c, i as usize)?))
+                Ok(Hooked::new(&q, layer(&q, c, i as usize)?))
             })
             .collect::<Result<_>>()?;
         let rope = c.rope().map_err(|m| causal::config_error("<LlamaConfig>", m))?;
@@ -283,10 +293,15 @@ pub struct LlamaDecoderLayer {
 impl LlamaDecoderLayer {
     /// Zero weights under `p` (`model.layers.{layer_idx}`).
     pub fn new(p: &nn::Path, c: &LlamaConfig, layer_idx: usize) -> Result<Self> {
+        Self::with_attention(p, c, LlamaAttention::new(&(p / "self_attn"), c, layer_idx))
+    }
+
+    /// [`LlamaDecoderLayer::new`] around the attention `self_attn` (built at `{p}.self_attn`).
+    pub(crate) fn with_attention(p: &nn::Path, c: &LlamaConfig, self_attn: LlamaAttention) -> Result<Self> {
         let (pa, pm) = (p / "self_attn", p / "mlp");
         Ok(LlamaDecoderLayer {
             input_layernorm: RmsNorm::new(&(p / "input_layernorm"), c.hidden_size, c.rms_norm_eps),
-            self_attn: Hooked::new(&pa, LlamaAttention::new(&pa, c, layer_idx)),
+            self_attn: Hooked::new(&pa, self_attn),
             post_attention_layernorm: RmsNorm::new(&(p / "post_attention_layernorm"), c.hidden_size, c.rms_norm_eps),
             mlp: Hooked::new(&pm, LlamaMlp::new(&pm, c)?),
         })
@@ -363,13 +378,18 @@ pub struct LlamaAttention {
 impl LlamaAttention {
     /// Zero weights under `p` (`model.layers.{layer_idx}.self_attn`).
     pub fn new(p: &nn::Path, c: &LlamaConfig, layer_idx: usize) -> Self {
+        Self::with_biases(p, c, layer_idx, c.attention_bias, c.attention_bias)
+    }
+
+    /// [`LlamaAttention::new`] with biases on q, k and v if `qkv_bias`, on o if `o_bias`
+    /// (Llama's `attention_bias` sets both; Qwen2 has the first only).
+    pub(crate) fn with_biases(p: &nn::Path, c: &LlamaConfig, layer_idx: usize, qkv_bias: bool, o_bias: bool) -> Self {
         let (h, hd, kv) = (c.hidden_size, c.head_dim(), c.kv_heads());
-        let bias = c.attention_bias;
         LlamaAttention {
-            q_proj: linear(p, "q_proj", h, c.num_attention_heads * hd, bias),
-            k_proj: linear(p, "k_proj", h, kv * hd, bias),
-            v_proj: linear(p, "v_proj", h, kv * hd, bias),
-            o_proj: linear(p, "o_proj", c.num_attention_heads * hd, h, bias),
+            q_proj: linear(p, "q_proj", h, c.num_attention_heads * hd, qkv_bias),
+            k_proj: linear(p, "k_proj", h, kv * hd, qkv_bias),
+            v_proj: linear(p, "v_proj", h, kv * hd, qkv_bias),
+            o_proj: linear(p, "o_proj", c.num_attention_heads * hd, h, o_bias),
             q: HookPoint::new(p, "q"),
             k: HookPoint::new(p, "k"),
             scores: HookPoint::new(p, "scores"),

@@ -27,8 +27,12 @@ pub mod gpt_neox;
 pub mod linear;
 pub mod llama;
 pub mod model_dir;
+pub mod olmo2;
 pub mod params;
+pub mod phi3;
 pub mod point;
+pub mod qwen2;
+pub mod qwen3;
 pub mod validate;
 
 use std::path::Path;

@@ -1,0 +1,466 @@
+//! OLMo 2 in tch, every submodule hookable: Llama with its norms moved after the sublayers and
+//! q/k norms over the whole projections.
+//!
+//! Architecture: OLMo et al. 2024, "2 OLMo 2 Furious" (arXiv:2501.00656), as implemented by
+//! Hugging Face transformers' `models/olmo2/modeling_olmo2.py` (`Olmo2ForCausalLM`, eager
+//! attention). The differences from [`super::llama`]:
+//!
+//! - no norm before the sublayers: each layer is `h = x + post_attention_layernorm(self_attn(x))`,
+//!   then `h + post_feedforward_layernorm(mlp(h))` (the norms act on the sublayer outputs,
+//!   inside the residual);
+//! - `self_attn.q_norm` / `k_norm`: RMSNorms over the whole query / key projection
+//!   (`heads * head_dim` / `kv_heads * head_dim` wide), before the head split and rotary (Olmo2
+//!   normalises each head instead, see [`super::olmo2`]);
+//! - the RMSNorm multiplies by its weight before casting back to the input dtype
+//!   ([`Olmo2RmsNorm`]; the same as Llama's in f32);
+//! - `attention_bias` sets biases on q, k, v and o together; the MLP never has biases.
+//!
+//! Rotary embedding (as Llama's, incl. its scalings), embeddings and the SwiGLU MLP are Llama's:
+//!
+//! ```text
+//! Olmo2                               (root, path "")   Input CausalInput, Output logits
+//! ├── model                           Olmo2Model        Output last hidden state (after norm)
+//! │   ├── embed_tokens                nn::Embedding [vocab, hidden]
+//! │   ├── rotary_emb                  RotaryEmbedding   (no weights) position ids → (cos, sin)
+//! │   ├── layers[i]                   Olmo2DecoderLayer Output [batch, seq, hidden]
+//! │   │   ├── self_attn               Olmo2Attention: q_proj, k_proj, v_proj, o_proj (Linear),
+//! │   │   │                           q_norm, k_norm (Olmo2RmsNorm over the projection width);
+//! │   │   │                           hook points q, k, scores, probs, z (HookPoint)
+//! │   │   ├── post_attention_layernorm Olmo2RmsNorm    on the attention output
+//! │   │   ├── mlp                     LlamaMlp: gate_proj, up_proj, down_proj, act_fn; hook point act
+//! │   │   └── post_feedforward_layernorm Olmo2RmsNorm  on the MLP output
+//! │   └── norm                        Olmo2RmsNorm
+//! └── lm_head                         LmHead (own weight, or embed_tokens' if tie_word_embeddings)
+//! ```
+//!
+//! Shapes: `batch` rows, `seq` new tokens, `past` cached tokens, `hidden` = `hidden_size`.
+
+use std::path::Path;
+
+use tch::{nn, Device, Kind, Tensor};
+
+use super::causal::{self, AttnPoint, CausalInput, CausalLm, Decoder, LmHead, LoadOptions, TokenIds};
+use super::llama::{repeat_kv, LayerInput, LlamaConfig, LlamaMlp, RotaryEmbedding, LAYER_INPUT};
+use super::params;
+use super::point::{AttentionPoints, HookPoint};
+
+use crate::activation::Layout;
+use crate::error::Result;
+use crate::hook::{HookModule, Hooked};
+use crate::language_model::{TextBatch, TextModel};
+use crate::models::causal::rotary::apply_rotary;
+use crate::models::linear::Linear;
+use crate::models::{CAUSAL_INPUT, ROWS};
+use crate::tree::ModuleTree;
+use nnsight_macros::ModuleTree;
+
+mod config;
+pub use config::Olmo2Config;
+
+/// An OLMo 2 model with its language-model head (transformers' `Olmo2ForCausalLM`).
+///
+/// Input [`CausalInput`], output logits `[batch, seq, vocab]`.
+#[derive(Debug, ModuleTree)]
+#[module(crate = "crate")]
+pub struct Olmo2 {
+    /// `model`: embeddings, decoder layers, final norm.
+    pub model: Hooked<Olmo2Model>,
+    /// `lm_head`: `[batch, seq, hidden]` → `[batch, seq, vocab]`.
+    pub lm_head: Hooked<LmHead>,
+    /// The hyper-parameters.
+    pub config: Olmo2Config,
+}
+
+impl Olmo2 {
+    /// A model with zero weights as variables under `p` (use `vs.root()`: variable names are
+    /// the checkpoint keys). `lm_head.weight` is a variable unless `tie_word_embeddings`.
+    /// Errors: [`crate::Error::Config`] for a config failing [`Olmo2Config::validate`],
+    /// [`crate::Error::Load`] when allocating the weights fails.
+    pub fn new(p: &nn::Path, config: &Olmo2Config) -> Result<Olmo2> {
+        const WHAT: &str = "<Olmo2Config given to Olmo2::new>";
+        config.validate().map_err(|m| causal::config_error(WHAT, m))?;
+        params::building(WHAT, || {
+            let pm = p / "model";
+            let model = Olmo2Model::new(&pm, &config.llama())?;
+            let tied = config.tie_word_embeddings.then_some(&model.embed_tokens.ws);
+            let lm_head = LmHead::new(&(p / "lm_head"), tied, config.vocab_size, config.hidden_size);
+            Ok(Olmo2 { model: Hooked::new(&pm, model), lm_head, config: config.clone() })
+        })
+    }
+}
+
+impl HookModule for Olmo2 {
+    /// [`CausalInput`].
+    type Input = CausalInput;
+    /// Logits `[batch, seq, vocab]`.
+    type Output = Tensor;
+    /// Ids, mask and position ids `[batch, ..]`; the KV cache handle shared.
+    fn input_layout(&self) -> Layout {
+        CAUSAL_INPUT
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
+    fn forward(&self, input: CausalInput) -> Tensor {
+        self.lm_head.call(self.model.call(input))
+    }
+}
+
+impl CausalLm for Olmo2 {
+    fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        super::check_model_dir(dir)?;
+        let config = Olmo2Config::from_file(&dir.join("config.json"))?;
+        causal::load_model(dir, options, &["model."], |p| Olmo2::new(p, &config))
+    }
+    fn max_positions(&self) -> i64 {
+        self.config.max_position_embeddings
+    }
+    fn num_layers(&self) -> usize {
+        self.model.layers.len()
+    }
+    fn vocab_size(&self) -> i64 {
+        self.config.vocab_size
+    }
+    fn eos_token_ids(&self) -> Vec<i64> {
+        self.config.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+    }
+    fn pad_token_id(&self) -> Option<i64> {
+        self.config.pad_token_id
+    }
+    fn device(&self) -> Device {
+        self.model.embed_tokens.ws.device()
+    }
+    fn kind(&self) -> Kind {
+        self.model.embed_tokens.ws.kind()
+    }
+}
+
+/// `model.layers`, `model.layers.{i}.self_attn`, `.mlp`, `.mlp.act`, `model.norm`, `lm_head`.
+impl Decoder for Olmo2 {
+    type Layer = Olmo2DecoderLayer;
+    type Attn = Olmo2Attention;
+    type Mlp = LlamaMlp;
+    type MlpAct = HookPoint;
+    type Norm = Olmo2RmsNorm;
+    fn layers(&self) -> &Vec<Hooked<Olmo2DecoderLayer>> {
+        &self.model.layers
+    }
+    fn attn(&self, layer: usize) -> &Hooked<Olmo2Attention> {
+        &self.model.layers[layer].self_attn
+    }
+    fn mlp(&self, layer: usize) -> &Hooked<LlamaMlp> {
+        &self.model.layers[layer].mlp
+    }
+    fn mlp_act(&self, layer: usize) -> &Hooked<HookPoint> {
+        &self.model.layers[layer].mlp.act
+    }
+    fn attn_point(&self, layer: usize, point: AttnPoint) -> &Hooked<HookPoint> {
+        let a = &self.model.layers[layer].self_attn;
+        match point {
+            AttnPoint::Q => &a.q,
+            AttnPoint::K => &a.k,
+            AttnPoint::Scores => &a.scores,
+            AttnPoint::Probs => &a.probs,
+            AttnPoint::Z => &a.z,
+        }
+    }
+    fn final_norm(&self) -> &Hooked<Olmo2RmsNorm> {
+        &self.model.norm
+    }
+    fn unembedding(&self) -> &Hooked<LmHead> {
+        &self.lm_head
+    }
+}
+
+/// `LanguageModel::<Olmo2>`: ids and mask from the tokenizer, position ids from the mask, no cache.
+impl TextModel for Olmo2 {
+    fn load(dir: &Path, device: Device) -> Result<Self> {
+        Olmo2::load_with(dir, &LoadOptions { device, dtype: None })
+    }
+    fn text_input(&self, batch: &TextBatch) -> CausalInput {
+        causal::text_input(batch)
+    }
+    fn max_positions(&self) -> Option<i64> {
+        Some(self.config.max_position_embeddings)
+    }
+    fn input_vocab_size(&self) -> Option<i64> {
+        Some(self.config.vocab_size)
+    }
+    /// The config's `pad_token_id`, else its first `eos_token_id`.
+    fn fallback_pad_token_id(&self) -> Option<u32> {
+        let id = self.config.pad_token_id.or_else(|| self.eos_token_ids().first().copied())?;
+        u32::try_from(id).ok()
+    }
+    /// Decoder-only: left padding, as transformers and nnsight do.
+    fn padding_left(&self) -> bool {
+        true
+    }
+}
+
+/// `model`: as [`super::llama::LlamaModel`] with [`Olmo2DecoderLayer`]s (transformers'
+/// `Olmo2Model`).
+///
+/// Input [`CausalInput`]; output the last hidden state `[batch, seq, hidden]` (after `norm`).
+#[derive(Debug, ModuleTree)]
+#[module(crate = "crate")]
+pub struct Olmo2Model {
+    /// `embed_tokens`: `[vocab, hidden]`; ids `[batch, seq]` → `[batch, seq, hidden]`.
+    pub embed_tokens: Hooked<nn::Embedding>,
+    /// `layers`: `model.layers.0` .. `model.layers.{num_hidden_layers - 1}`.
+    pub layers: Vec<Hooked<Olmo2DecoderLayer>>,
+    /// `norm`: final RMSNorm.
+    pub norm: Hooked<Olmo2RmsNorm>,
+    /// `rotary_emb`: cos/sin tables `[batch, seq, head_dim]` for the position ids (no weights).
+    pub rotary_emb: Hooked<RotaryEmbedding>,
+}
+
+impl Olmo2Model {
+    /// Zero weights under `p` (`model`); `c` is [`Olmo2Config::llama`].
+    pub fn new(p: &nn::Path, c: &LlamaConfig) -> Result<Self> {
+        let pl = p / "layers";
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let q = &pl / i;
+                Ok(Hooked::new(&q, Olmo2DecoderLayer::new(&q, c, i as usize)?))
+            })
+            .collect::<Result<_>>()?;
+        let rope = c.rope().map_err(|m| causal::config_error("<Olmo2Config>", m))?;
+        params::buffer(&(p / "rotary_emb"), "inv_freq", c.head_dim() / 2);
+        Ok(Olmo2Model {
+            embed_tokens: causal::embedding(&(p / "embed_tokens"), c.vocab_size, c.hidden_size),
+            layers,
+            norm: Olmo2RmsNorm::new(&(p / "norm"), c.hidden_size, c.rms_norm_eps),
+            rotary_emb: Hooked::new(&(p / "rotary_emb"), RotaryEmbedding::new(&rope, c.head_dim(), p.device())),
+        })
+    }
+}
+
+impl HookModule for Olmo2Model {
+    /// [`CausalInput`].
+    type Input = CausalInput;
+    /// `[batch, seq, hidden]`.
+    type Output = Tensor;
+    /// Ids, mask and position ids `[batch, ..]`; the KV cache handle shared.
+    fn input_layout(&self) -> Layout {
+        CAUSAL_INPUT
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
+    fn forward(&self, (input_ids, attention_mask, position_ids, cache): CausalInput) -> Tensor {
+        let seq = input_ids.size()[1];
+        let mask = causal::causal_mask(&attention_mask, seq);
+        let hidden = self.embed_tokens.call(input_ids);
+        let (cos, sin) = self.rotary_emb.call((hidden.shallow_clone(), position_ids));
+        let hidden = self.layers.iter().fold(hidden, |h, layer| {
+            layer.call((h, mask.shallow_clone(), (cos.shallow_clone(), sin.shallow_clone()), cache.clone()))
+        });
+        self.norm.call(hidden)
+    }
+}
+
+/// `model.layers.{i}`: `h = x + post_attention_layernorm(self_attn(x))`, then
+/// `h + post_feedforward_layernorm(mlp(h))` (transformers' `Olmo2DecoderLayer`; the sublayers
+/// read the residual stream unnormalised).
+///
+/// Input [`LayerInput`], output `[batch, seq, hidden]`.
+#[derive(Debug, ModuleTree)]
+#[module(crate = "crate")]
+pub struct Olmo2DecoderLayer {
+    /// `self_attn`: grouped-query attention with q/k norms and rotary embeddings.
+    pub self_attn: Hooked<Olmo2Attention>,
+    /// `post_attention_layernorm`: RMSNorm of the attention output, before it is added.
+    pub post_attention_layernorm: Hooked<Olmo2RmsNorm>,
+    /// `mlp`: SwiGLU feed-forward (Llama's, no biases).
+    pub mlp: Hooked<LlamaMlp>,
+    /// `post_feedforward_layernorm`: RMSNorm of the MLP output, before it is added.
+    pub post_feedforward_layernorm: Hooked<Olmo2RmsNorm>,
+}
+
+impl Olmo2DecoderLayer {
+    /// Zero weights under `p` (`model.layers.{layer_idx}`).
+    pub fn new(p: &nn::Path, c: &LlamaConfig, layer_idx: usize) -> Result<Self> {
+        let (pa, pm) = (p / "self_attn", p / "mlp");
+        Ok(Olmo2DecoderLayer {
+            self_attn: Hooked::new(&pa, Olmo2Attention::new(&pa, c, layer_idx)),
+            post_attention_layernorm: Olmo2RmsNorm::new(&(p / "post_attention_layernorm"), c.hidden_size, c.rms_norm_eps),
+            mlp: Hooked::new(&pm, LlamaMlp::new(&pm, c)?),
+            post_feedforward_layernorm: Olmo2RmsNorm::new(&(p / "post_feedforward_layernorm"), c.hidden_size, c.rms_norm_eps),
+        })
+    }
+}
+
+impl HookModule for Olmo2DecoderLayer {
+    /// [`LayerInput`].
+    type Input = LayerInput;
+    /// `[batch, seq, hidden]`.
+    type Output = Tensor;
+    /// Hidden states, mask and `(cos, sin)` `[batch, ..]`; the KV cache handle shared.
+    fn input_layout(&self) -> Layout {
+        LAYER_INPUT
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
+    fn forward(&self, (hidden, mask, rope, cache): LayerInput) -> Tensor {
+        let attn = self.self_attn.call((hidden.shallow_clone(), mask, rope, cache));
+        let hidden = hidden + self.post_attention_layernorm.call(attn);
+        let ff = self.mlp.call(hidden.shallow_clone());
+        hidden + self.post_feedforward_layernorm.call(ff)
+    }
+}
+
+/// `model.layers.{i}.self_attn`: Llama's grouped-query attention with `q_norm` / `k_norm` over
+/// the whole projections (transformers' `Olmo2Attention`, eager).
+///
+/// Input [`LayerInput`] (the layer input itself: no norm before attention). q
+/// `[batch, seq, heads * head_dim]` through `q_norm`, k `[batch, seq, kv_heads * head_dim]`
+/// through `k_norm` (all heads normalised together), then as Llama: head split, rotary, cache
+/// slot `layer_idx`, `repeat_kv`, `o_proj(softmax(q kᵀ · head_dim^-0.5 + mask) v)`.
+///
+/// Hook points as [`super::llama::LlamaAttention`]'s: `q` `[batch, heads, seq, head_dim]` after
+/// the norm and rotary, `k` `[batch, heads, past + seq, head_dim]` after the norm, rotary, the
+/// cache and `repeat_kv`, `scores`, `probs` `[batch, heads, seq, past + seq]`, `z`
+/// `[batch, seq, heads, head_dim]`.
+#[derive(Debug, ModuleTree)]
+#[module(crate = "crate")]
+pub struct Olmo2Attention {
+    /// `q_proj`: `[batch, seq, hidden]` → `[batch, seq, heads * head_dim]`.
+    pub q_proj: Hooked<Linear>,
+    /// `k_proj`: `[batch, seq, hidden]` → `[batch, seq, kv_heads * head_dim]`.
+    pub k_proj: Hooked<Linear>,
+    /// `v_proj`: `[batch, seq, hidden]` → `[batch, seq, kv_heads * head_dim]`.
+    pub v_proj: Hooked<Linear>,
+    /// `o_proj`: `[batch, seq, heads * head_dim]` → `[batch, seq, hidden]`.
+    pub o_proj: Hooked<Linear>,
+    /// `q_norm`: RMSNorm over `heads * head_dim`, `[batch, seq, heads * head_dim]` in and out.
+    pub q_norm: Hooked<Olmo2RmsNorm>,
+    /// `k_norm`: RMSNorm over `kv_heads * head_dim`, `[batch, seq, kv_heads * head_dim]` in and out.
+    pub k_norm: Hooked<Olmo2RmsNorm>,
+    /// `q`: queries after norm and rotary, `[batch, heads, seq, head_dim]`.
+    pub q: Hooked<HookPoint>,
+    /// `k`: keys after norm and rotary, cached + new, each key/value head repeated for its
+    /// query heads, `[batch, heads, past + seq, head_dim]`.
+    pub k: Hooked<HookPoint>,
+    /// `scores`: `q kᵀ · head_dim^-0.5 + mask` in f32, before the softmax,
+    /// `[batch, heads, seq, past + seq]`.
+    pub scores: Hooked<HookPoint>,
+    /// `probs`: the softmax of `scores` (model dtype), `[batch, heads, seq, past + seq]`.
+    pub probs: Hooked<HookPoint>,
+    /// `z`: `probs v`, each head's output before `o_proj`, `[batch, seq, heads, head_dim]`.
+    pub z: Hooked<HookPoint>,
+    /// Index of the layer (the cache slot).
+    pub layer_idx: usize,
+    /// Query heads.
+    pub num_heads: i64,
+    /// Key/value heads (divides `num_heads`).
+    pub num_key_value_heads: i64,
+    /// Width of a head.
+    pub head_dim: i64,
+}
+
+impl Olmo2Attention {
+    /// Zero weights under `p` (`model.layers.{layer_idx}.self_attn`).
+    pub fn new(p: &nn::Path, c: &LlamaConfig, layer_idx: usize) -> Self {
+        let (h, hd, kv, bias) = (c.hidden_size, c.head_dim(), c.kv_heads(), c.attention_bias);
+        let (q_width, kv_width) = (c.num_attention_heads * hd, kv * hd);
+        Olmo2Attention {
+            q_proj: Linear::new(&(p / "q_proj"), h, q_width, bias),
+            k_proj: Linear::new(&(p / "k_proj"), h, kv_width, bias),
+            v_proj: Linear::new(&(p / "v_proj"), h, kv_width, bias),
+            o_proj: Linear::new(&(p / "o_proj"), q_width, h, bias),
+            q_norm: Olmo2RmsNorm::new(&(p / "q_norm"), q_width, c.rms_norm_eps),
+            k_norm: Olmo2RmsNorm::new(&(p / "k_norm"), kv_width, c.rms_norm_eps),
+            q: HookPoint::new(p, "q"),
+            k: HookPoint::new(p, "k"),
+            scores: HookPoint::new(p, "scores"),
+            probs: HookPoint::new(p, "probs"),
+            z: HookPoint::new(p, "z"),
+            layer_idx,
+            num_heads: c.num_attention_heads,
+            num_key_value_heads: kv,
+            head_dim: hd,
+        }
+    }
+}
+
+impl HookModule for Olmo2Attention {
+    /// [`LayerInput`].
+    type Input = LayerInput;
+    /// `[batch, seq, hidden]`.
+    type Output = Tensor;
+    /// Hidden states, mask and `(cos, sin)` `[batch, ..]`; the KV cache handle shared.
+    fn input_layout(&self) -> Layout {
+        LAYER_INPUT
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
+    fn forward(&self, (hidden, mask, (cos, sin), cache): LayerInput) -> Tensor {
+        let size = hidden.size();
+        let (b, s) = (size[0], size[1]);
+        let heads = |t: Tensor| t.view([b, s, -1, self.head_dim]).transpose(1, 2);
+        // The difference from Llama: the whole projections normalised before the head split.
+        let q = heads(self.q_norm.call(self.q_proj.call(hidden.shallow_clone())));
+        let k = heads(self.k_norm.call(self.k_proj.call(hidden.shallow_clone())));
+        let v = heads(self.v_proj.call(hidden));
+        let (cos, sin) = (cos.unsqueeze(1), sin.unsqueeze(1));
+        let (q, k) = (apply_rotary(&q, &cos, &sin), apply_rotary(&k, &cos, &sin));
+        let (k, v) = cache.update(self.layer_idx, k, v);
+        let groups = self.num_heads / self.num_key_value_heads;
+        let (k, v) = (repeat_kv(&k, groups), repeat_kv(&v, groups));
+        let points = AttentionPoints { q: &self.q, k: &self.k, scores: &self.scores, probs: &self.probs, z: &self.z };
+        let context = points.attend(q, k, &v, &mask, (self.head_dim as f64).powf(-0.5), true);
+        self.o_proj.call(context)
+    }
+}
+
+/// OLMo 2's RMSNorm (transformers' `Olmo2RMSNorm`): in f32, `weight · x / sqrt(mean(x²) + eps)`,
+/// then cast to the input dtype. Llama's [`super::llama::RmsNorm`] casts before multiplying by
+/// the weight; in f32 the two are the same.
+///
+/// Input and output `[..., dim]`.
+#[derive(Debug)]
+pub struct Olmo2RmsNorm {
+    /// `[dim]`.
+    pub weight: Tensor,
+    /// Added to the mean square.
+    pub eps: f64,
+}
+
+impl Olmo2RmsNorm {
+    /// Variable `weight [dim]` under `p` (ones until loaded).
+    pub fn new(p: &nn::Path, dim: i64, eps: f64) -> Hooked<Olmo2RmsNorm> {
+        Hooked::new(p, Olmo2RmsNorm { weight: params::param(p, "weight", &[dim], nn::Init::Const(1.0)), eps })
+    }
+}
+
+/// A leaf: no hooked children.
+impl ModuleTree for Olmo2RmsNorm {
+    fn visit_modules(&self, _: &mut dyn FnMut(&str, &'static str)) {}
+}
+
+impl HookModule for Olmo2RmsNorm {
+    /// `[..., dim]`.
+    type Input = Tensor;
+    /// `[..., dim]`.
+    type Output = Tensor;
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn input_layout(&self) -> Layout {
+        ROWS
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
+    fn forward(&self, x: Tensor) -> Tensor {
+        let kind = x.kind();
+        let x = x.to_kind(Kind::Float);
+        let variance = x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        (&self.weight * (x * (variance + self.eps).rsqrt())).to_kind(kind)
+    }
+}
