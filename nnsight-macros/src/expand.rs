@@ -41,7 +41,35 @@ pub enum Mode {
 
 const GENERATE_OPTIONS: &[&str] = &["max_new_tokens", "temperature", "top_k", "seed", "stop_at_eos"];
 
-pub fn trace(mut input: TraceInput, mode: Mode) -> TokenStream {
+pub fn trace(input: TraceInput, mode: Mode) -> TokenStream {
+    // `helpers = [sae, probe]`: more roots of module paths (see `paths::set_helpers`).
+    let mut names = Vec::new();
+    let mut bad = None;
+    for (name, value) in &input.options {
+        if name == "helpers" {
+            let items: Vec<&syn::Expr> = match value {
+                syn::Expr::Array(a) => a.elems.iter().collect(),
+                syn::Expr::Tuple(t) => t.elems.iter().collect(),
+                other => vec![other],
+            };
+            for it in items {
+                match it {
+                    syn::Expr::Path(p) if p.path.get_ident().is_some() => names.push(p.path.get_ident().unwrap().to_string()),
+                    other => bad = Some(syn::Error::new(syn::spanned::Spanned::span(other), "`helpers = [..]` lists variables that hold helper modules (`Hooked<_>`): `helpers = [sae]`")),
+                }
+            }
+        }
+    }
+    crate::paths::set_helpers(names);
+    let out = match bad {
+        Some(e) => e.to_compile_error(),
+        None => trace_inner(input, mode),
+    };
+    crate::paths::set_helpers(Vec::new());
+    out
+}
+
+fn trace_inner(mut input: TraceInput, mode: Mode) -> TokenStream {
     let mut steps = Steps { model: &input.model, mode, errors: Vec::new() };
     for seg in &mut input.segments {
         crate::format::explicit_format_args(&mut seg.stmts);
@@ -65,7 +93,9 @@ pub fn trace(mut input: TraceInput, mode: Mode) -> TokenStream {
     let mut gen_options = Vec::new();
     for (name, value) in &input.options {
         let n = name.to_string();
-        if n == "dot" {
+        if n == "helpers" {
+            // Read by `trace` above.
+        } else if n == "dot" {
             dot = Some(value.clone());
         } else if n == "grad" {
             grad_option = Some(value.clone());
@@ -83,7 +113,7 @@ pub fn trace(mut input: TraceInput, mode: Mode) -> TokenStream {
             gen_options.push(quote!(__nn_options.#name = #v;));
         } else {
             let known = match mode {
-                Mode::Trace | Mode::Edit | Mode::Scan => "`dot = &mut string`, `grad = true`, `cache = &mut option`, `cache_options = options`".to_string(),
+                Mode::Trace | Mode::Edit | Mode::Scan => "`dot = &mut string`, `grad = true`, `cache = &mut option`, `cache_options = options`, `helpers = [module, ..]`".to_string(),
                 Mode::Generate => format!(
                     "{}, `tokens = &mut option`, `dot = &mut string`, `grad = true`, `cache = &mut option`, `cache_options = options`",
                     GENERATE_OPTIONS.join(", ")

@@ -453,7 +453,7 @@ impl Ctx {
         let hp = HookPath { root, segs, point: Point::Output, span: m.method.span(), full_span: m.span() };
         let value = self.swap_value(&m.args[0]);
         let Some((path, call)) = self.module_access(&hp) else { return quote!(()) };
-        let Some(group) = self.group.clone() else { return self.outside_invoke(m.span()) };
+        let Some(group) = self.group_of(&hp) else { return self.outside_invoke(m.span()) };
         let method = format_ident!("skip_with", span = m.method.span());
         quote_spanned! {m.span()=> #tr.#method(#group, #call, #path, |#tr| #value) }
     }
@@ -710,7 +710,7 @@ impl Ctx {
             }
             let value = self.swap_value(&a.right);
             let Some((path, call)) = self.module_access(&hp) else { return quote!(()) };
-            let Some(group) = self.group.clone() else { return self.outside_invoke(hp.full_span) };
+            let Some(group) = self.group_of(&hp) else { return self.outside_invoke(hp.full_span) };
             let method = match hp.point {
                 Point::Output => format_ident!("swap_output_with", span = hp.span),
                 Point::Input => format_ident!("swap_input_with", span = hp.span),
@@ -1071,6 +1071,15 @@ impl Ctx {
         quote_spanned!(f.member.span()=> { let __nn_x = #x; #tr.grad_next(__nn_x) })
     }
 
+    /// The batch group of a hook path: a helper module's (`Group::HELPER`: its calls see the
+    /// rows they were given), else the invoke's (or every row's outside the invokes).
+    fn group_of(&self, hp: &HookPath) -> Option<TokenStream> {
+        if hp.root != self.model {
+            return Some(quote!(::nnsight::Group::HELPER));
+        }
+        self.group.as_ref().map(|g| quote!(#g))
+    }
+
     /// `(path closure, call selector)` for a hook path's module.
     fn module_access(&mut self, hp: &HookPath) -> Option<(TokenStream, TokenStream)> {
         let mut expr = hp.root.to_token_stream();
@@ -1113,7 +1122,7 @@ impl Ctx {
     }
 
     pub(crate) fn hook_read(&mut self, hp: &HookPath) -> TokenStream {
-        let Some(group) = self.group.clone() else { return self.outside_invoke(hp.full_span) };
+        let Some(group) = self.group_of(hp) else { return self.outside_invoke(hp.full_span) };
         let Some((path, call)) = self.module_access(hp) else { return quote!(()) };
         let tr = &self.tr;
         let method = match hp.point {

@@ -52,6 +52,22 @@ pub fn point_of(m: &Member) -> Option<Point> {
     }
 }
 
+thread_local! {
+    /// The helper modules of the `trace!` being expanded (`helpers = [sae]`): roots of module
+    /// paths besides the model.
+    static HELPERS: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Sets the helper roots for the expansion in progress (cleared with an empty list).
+pub fn set_helpers(names: Vec<String>) {
+    HELPERS.with(|h| *h.borrow_mut() = names);
+}
+
+/// Whether `id` is a helper root of the expansion in progress.
+pub fn is_helper(id: &Ident) -> bool {
+    HELPERS.with(|h| h.borrow().iter().any(|n| id == n))
+}
+
 /// The module path in `e`, if `e` is one rooted at `model` (no hook point in it) made of
 /// fields, indices, `.next()` and `.at(i)`.
 pub fn module_chain(e: &Expr, model: &Ident) -> Option<(Ident, Vec<Seg>)> {
@@ -61,7 +77,7 @@ pub fn module_chain(e: &Expr, model: &Ident) -> Option<(Ident, Vec<Seg>)> {
 fn chain(e: &Expr, model: &Ident, methods: bool) -> Option<(Ident, Vec<Seg>)> {
     let module_chain = |e: &Expr, model: &Ident| chain(e, model, methods);
     match e {
-        Expr::Path(p) if p.qself.is_none() && p.path.get_ident() == Some(model) => {
+        Expr::Path(p) if p.qself.is_none() && (p.path.get_ident() == Some(model) || p.path.get_ident().is_some_and(is_helper)) => {
             Some((p.path.get_ident().unwrap().clone(), Vec::new()))
         }
         Expr::Paren(p) => module_chain(&p.expr, model),

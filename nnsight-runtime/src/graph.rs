@@ -182,6 +182,9 @@ pub(crate) struct Graph<'env> {
     pub backward: Vec<NodeId>,
     /// Activation caches asked for (`Tracer::cache`), recorded at every matching module call.
     pub caches: Vec<crate::cache::Request>,
+    /// Helper modules (`helpers = [sae]` in `trace!`): modules outside the model whose hook
+    /// points the block uses; their calls inside the block's own expressions are traced.
+    pub helpers: std::collections::HashSet<usize>,
 }
 
 impl<'env> Graph<'env> {

@@ -45,6 +45,18 @@ pub use outcome::Outcome;
 
 thread_local! {
     static ACTIVE: Cell<*const ()> = const { Cell::new(std::ptr::null()) };
+    /// While an intervention node runs (`ACTIVE` is null then): the interleaver, for the calls
+    /// of helper modules (`Graph::helpers`), which are traced there.
+    static HELPER: Cell<*const ()> = const { Cell::new(std::ptr::null()) };
+}
+
+/// Resets the helper pointer when dropped.
+struct HelperGuard(*const ());
+
+impl Drop for HelperGuard {
+    fn drop(&mut self) {
+        HELPER.with(|a| a.set(self.0));
+    }
 }
 
 /// Payload of the unwind that ends a forward pass early (error or `.stop()`).
@@ -140,11 +152,26 @@ pub fn is_tracing() -> bool {
 pub(crate) fn module_call<M: HookModule>(m: &Hooked<M>, input: M::Input) -> M::Output {
     let p = ACTIVE.with(Cell::get);
     if p.is_null() {
-        return m.inner().forward(input);
+        let h = HELPER.with(Cell::get);
+        if h.is_null() {
+            return m.inner().forward(input);
+        }
+        // SAFETY: `HELPER` is only non-null while `Interleaver::execute` runs a node on this
+        // thread with the interleaver alive; its guard resets it when the node returns.
+        let il = unsafe { &*(h as *const Interleaver<'static>) };
+        if !il.graph.borrow().helpers.contains(&m.key()) {
+            return m.inner().forward(input);
+        }
+        return traced_call(il, m, input);
     }
     // SAFETY: `ACTIVE` is only non-null while `Interleaver::drive` is on this thread's stack
     // with the interleaver alive; the guard resets it before the interleaver is dropped.
     let il = unsafe { &*(p as *const Interleaver<'static>) };
+    traced_call(il, m, input)
+}
+
+/// A module call the interleaver sees: input hook, skip or forward, output hook.
+fn traced_call<M: HookModule>(il: &Interleaver<'_>, m: &Hooked<M>, input: M::Input) -> M::Output {
     let key = m.key();
     match il.enter(key, m.path()) {
         None => m.inner().forward(input),
@@ -727,9 +754,11 @@ impl<'env> Interleaver<'env> {
                         self.protect_cache(&values);
                     }
                     let refs: Vec<&dyn Any> = values.iter().map(|v| &**v).collect();
-                    // Modules called inside an intervention run untraced.
+                    // Modules called inside an intervention run untraced, except helper modules.
                     let prev = ACTIVE.with(|a| a.replace(std::ptr::null()));
                     let _guard = ActiveGuard(prev);
+                    let prev_helper = HELPER.with(|a| a.replace(self as *const Interleaver<'env> as *const ()));
+                    let _helper_guard = HelperGuard(prev_helper);
                     let failed = |message: String| {
                         let hint = if message.contains("does not require grad") && !self.grad {
                             " — autograd is off in this trace: it turns on when the block calls `.backward()` or reads `.grad`; add the option `grad = true` when backward happens inside your own function"
@@ -751,6 +780,10 @@ impl<'env> Interleaver<'env> {
                     match result {
                         Ok(Ok(v)) => Ok(Slot::Ready(Rc::from(v))),
                         Ok(Err(message)) => Err(failed(message)),
+                        // A helper module's hook point stopped the run (its error is recorded).
+                        Err(p) if p.downcast_ref::<Interrupt>().is_some() => {
+                            Err(self.state.borrow_mut().error.take().unwrap_or_else(|| failed("interrupted by a helper module's hook point".into())))
+                        }
                         Err(p) => Err(failed(panic_message(&*p))),
                     }
                 }

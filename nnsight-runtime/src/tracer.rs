@@ -54,6 +54,13 @@ impl Group {
     /// Every row of the batch, whatever the invokes: reads see the whole batch, swaps and edits
     /// change every row, also of values that all rows share.
     pub const ALL: Group = Group(usize::MAX);
+
+    /// A hook point of a helper module (`trace!(.., helpers = [sae], ..)`): a module outside the
+    /// model that the block itself calls on a proxy (an SAE, a probe, a lens). Its calls happen
+    /// inside the block's expressions, on whatever rows they were given, so its hook points see
+    /// every row of each call; the module is marked as a helper, whose calls inside the block's
+    /// expressions are traced (other modules called there run untraced).
+    pub const HELPER: Group = Group(usize::MAX - 1);
 }
 
 impl std::fmt::Display for Group {
@@ -61,6 +68,8 @@ impl std::fmt::Display for Group {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if *self == Group::ALL {
             f.write_str("all invokes")
+        } else if *self == Group::HELPER {
+            f.write_str("a helper module's call")
         } else {
             write!(f, "invoke {}", self.0)
         }
@@ -210,9 +219,21 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         Proxy::new(self.trace, id)
     }
 
-    /// Records an error when `group` is not one of this trace's invokes (or [`Group::ALL`]).
+    /// [`Group::HELPER`] marks module `key` as a helper and becomes [`Group::ALL`] (a helper's
+    /// call sees the rows it was given); other groups stay.
+    fn helper_group(&mut self, group: Group, key: usize) -> Group {
+        if group == Group::HELPER {
+            self.graph.helpers.insert(key);
+            Group::ALL
+        } else {
+            group
+        }
+    }
+
+    /// Records an error when `group` is not one of this trace's invokes (or [`Group::ALL`],
+    /// [`Group::HELPER`]).
     fn check_group(&mut self, group: Group) -> bool {
-        if group == Group::ALL {
+        if group == Group::ALL || group == Group::HELPER {
             return true;
         }
         if group.0 < self.invokes.len() || self.error.is_some() {
@@ -232,6 +253,7 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         path: impl FnOnce() -> Result<&'env Mo>,
     ) -> Proxy<T> {
         let Some((h, call)) = self.module(call.into(), path) else { return self.poison("<bad module path>") };
+        let group = self.helper_group(group, h.key());
         let key = (h.key(), io, part, call, group.0);
         if let Some(&id) = self.reads.get(&key) {
             return self.proxy(id);
@@ -306,6 +328,7 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
             return;
         }
         let Some((h, call)) = self.module(call.into(), path) else { return };
+        let group = self.helper_group(group, h.key());
         // Reads after this swap see the new value: they get new nodes.
         self.reads.retain(|&(k, i, _, c, g), _| !(k == h.key() && i == io && c == call && g == group.0));
         self.graph.nodes[value].swap_uses += 1;
@@ -396,6 +419,7 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
             return;
         }
         let Some((h, call)) = self.module(call.into(), path) else { return };
+        let group = self.helper_group(group, h.key());
         self.reads.retain(|&(k, i, _, c, g), _| !(k == h.key() && i == Io::Output && c == call && g == group.0));
         self.graph.nodes[v].swap_uses += 1;
         self.graph.add_effect(h.key(), h.path(), Io::Output, Effect { call, group: group.0, kind: EffectKind::Skip(v) });
