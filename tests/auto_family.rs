@@ -113,7 +113,7 @@ fn model_type_picks_the_family_and_generic_paths_are_the_typed_modules() {
 
 #[test]
 fn one_experiment_runs_on_every_family_through_with_family() {
-    for (name, layers) in [("gpt2", 2usize), ("llama", 2), ("llama_tied", 2), ("pythia", 2), ("pythia_seq", 2), ("gemma2", L_GEMMA2), ("gemma3", L_GEMMA3), ("qwen2", 2), ("qwen3", 2), ("olmo2", 2), ("phi3", 2), ("llama3", 2), ("llama32_tied", 2)] {
+    for (name, layers) in [("gpt2", 2usize), ("llama", 2), ("llama_tied", 2), ("pythia", 2), ("pythia_seq", 2), ("gemma2", L_GEMMA2), ("gemma3", L_GEMMA3), ("qwen2", 2), ("qwen3", 2), ("olmo2", 2), ("phi3", 2), ("llama3", 2), ("llama32_tied", 2), ("mistral", 2), ("qwen2_window", 2)] {
         let auto = AutoLanguageModel::from_pretrained(folder(name, |_| {})).unwrap();
         // The logit lens's map on the last layer is the model's own logits, bit for bit.
         let (lens, logits) = with_family!(&auto, |m| lens_last(m)).unwrap();

@@ -433,16 +433,17 @@ fn qwen2_bad_weights_are_errors() {
 }
 
 #[test]
-fn qwen2_sliding_window_configs_are_refused() {
-    // Sliding window turned on with layers from max_window_layers (1) sliding.
+fn qwen2_sliding_window_configs() {
+    // Sliding window turned on with layers from max_window_layers (1) sliding: accepted (checked
+    // against transformers in tests/mistral_and_windows.rs, fixture qwen2_window).
     let dir = config_altered("qwen2", |c| {
         c.remove("layer_types");
         c.insert("use_sliding_window".into(), true.into());
         c.insert("sliding_window".into(), 4.into());
         c.insert("max_window_layers".into(), 1.into());
     });
-    let m = config_error::<Qwen2>(&dir);
-    assert!(m.contains("use_sliding_window") && m.contains("max_window_layers"), "{m}");
+    assert_eq!(Qwen2::from_pretrained(&dir).unwrap().model.layer_windows(), &[None, Some(4)]);
+    // A sliding layer in layer_types with no window (use_sliding_window false): refused.
     let dir = config_altered("qwen2", |c| {
         c.insert("layer_types".into(), serde_json::json!(["full_attention", "sliding_attention"]));
     });
@@ -657,13 +658,15 @@ fn qwen3_bad_input_is_refused() {
         &["model.layers.1.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight", "lm_head.weight"],
         "model.layers.0.self_attn.k_proj.weight",
     );
+    // Sliding layers are accepted (tests/mistral_and_windows.rs), a window below 1 is not ...
     let dir = config_altered("qwen3", |c| {
         c.remove("layer_types");
         c.insert("use_sliding_window".into(), true.into());
-        c.insert("sliding_window".into(), 4.into());
+        c.insert("sliding_window".into(), 0.into());
         c.insert("max_window_layers".into(), 0.into());
     });
-    assert!(config_error::<Qwen3>(&dir).contains("use_sliding_window"));
+    assert!(config_error::<Qwen3>(&dir).contains("sliding_window"));
+    // ... nor a sliding layer with no window (use_sliding_window false).
     let dir = config_altered("qwen3", |c| {
         c.insert("layer_types".into(), serde_json::json!(["sliding_attention", "full_attention"]));
     });

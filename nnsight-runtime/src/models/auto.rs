@@ -35,6 +35,7 @@ use super::gemma3::Gemma3;
 use super::gpt2::Gpt2;
 use super::gpt_neox::GptNeoX;
 use super::llama::Llama;
+use super::mistral::Mistral;
 use super::olmo2::Olmo2;
 use super::phi3::Phi3;
 use super::qwen2::Qwen2;
@@ -191,6 +192,7 @@ families! {
     Qwen3(Qwen3) = ["qwen3"] / "Qwen3ForCausalLM",
     Olmo2(Olmo2) = ["olmo2"] / "Olmo2ForCausalLM",
     Phi3(Phi3) = ["phi3"] / "Phi3ForCausalLM",
+    Mistral(Mistral) = ["mistral"] / "MistralForCausalLM",
 }
 
 /// A bare model of any supported family (`Hooked<M>`, path `""`); see [`Auto`].

@@ -206,6 +206,10 @@ pub struct LlamaModel {
     pub norm: Hooked<RmsNorm>,
     /// `rotary_emb`: cos/sin tables for the position ids (no weights).
     pub rotary_emb: Hooked<RotaryEmbedding>,
+    /// Each layer's sliding window (`None`: full causal attention; always `None` for Llama):
+    /// layer `i` sees the last `layer_windows[i]` positions ([`causal::sliding_window_mask`]).
+    /// Set by the families whose layers slide (Mistral, Qwen2 / Qwen3 with `use_sliding_window`).
+    pub(crate) layer_windows: Vec<Option<i64>>,
 }
 
 impl LlamaModel {
@@ -235,7 +239,21 @@ impl LlamaModel {
             layers,
             norm: RmsNorm::new(&(p / "norm"), c.hidden_size, c.rms_norm_eps),
             rotary_emb: Hooked::new(&(p / "rotary_emb"), RotaryEmbedding::new(&rope, c.head_dim(), p.device())),
+            layer_windows: vec![None; c.num_hidden_layers.max(0) as usize],
         })
+    }
+
+    /// This model with layer `i` attending to the last `windows[i]` positions only (`None`:
+    /// full causal attention), one entry per layer; each window >= 1.
+    pub(crate) fn with_windows(mut self, windows: Vec<Option<i64>>) -> Self {
+        assert_eq!(windows.len(), self.layers.len(), "one window per layer");
+        self.layer_windows = windows;
+        self
+    }
+
+    /// Each layer's sliding window (`None`: full causal attention).
+    pub fn layer_windows(&self) -> &[Option<i64>] {
+        &self.layer_windows
     }
 }
 
@@ -254,14 +272,35 @@ impl HookModule for LlamaModel {
     }
     fn forward(&self, (input_ids, attention_mask, position_ids, cache): CausalInput) -> Tensor {
         let seq = input_ids.size()[1];
-        let mask = causal::causal_mask(&attention_mask, seq);
+        let masks = layer_masks(&attention_mask, seq, &self.layer_windows);
         let hidden = self.embed_tokens.call(input_ids);
         let (cos, sin) = self.rotary_emb.call((hidden.shallow_clone(), position_ids));
-        let hidden = self.layers.iter().fold(hidden, |h, layer| {
-            layer.call((h, mask.shallow_clone(), (cos.shallow_clone(), sin.shallow_clone()), cache.clone()))
+        let hidden = self.layers.iter().zip(masks).fold(hidden, |h, (layer, mask)| {
+            layer.call((h, mask, (cos.shallow_clone(), sin.shallow_clone()), cache.clone()))
         });
         self.norm.call(hidden)
     }
+}
+
+/// One attention mask per layer: [`causal::causal_mask`] for a `None` window,
+/// [`causal::sliding_window_mask`] for `Some(w)` (each computed once and shared by the layers
+/// that use it). `windows`: one entry per layer. Each mask `[batch, 1, seq, past + seq]` f32.
+pub(crate) fn layer_masks(attention_mask: &Tensor, seq: i64, windows: &[Option<i64>]) -> Vec<Tensor> {
+    let mut made: Vec<(Option<i64>, Tensor)> = Vec::new();
+    windows
+        .iter()
+        .map(|&w| {
+            if let Some((_, m)) = made.iter().find(|(x, _)| *x == w) {
+                return m.shallow_clone();
+            }
+            let m = match w {
+                Some(w) => causal::sliding_window_mask(attention_mask, seq, w),
+                None => causal::causal_mask(attention_mask, seq),
+            };
+            made.push((w, m.shallow_clone()));
+            m
+        })
+        .collect()
 }
 
 /// Input of a decoder layer and of its attention: `(hidden [batch, seq, hidden], mask

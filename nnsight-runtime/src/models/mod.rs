@@ -26,6 +26,7 @@ pub mod gpt2;
 pub mod gpt_neox;
 pub mod linear;
 pub mod llama;
+pub mod mistral;
 pub mod model_dir;
 pub mod olmo2;
 pub mod params;

@@ -8,9 +8,13 @@
 //!
 //! - `q_proj`, `k_proj`, `v_proj` always have a bias, `o_proj` never (no `attention_bias` key);
 //! - the small checkpoints tie `lm_head` to `embed_tokens` (`tie_word_embeddings`);
-//! - sliding-window attention (`use_sliding_window`, `max_window_layers`, `layer_types`) is off
-//!   in every released checkpoint and transformers applies it only when `use_sliding_window`
-//!   is true; such configs are refused ([`Qwen2Config::validate`]).
+//! - sliding-window attention (`use_sliding_window`, `sliding_window`, `max_window_layers`,
+//!   `layer_types`), off in every released checkpoint: when `use_sliding_window` is true, the
+//!   layers `layer_types` marks `"sliding_attention"` (without it, layers `max_window_layers..`)
+//!   see only the last `sliding_window` positions, their own included
+//!   ([`Qwen2Config::layer_windows`], [`causal::sliding_window_mask`]; their `probs` are exactly
+//!   0 outside the window). The KV cache keeps every key and the mask hides the old ones, so
+//!   cached steps compute what a full recompute of the sequence computes.
 //!
 //! Everything else is Llama's, and so are the modules (their type names say so): the tree is
 //!
@@ -43,7 +47,7 @@ use crate::models::{CAUSAL_INPUT, ROWS};
 use nnsight_macros::ModuleTree;
 
 mod config;
-pub(crate) use config::check_full_attention;
+pub(crate) use config::layer_windows;
 pub use config::Qwen2Config;
 
 /// A Qwen2 model with its language-model head (transformers' `Qwen2ForCausalLM`).
@@ -69,9 +73,10 @@ impl Qwen2 {
         const WHAT: &str = "<Qwen2Config given to Qwen2::new>";
         config.validate().map_err(|m| causal::config_error(WHAT, m))?;
         let llama = config.llama();
+        let windows = config.layer_windows().map_err(|m| causal::config_error(WHAT, m))?;
         params::building(WHAT, || {
             let pm = p / "model";
-            let model = LlamaModel::with_layers(&pm, &llama, qwen2_layer)?;
+            let model = LlamaModel::with_layers(&pm, &llama, qwen2_layer)?.with_windows(windows);
             let tied = config.tie_word_embeddings.then_some(&model.embed_tokens.ws);
             let lm_head = LmHead::new(&(p / "lm_head"), tied, config.vocab_size, config.hidden_size);
             Ok(Qwen2 { model: Hooked::new(&pm, model), lm_head, config: config.clone() })

@@ -10,7 +10,8 @@
 //!   instead, see [`super::olmo2`]);
 //! - `head_dim` is explicit (default 128, not `hidden_size / num_attention_heads`);
 //! - `attention_bias` (false in every release) sets biases on q, k, v and o together;
-//! - sliding-window attention is refused as for Qwen2 ([`super::qwen2`]).
+//! - sliding-window layers as for Qwen2 ([`super::qwen2`], [`Qwen3Config::layer_windows`]):
+//!   with `use_sliding_window`, the sliding layers see only the last `sliding_window` positions.
 //!
 //! Embeddings, rotary tables, norms, the SwiGLU MLP and the residual wiring are Llama's modules:
 //!
@@ -37,7 +38,7 @@ use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
 use super::causal::{self, AttnPoint, CausalInput, CausalLm, Decoder, LmHead, LoadOptions, TokenIds};
-use super::llama::{repeat_kv, LayerInput, LlamaConfig, LlamaMlp, RmsNorm, RotaryEmbedding, LAYER_INPUT};
+use super::llama::{layer_masks, repeat_kv, LayerInput, LlamaConfig, LlamaMlp, RmsNorm, RotaryEmbedding, LAYER_INPUT};
 use super::params;
 use super::point::{AttentionPoints, HookPoint};
 
@@ -75,9 +76,10 @@ impl Qwen3 {
     pub fn new(p: &nn::Path, config: &Qwen3Config) -> Result<Qwen3> {
         const WHAT: &str = "<Qwen3Config given to Qwen3::new>";
         config.validate().map_err(|m| causal::config_error(WHAT, m))?;
+        let windows = config.layer_windows().map_err(|m| causal::config_error(WHAT, m))?;
         params::building(WHAT, || {
             let pm = p / "model";
-            let model = Qwen3Model::new(&pm, &config.llama())?;
+            let model = Qwen3Model::new(&pm, &config.llama())?.with_windows(windows);
             let tied = config.tie_word_embeddings.then_some(&model.embed_tokens.ws);
             let lm_head = LmHead::new(&(p / "lm_head"), tied, config.vocab_size, config.hidden_size);
             Ok(Qwen3 { model: Hooked::new(&pm, model), lm_head, config: config.clone() })
@@ -209,6 +211,9 @@ pub struct Qwen3Model {
     pub norm: Hooked<RmsNorm>,
     /// `rotary_emb`: cos/sin tables `[batch, seq, head_dim]` for the position ids (no weights).
     pub rotary_emb: Hooked<RotaryEmbedding>,
+    /// Each layer's sliding window (`None`: full causal attention; see
+    /// [`Qwen3Config::layer_windows`]): layer `i` sees the last `layer_windows[i]` positions.
+    pub layer_windows: Vec<Option<i64>>,
 }
 
 impl Qwen3Model {
@@ -228,7 +233,16 @@ impl Qwen3Model {
             layers,
             norm: RmsNorm::new(&(p / "norm"), c.hidden_size, c.rms_norm_eps),
             rotary_emb: Hooked::new(&(p / "rotary_emb"), RotaryEmbedding::new(&rope, c.head_dim(), p.device())),
+            layer_windows: vec![None; c.num_hidden_layers.max(0) as usize],
         })
+    }
+
+    /// This model with layer `i` attending to the last `windows[i]` positions only (`None`:
+    /// full causal attention), one entry per layer; each window >= 1.
+    pub fn with_windows(mut self, windows: Vec<Option<i64>>) -> Self {
+        assert_eq!(windows.len(), self.layers.len(), "one window per layer");
+        self.layer_windows = windows;
+        self
     }
 }
 
@@ -247,11 +261,11 @@ impl HookModule for Qwen3Model {
     }
     fn forward(&self, (input_ids, attention_mask, position_ids, cache): CausalInput) -> Tensor {
         let seq = input_ids.size()[1];
-        let mask = causal::causal_mask(&attention_mask, seq);
+        let masks = layer_masks(&attention_mask, seq, &self.layer_windows);
         let hidden = self.embed_tokens.call(input_ids);
         let (cos, sin) = self.rotary_emb.call((hidden.shallow_clone(), position_ids));
-        let hidden = self.layers.iter().fold(hidden, |h, layer| {
-            layer.call((h, mask.shallow_clone(), (cos.shallow_clone(), sin.shallow_clone()), cache.clone()))
+        let hidden = self.layers.iter().zip(masks).fold(hidden, |h, (layer, mask)| {
+            layer.call((h, mask, (cos.shallow_clone(), sin.shallow_clone()), cache.clone()))
         });
         self.norm.call(hidden)
     }

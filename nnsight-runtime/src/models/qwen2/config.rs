@@ -1,5 +1,5 @@
 //! Qwen2 `config.json`: Llama's fields (read through [`Qwen2Config::llama`]) plus the
-//! sliding-window settings, which must leave every layer on full attention.
+//! sliding-window settings ([`Qwen2Config::layer_windows`]).
 
 use std::path::Path;
 
@@ -46,14 +46,15 @@ pub struct Qwen2Config {
     pub rope_parameters: Option<serde_json::Value>,
     /// `lm_head` shares `embed_tokens`' weight (true for the small checkpoints).
     pub tie_word_embeddings: bool,
-    /// Sliding-window attention on layers `max_window_layers..` (false in every released
-    /// checkpoint; true is refused, see [`Qwen2Config::validate`]).
+    /// Sliding-window attention on layers `max_window_layers..` (or those `layer_types` marks
+    /// `"sliding_attention"`); false in every released checkpoint.
     pub use_sliding_window: bool,
     /// Window of the sliding layers (only used when `use_sliding_window`).
     pub sliding_window: Option<i64>,
     /// Layers below this index keep full attention when `use_sliding_window`.
     pub max_window_layers: i64,
-    /// Attention kind of each layer (transformers 5 writes it: `"full_attention"` each).
+    /// Attention kind of each layer, `"full_attention"` or `"sliding_attention"` (transformers 5
+    /// writes it).
     pub layer_types: Option<Vec<String>>,
     /// Beginning-of-sequence id(s).
     pub bos_token_id: Option<TokenIds>,
@@ -109,12 +110,20 @@ impl Qwen2Config {
     }
 
     /// [`LlamaConfig::validate`] of [`Qwen2Config::llama`] (sizes, heads, norms, activation,
-    /// rotary settings) and every layer on full attention (sliding-window layers, from
-    /// `use_sliding_window` or `layer_types`, are refused). The message names the field.
+    /// rotary settings) and the sliding-window settings ([`Qwen2Config::layer_windows`]). The
+    /// message names the field.
     pub fn validate(&self) -> std::result::Result<(), String> {
         self.llama().validate()?;
+        self.layer_windows().map(drop)
+    }
+
+    /// Each layer's sliding window (`None`: full causal attention): with `use_sliding_window`,
+    /// the layers `layer_types` marks `"sliding_attention"` (without `layer_types`, layers
+    /// `max_window_layers..`) attend to the last `sliding_window` positions only, their own
+    /// included. Errors name the field.
+    pub fn layer_windows(&self) -> std::result::Result<Vec<Option<i64>>, String> {
         let (layers, window) = (self.num_hidden_layers, self.sliding_window);
-        check_full_attention(layers, self.use_sliding_window, window, self.max_window_layers, &self.layer_types)
+        layer_windows(layers, self.use_sliding_window, window, self.max_window_layers, &self.layer_types)
     }
 
     /// The Llama config with the same sizes, norms, activation and rotary settings (no MLP
@@ -146,37 +155,46 @@ impl Qwen2Config {
     }
 }
 
-/// Every layer on full attention, as Qwen2 / Qwen3 configs resolve it (transformers'
-/// `Qwen2Config.__post_init__`): the window is `sliding_window` only if `use_sliding_window`;
-/// without `layer_types`, layers `max_window_layers..` slide when there is a window. Sliding
-/// layers are not implemented: the error names `use_sliding_window` or `layer_types[i]`.
-pub(crate) fn check_full_attention(
+/// Each layer's sliding window (`None`: full causal attention), as Qwen2 / Qwen3 configs
+/// resolve it (transformers' `Qwen2Config.__post_init__`): the window is `sliding_window` only
+/// if `use_sliding_window`; `layer_types` (`"full_attention"` / `"sliding_attention"`, one per
+/// layer) says which layers slide, else layers `max_window_layers..` slide when there is a
+/// window. Errors name the field: a `layer_types` of the wrong length or with another entry, a
+/// `"sliding_attention"` layer with no window, a window below 1.
+pub(crate) fn layer_windows(
     num_layers: i64,
     use_sliding_window: bool,
     sliding_window: Option<i64>,
     max_window_layers: i64,
     layer_types: &Option<Vec<String>>,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<Vec<Option<i64>>, String> {
+    let window = sliding_window.filter(|_| use_sliding_window);
+    if let Some(w) = window {
+        v::positive(&[("sliding_window", w)])?;
+    }
+    let layers = num_layers.max(0);
     match layer_types {
         Some(types) => {
-            if types.len() as i64 != num_layers {
+            if types.len() as i64 != layers {
                 return Err(format!("`layer_types` has {} entries for {num_layers} layers (`num_hidden_layers`)", types.len()));
             }
-            match types.iter().enumerate().find(|(_, t)| t.as_str() != "full_attention") {
-                Some((i, t)) => Err(format!(
-                    "`layer_types[{i}]` \"{t}\" is not supported: only \"full_attention\" layers are implemented \
-                     (no sliding-window attention)"
-                )),
-                None => Ok(()),
-            }
+            types
+                .iter()
+                .enumerate()
+                .map(|(i, t)| match t.as_str() {
+                    "full_attention" => Ok(None),
+                    "sliding_attention" => window.map(Some).ok_or_else(|| {
+                        format!(
+                            "`layer_types[{i}]` is \"sliding_attention\" but there is no window \
+                             (`use_sliding_window` is false or `sliding_window` null)"
+                        )
+                    }),
+                    other => Err(format!(
+                        "`layer_types[{i}]` \"{other}\" is not supported (supported: \"full_attention\", \"sliding_attention\")"
+                    )),
+                })
+                .collect()
         }
-        None => match sliding_window.filter(|_| use_sliding_window) {
-            Some(w) if max_window_layers < num_layers => Err(format!(
-                "`use_sliding_window` true is not supported: layers {}..{num_layers} (from `max_window_layers`) would use \
-                 sliding-window attention (window {w}), which is not implemented",
-                max_window_layers.max(0)
-            )),
-            _ => Ok(()),
-        },
+        None => Ok((0..layers).map(|i| window.filter(|_| i >= max_window_layers)).collect()),
     }
 }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::models::causal::TokenIds;
 use crate::models::llama::LlamaConfig;
-use crate::models::qwen2::check_full_attention;
+use crate::models::qwen2::layer_windows;
 use crate::models::validate as v;
 
 /// Qwen3 hyper-parameters from a Hugging Face `config.json` (its field names; missing fields
@@ -47,8 +47,8 @@ pub struct Qwen3Config {
     pub attention_bias: bool,
     /// `lm_head` shares `embed_tokens`' weight (true for the small checkpoints).
     pub tie_word_embeddings: bool,
-    /// Sliding-window attention on layers `max_window_layers..` (false in every released
-    /// checkpoint; true is refused, see [`crate::models::qwen2::Qwen2Config::validate`]).
+    /// Sliding-window attention on layers `max_window_layers..` (or those `layer_types` marks
+    /// `"sliding_attention"`); false in every released checkpoint.
     pub use_sliding_window: bool,
     /// Window of the sliding layers (only used when `use_sliding_window`).
     pub sliding_window: Option<i64>,
@@ -111,12 +111,21 @@ impl Qwen3Config {
     }
 
     /// [`LlamaConfig::validate`] of [`Qwen3Config::llama`] (sizes, heads, norms, activation,
-    /// rotary settings) and every layer on full attention (sliding-window layers, from
-    /// `use_sliding_window` or `layer_types`, are refused). The message names the field.
+    /// rotary settings) and the sliding-window settings ([`Qwen3Config::layer_windows`]). The
+    /// message names the field.
     pub fn validate(&self) -> std::result::Result<(), String> {
         self.llama().validate()?;
+        self.layer_windows().map(drop)
+    }
+
+    /// Each layer's sliding window (`None`: full causal attention), as for Qwen2
+    /// ([`crate::models::qwen2::Qwen2Config::layer_windows`]): with `use_sliding_window`, the
+    /// layers `layer_types` marks `"sliding_attention"` (without `layer_types`, layers
+    /// `max_window_layers..`) attend to the last `sliding_window` positions only. Errors name
+    /// the field.
+    pub fn layer_windows(&self) -> std::result::Result<Vec<Option<i64>>, String> {
         let (layers, window) = (self.num_hidden_layers, self.sliding_window);
-        check_full_attention(layers, self.use_sliding_window, window, self.max_window_layers, &self.layer_types)
+        layer_windows(layers, self.use_sliding_window, window, self.max_window_layers, &self.layer_types)
     }
 
     /// The Llama config with the same sizes, norms, activation, attention biases and rotary

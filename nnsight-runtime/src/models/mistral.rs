@@ -1,0 +1,191 @@
+//! Mistral in tch, every submodule hookable: Llama with a sliding attention window.
+//!
+//! Architecture: Jiang et al. 2023, "Mistral 7B" (arXiv:2310.06825), as implemented by Hugging
+//! Face transformers' `models/mistral/modeling_mistral.py` (`MistralForCausalLM`, eager
+//! attention), itself generated from Llama's (`modular_mistral.py`). The differences from
+//! [`super::llama`]:
+//!
+//! - `sliding_window` (when not `null`): every layer's query sees only the last
+//!   `sliding_window` positions, its own included ([`causal::sliding_window_mask`]; transformers'
+//!   `create_sliding_window_causal_mask`, `kv_idx > q_idx - sliding_window`). The KV cache
+//!   keeps every key and the mask hides the old ones, so cached steps compute what a full
+//!   recompute of the sequence computes;
+//! - a `head_dim` key may set the head width apart from `hidden_size / num_attention_heads`;
+//! - no projection has a bias (no `attention_bias` / `mlp_bias` keys).
+//!
+//! Everything else is Llama's, and so are the modules (their type names say so): the tree is
+//!
+//! ```text
+//! Mistral                             (root, path "")   Input CausalInput, Output logits
+//! ├── model                           LlamaModel        embed_tokens, rotary_emb, layers[i], norm
+//! │   └── layers[i]                   LlamaDecoderLayer input_layernorm, self_attn, post_attention_layernorm, mlp
+//! │       ├── self_attn               LlamaAttention    q_proj, k_proj, v_proj, o_proj (no biases);
+//! │       │                                             hook points q, k, scores, probs, z
+//! │       └── mlp                     LlamaMlp          gate_proj, up_proj, down_proj, act_fn; hook point act
+//! └── lm_head                         LmHead            (embed_tokens' weight if tie_word_embeddings)
+//! ```
+//!
+//! The `probs` hook point of a layer is exactly 0 outside the window.
+//! Shapes: `batch` rows, `seq` new tokens, `past` cached tokens, `hidden` = `hidden_size`.
+
+use std::path::Path;
+
+use tch::{nn, Device, Kind, Tensor};
+
+use super::causal::{self, AttnPoint, CausalInput, CausalLm, Decoder, LmHead, LoadOptions, TokenIds};
+use super::llama::{LlamaAttention, LlamaDecoderLayer, LlamaMlp, LlamaModel, RmsNorm};
+use super::params;
+use super::point::HookPoint;
+
+use crate::activation::Layout;
+use crate::error::Result;
+use crate::hook::{HookModule, Hooked};
+use crate::language_model::{TextBatch, TextModel};
+use crate::models::{CAUSAL_INPUT, ROWS};
+use nnsight_macros::ModuleTree;
+
+mod config;
+pub use config::MistralConfig;
+
+/// A Mistral model with its language-model head (transformers' `MistralForCausalLM`).
+///
+/// Input [`CausalInput`], output logits `[batch, seq, vocab]`.
+#[derive(Debug, ModuleTree)]
+#[module(crate = "crate")]
+pub struct Mistral {
+    /// `model`: embeddings, decoder layers, final norm (Llama's, each layer with the window).
+    pub model: Hooked<LlamaModel>,
+    /// `lm_head`: `[batch, seq, hidden]` → `[batch, seq, vocab]`.
+    pub lm_head: Hooked<LmHead>,
+    /// The hyper-parameters.
+    pub config: MistralConfig,
+}
+
+impl Mistral {
+    /// A model with zero weights as variables under `p` (use `vs.root()`: variable names are
+    /// the checkpoint keys). `lm_head.weight` is a variable unless `tie_word_embeddings`.
+    /// Errors: [`crate::Error::Config`] for a config failing [`MistralConfig::validate`],
+    /// [`crate::Error::Load`] when allocating the weights fails.
+    pub fn new(p: &nn::Path, config: &MistralConfig) -> Result<Mistral> {
+        const WHAT: &str = "<MistralConfig given to Mistral::new>";
+        config.validate().map_err(|m| causal::config_error(WHAT, m))?;
+        let llama = config.llama();
+        params::building(WHAT, || {
+            let pm = p / "model";
+            let windows = vec![config.sliding_window; llama.num_hidden_layers.max(0) as usize];
+            let model = LlamaModel::new(&pm, &llama)?.with_windows(windows);
+            let tied = config.tie_word_embeddings.then_some(&model.embed_tokens.ws);
+            let lm_head = LmHead::new(&(p / "lm_head"), tied, config.vocab_size, config.hidden_size);
+            Ok(Mistral { model: Hooked::new(&pm, model), lm_head, config: config.clone() })
+        })
+    }
+}
+
+impl HookModule for Mistral {
+    /// [`CausalInput`].
+    type Input = CausalInput;
+    /// Logits `[batch, seq, vocab]`.
+    type Output = Tensor;
+    /// Ids, mask and position ids `[batch, ..]`; the KV cache handle shared.
+    fn input_layout(&self) -> Layout {
+        CAUSAL_INPUT
+    }
+    /// Every tensor `[batch, ..]` (rows on dim 0).
+    fn output_layout(&self) -> Layout {
+        ROWS
+    }
+    fn forward(&self, input: CausalInput) -> Tensor {
+        self.lm_head.call(self.model.call(input))
+    }
+}
+
+impl CausalLm for Mistral {
+    fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        super::check_model_dir(dir)?;
+        let config = MistralConfig::from_file(&dir.join("config.json"))?;
+        causal::load_model(dir, options, &["model."], |p| Mistral::new(p, &config))
+    }
+    fn max_positions(&self) -> i64 {
+        self.config.max_position_embeddings
+    }
+    fn num_layers(&self) -> usize {
+        self.model.layers.len()
+    }
+    fn vocab_size(&self) -> i64 {
+        self.config.vocab_size
+    }
+    fn eos_token_ids(&self) -> Vec<i64> {
+        self.config.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+    }
+    fn pad_token_id(&self) -> Option<i64> {
+        self.config.pad_token_id
+    }
+    fn device(&self) -> Device {
+        self.model.embed_tokens.ws.device()
+    }
+    fn kind(&self) -> Kind {
+        self.model.embed_tokens.ws.kind()
+    }
+}
+
+/// `model.layers`, `model.layers.{i}.self_attn`, `.mlp`, `.mlp.act`, `model.norm`, `lm_head`.
+impl Decoder for Mistral {
+    type Layer = LlamaDecoderLayer;
+    type Attn = LlamaAttention;
+    type Mlp = LlamaMlp;
+    type MlpAct = HookPoint;
+    type Norm = RmsNorm;
+    fn layers(&self) -> &Vec<Hooked<LlamaDecoderLayer>> {
+        &self.model.layers
+    }
+    fn attn(&self, layer: usize) -> &Hooked<LlamaAttention> {
+        &self.model.layers[layer].self_attn
+    }
+    fn mlp(&self, layer: usize) -> &Hooked<LlamaMlp> {
+        &self.model.layers[layer].mlp
+    }
+    fn mlp_act(&self, layer: usize) -> &Hooked<HookPoint> {
+        &self.model.layers[layer].mlp.act
+    }
+    fn attn_point(&self, layer: usize, point: AttnPoint) -> &Hooked<HookPoint> {
+        let a = &self.model.layers[layer].self_attn;
+        match point {
+            AttnPoint::Q => &a.q,
+            AttnPoint::K => &a.k,
+            AttnPoint::Scores => &a.scores,
+            AttnPoint::Probs => &a.probs,
+            AttnPoint::Z => &a.z,
+        }
+    }
+    fn final_norm(&self) -> &Hooked<RmsNorm> {
+        &self.model.norm
+    }
+    fn unembedding(&self) -> &Hooked<LmHead> {
+        &self.lm_head
+    }
+}
+
+/// `LanguageModel::<Mistral>`: ids and mask from the tokenizer, position ids from the mask, no cache.
+impl TextModel for Mistral {
+    fn load(dir: &Path, device: Device) -> Result<Self> {
+        Mistral::load_with(dir, &LoadOptions { device, dtype: None })
+    }
+    fn text_input(&self, batch: &TextBatch) -> CausalInput {
+        causal::text_input(batch)
+    }
+    fn max_positions(&self) -> Option<i64> {
+        Some(self.config.max_position_embeddings)
+    }
+    fn input_vocab_size(&self) -> Option<i64> {
+        Some(self.config.vocab_size)
+    }
+    /// The config's `pad_token_id`, else its first `eos_token_id`.
+    fn fallback_pad_token_id(&self) -> Option<u32> {
+        let id = self.config.pad_token_id.or_else(|| self.eos_token_ids().first().copied())?;
+        u32::try_from(id).ok()
+    }
+    /// Decoder-only: left padding, as transformers and nnsight do.
+    fn padding_left(&self) -> bool {
+        true
+    }
+}
