@@ -128,7 +128,7 @@ fn one_experiment_runs_on_every_family_through_with_family() {
             "gpt_neox" => "gpt_neox.layers.1.attention.probs",
             _ => "model.layers.1.self_attn.probs",
         };
-        assert_eq!(with_family!(&auto, |m| m.attn_point(1, AttnPoint::Probs).path().to_string()), want);
+        assert_eq!(with_family!(&auto, |m| m.attn_point(1, AttnPoint::Probs).unwrap().path().to_string()), want);
         assert!(tree.iter().any(|(p, _)| p == want), "{name}: {want} missing from the tree");
     }
 }

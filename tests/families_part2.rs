@@ -251,11 +251,11 @@ fn check_decoder<M: Decoder + TextModel>(name: &str, typed: fn(&M) -> &Vec<Hooke
     for i in 0..2 {
         assert!(std::ptr::eq(&model.layers()[i], &typed(&model)[i]), "{name}: layers()[{i}] is another module");
         assert_eq!(model.layers()[i].path(), format!("model.layers.{i}"));
-        assert_eq!(model.attn(i).path(), format!("model.layers.{i}.self_attn"));
-        assert_eq!(model.mlp(i).path(), format!("model.layers.{i}.mlp"));
-        assert_eq!(model.mlp_act(i).path(), format!("model.layers.{i}.mlp.act"));
+        assert_eq!(model.attn(i).unwrap().path(), format!("model.layers.{i}.self_attn"));
+        assert_eq!(model.mlp(i).unwrap().path(), format!("model.layers.{i}.mlp"));
+        assert_eq!(model.mlp_act(i).unwrap().path(), format!("model.layers.{i}.mlp.act"));
         for point in [AttnPoint::Q, AttnPoint::K, AttnPoint::Scores, AttnPoint::Probs, AttnPoint::Z] {
-            assert_eq!(model.attn_point(i, point).path(), format!("model.layers.{i}.self_attn.{}", point.name()));
+            assert_eq!(model.attn_point(i, point).unwrap().path(), format!("model.layers.{i}.self_attn.{}", point.name()));
         }
     }
     assert_eq!(model.final_norm().path(), "model.norm");

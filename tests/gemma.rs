@@ -318,10 +318,10 @@ fn check_decoder<M: Decoder + TextModel>(name: &str, typed_layers: impl Fn(&M) -
     for (i, layer) in model.layers().iter().enumerate() {
         assert_eq!(layer.path(), typed[i], "{name}: layers()[{i}]");
         assert_eq!(layer.path(), format!("model.layers.{i}"));
-        assert_eq!(model.attn(i).path(), format!("model.layers.{i}.self_attn"));
-        assert_eq!(model.mlp_act(i).path(), format!("model.layers.{i}.mlp.act"));
+        assert_eq!(model.attn(i).unwrap().path(), format!("model.layers.{i}.self_attn"));
+        assert_eq!(model.mlp_act(i).unwrap().path(), format!("model.layers.{i}.mlp.act"));
         for (p, s) in [(AttnPoint::Q, "q"), (AttnPoint::K, "k"), (AttnPoint::Scores, "scores"), (AttnPoint::Probs, "probs"), (AttnPoint::Z, "z")] {
-            assert_eq!(model.attn_point(i, p).path(), format!("model.layers.{i}.self_attn.{s}"));
+            assert_eq!(model.attn_point(i, p).unwrap().path(), format!("model.layers.{i}.self_attn.{s}"));
         }
     }
     assert_eq!(model.final_norm().path(), "model.norm");
@@ -660,11 +660,11 @@ fn decoder_layers_are_the_model_layers() {
     let g3 = load::<Gemma3>("gemma3");
     let g3: &Gemma3 = &g3;
     for i in 0..3 {
-        assert!(std::ptr::eq(&g2.layers()[i], &g2.model.layers[i]) && std::ptr::eq(g2.attn(i), &g2.model.layers[i].self_attn));
-        assert!(std::ptr::eq(&g3.layers()[i], &g3.model.layers[i]) && std::ptr::eq(g3.attn(i), &g3.model.layers[i].self_attn));
-        assert!(std::ptr::eq(g2.attn_point(i, AttnPoint::Probs), &g2.model.layers[i].self_attn.probs));
-        assert!(std::ptr::eq(g3.attn_point(i, AttnPoint::Scores), &g3.model.layers[i].self_attn.scores));
-        assert!(std::ptr::eq(g2.mlp_act(i), &g2.model.layers[i].mlp.act));
+        assert!(std::ptr::eq(&g2.layers()[i], &g2.model.layers[i]) && std::ptr::eq(g2.attn(i).unwrap(), &g2.model.layers[i].self_attn));
+        assert!(std::ptr::eq(&g3.layers()[i], &g3.model.layers[i]) && std::ptr::eq(g3.attn(i).unwrap(), &g3.model.layers[i].self_attn));
+        assert!(std::ptr::eq(g2.attn_point(i, AttnPoint::Probs).unwrap(), &g2.model.layers[i].self_attn.probs));
+        assert!(std::ptr::eq(g3.attn_point(i, AttnPoint::Scores).unwrap(), &g3.model.layers[i].self_attn.scores));
+        assert!(std::ptr::eq(g2.mlp_act(i).unwrap(), &g2.model.layers[i].mlp.act));
     }
     assert!(std::ptr::eq(g2.final_norm(), &g2.model.norm) && std::ptr::eq(g3.unembedding(), &g3.lm_head));
 }

@@ -291,11 +291,11 @@ fn decoder_view_is_the_same_modules() {
     for i in 0..2 {
         assert!(std::ptr::eq(&model.layers()[i], &model.gpt_neox.layers[i]), "layers()[{i}] is another module");
         assert_eq!(model.layers()[i].path(), format!("gpt_neox.layers.{i}"));
-        assert!(std::ptr::eq(model.attn(i), &model.gpt_neox.layers[i].attention));
-        assert!(std::ptr::eq(model.mlp(i), &model.gpt_neox.layers[i].mlp));
-        assert_eq!(model.mlp_act(i).path(), format!("gpt_neox.layers.{i}.mlp.act"));
+        assert!(std::ptr::eq(model.attn(i).unwrap(), &model.gpt_neox.layers[i].attention));
+        assert!(std::ptr::eq(model.mlp(i).unwrap(), &model.gpt_neox.layers[i].mlp));
+        assert_eq!(model.mlp_act(i).unwrap().path(), format!("gpt_neox.layers.{i}.mlp.act"));
         for point in [AttnPoint::Q, AttnPoint::K, AttnPoint::Scores, AttnPoint::Probs, AttnPoint::Z] {
-            assert_eq!(model.attn_point(i, point).path(), format!("gpt_neox.layers.{i}.attention.{}", point.name()));
+            assert_eq!(model.attn_point(i, point).unwrap().path(), format!("gpt_neox.layers.{i}.attention.{}", point.name()));
         }
     }
     assert_eq!(model.final_norm().path(), "gpt_neox.final_layer_norm");

@@ -127,3 +127,43 @@ fn an_edit_that_cannot_be_built_is_refused_and_not_kept() {
     let out = trace!(model, PROMPT, { model.lm_head.output.save() }).unwrap();
     assert!(out.equal(&model.forward(&[PROMPT]).unwrap()));
 }
+
+/// Generic code over the model behind a reference (as `with_family!` hands it) sees the edits.
+fn last_logits_through_a_reference<M: nnsight::TextModel>(model: &LanguageModel<M>) -> Tensor
+where
+    M: nnsight::HookModule<Output = Tensor>,
+{
+    trace!(model, PROMPT, { model.output.save() }).unwrap()
+}
+
+#[test]
+fn edits_apply_through_references_and_locked_mutexes() {
+    let model = lm();
+    let before = last_logits_through_a_reference(&model);
+    edit!(model, { model.transformer.h[1].output *= 0.0; }).unwrap();
+    let by_value = trace!(model, PROMPT, { model.output.save() }).unwrap();
+    let through_ref = last_logits_through_a_reference(&model);
+    assert!(through_ref.equal(&by_value), "the edit applies through `&model`");
+    assert!(!through_ref.equal(&before));
+    let shared = std::sync::Mutex::new(model);
+    let guard = shared.lock().unwrap();
+    let through_guard = trace!(guard, PROMPT, { guard.lm_head.output.save() }).unwrap();
+    assert!(through_guard.equal(&by_value), "the edit applies through a MutexGuard");
+    guard.clear_edits();
+    assert!(trace!(guard, PROMPT, { guard.lm_head.output.save() }).unwrap().equal(&before));
+}
+
+#[test]
+fn an_edit_that_panics_while_built_is_refused_and_not_kept() {
+    use nnsight::models::causal::{AttnPoint, Decoder};
+    let model = lm();
+    // An out-of-range layer through the generic accessors is an error, not a panic.
+    let err = edit!(model, { model.attn_point(99, AttnPoint::Probs).output *= 0.0; }).unwrap_err();
+    assert!(matches!(&err, Error::IndexOutOfRange { index: 99, len: 2, .. }), "{err}");
+    assert_eq!(model.edit_count(), 0);
+    let err = trace!(model, PROMPT, { model.attn(7).output.save() }).unwrap_err();
+    assert!(matches!(&err, Error::IndexOutOfRange { index: 7, .. }), "{err}");
+    let last = trace!(model, PROMPT, { model.attn(-1).output.save() }).unwrap();
+    let typed = trace!(model, PROMPT, { model.transformer.h[1].attn.output.save() }).unwrap();
+    assert!(last.equal(&typed), "attn(-1) is the last layer's attention");
+}

@@ -150,3 +150,23 @@ fn bad_skip_values_are_errors_naming_the_hook_point() {
     assert!(plain.equal(&plain_post(&model, &tch::no_grad(|| nn::Module::forward(&model.mid.lin, &x)))));
     assert!(!nnsight::is_tracing());
 }
+
+#[test]
+fn a_skip_of_a_call_that_never_happens_or_written_twice_is_an_error() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = net(&vs);
+    let x = input(1, 8);
+    let err = trace!(model, &x, {
+        model.mid.at(1).skip(model.mid.input);
+        model.output.save()
+    })
+    .unwrap_err();
+    assert!(matches!(&err, Error::NeverProvided { point, call: 1, reason } if point.contains("mid") && reason.contains("skipped nothing")), "{err}");
+    let err = trace!(model, &x, {
+        model.mid.skip(model.mid.input);
+        model.mid.skip(model.mid.input * 2.0);
+        model.output.save()
+    })
+    .unwrap_err();
+    assert!(matches!(&err, Error::Input(m) if m.contains("written twice")), "{err}");
+}

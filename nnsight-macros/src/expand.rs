@@ -108,6 +108,8 @@ fn trace_inner(mut input: TraceInput, mode: Mode) -> TokenStream {
         } else if mode == Mode::Generate && GENERATE_OPTIONS.contains(&n.as_str()) {
             let v = match n.as_str() {
                 "temperature" | "top_k" => quote!(::core::option::Option::Some(#value)),
+                // Any integer type (`model.steps` counts in `usize`).
+                "max_new_tokens" => quote!(::nnsight::__private::IndexArg::into_i64(#value)),
                 _ => quote!(#value),
             };
             gen_options.push(quote!(__nn_options.#name = #v;));

@@ -411,7 +411,7 @@ impl Ctx {
                 quote!(#label loop #body)
             }
             Expr::Block(b) if invoke_input(b).is_some() => self.nested_invoke(b),
-            Expr::MethodCall(m) if m.method == "skip" && m.args.len() == 1 && module_chain(&m.receiver, &self.model).is_some() => self.skip(m),
+            Expr::MethodCall(m) if m.method == "skip" && m.args.len() == 1 && crate::paths::module_chain_with_methods(&m.receiver, &self.model).is_some() => self.skip(m),
             Expr::Block(b) if b.label.is_none() && b.attrs.is_empty() => self.block(&b.block),
             Expr::If(i) => self.if_stmt(i),
             Expr::Match(m) => self.match_expr(m, false).0,
@@ -449,7 +449,7 @@ impl Ctx {
     /// without running its forward, at the call `.next()` / `.at(i)` select.
     fn skip(&mut self, m: &syn::ExprMethodCall) -> TokenStream {
         let tr = self.tr.clone();
-        let Some((root, segs)) = module_chain(&m.receiver, &self.model) else { return quote!(()) };
+        let Some((root, segs)) = crate::paths::module_chain_with_methods(&m.receiver, &self.model) else { return quote!(()) };
         let hp = HookPath { root, segs, point: Point::Output, span: m.method.span(), full_span: m.span() };
         let value = self.swap_value(&m.args[0]);
         let Some((path, call)) = self.module_access(&hp) else { return quote!(()) };
@@ -461,7 +461,7 @@ impl Ctx {
     /// A tail expression: a value, or a statement whose value is `()`.
     fn value_or_stmt(&mut self, e: &Expr) -> (TokenStream, bool) {
         match e {
-            Expr::MethodCall(m) if m.method == "skip" && m.args.len() == 1 && module_chain(&m.receiver, &self.model).is_some() => {
+            Expr::MethodCall(m) if m.method == "skip" && m.args.len() == 1 && crate::paths::module_chain_with_methods(&m.receiver, &self.model).is_some() => {
                 (self.skip(m), false)
             }
             Expr::Block(b) if invoke_input(b).is_some() => (self.nested_invoke(b), false),
@@ -1090,9 +1090,10 @@ impl Ctx {
             match s {
                 Seg::Field(id) => expr = quote!(#expr.#id),
                 Seg::Method(m) => {
-                    // The method returns `&Module`: `*` makes the module the place (as for indices).
+                    // The method returns `&Module` or `Result<&Module>`: `*` makes the module the
+                    // place (as for indices), an error becomes the trace's.
                     let (method, turbofish, args) = (&m.method, &m.turbofish, &m.args);
-                    expr = quote_spanned!(m.method.span()=> (*#expr.#method #turbofish (#args)));
+                    expr = quote_spanned!(m.method.span()=> (*::nnsight::__private::seg(#expr.#method #turbofish (#args))?));
                 }
                 Seg::Index(ix) => {
                     let sp = ix.span();
@@ -1283,7 +1284,7 @@ pub(crate) fn has_effect(e: &Expr, ctx: &Ctx) -> bool {
                     if inplace_root(e).is_some_and(|r| self.ctx.is_proxy_root(r)) {
                         self.found = true;
                     }
-                    if n == "skip" && module_chain(&m.receiver, &self.ctx.model).is_some() {
+                    if n == "skip" && crate::paths::module_chain_with_methods(&m.receiver, &self.ctx.model).is_some() {
                         self.found = true;
                     }
                 }

@@ -74,6 +74,12 @@ pub fn module_chain(e: &Expr, model: &Ident) -> Option<(Ident, Vec<Seg>)> {
     chain(e, model, false)
 }
 
+/// [`module_chain`] that also takes method calls (`model.layers()[3]`, `model.attn(3)`), as a
+/// hook point's path does: for `.skip(..)` on such a path.
+pub fn module_chain_with_methods(e: &Expr, model: &Ident) -> Option<(Ident, Vec<Seg>)> {
+    chain(e, model, true)
+}
+
 fn chain(e: &Expr, model: &Ident, methods: bool) -> Option<(Ident, Vec<Seg>)> {
     let module_chain = |e: &Expr, model: &Ident| chain(e, model, methods);
     match e {

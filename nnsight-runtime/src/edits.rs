@@ -13,20 +13,22 @@
 use std::any::Any;
 use std::cell::RefCell;
 use std::marker::PhantomData;
-use std::rc::Rc;
 
 use crate::error::{Error, Result};
 use crate::language_model::{LanguageModel, TextModel};
 use crate::tracer::Tracer;
 
 /// One persistent edit: builds its nodes into a trace of the model.
-pub type EditFn<M> = dyn for<'e> Fn(&mut Tracer<'e, LanguageModel<M>>, &'e LanguageModel<M>);
+pub type EditFn<M> = dyn for<'e> Fn(&mut Tracer<'e, LanguageModel<M>>, &'e LanguageModel<M>) + Send;
+
+/// A stored edit (a `Box<EditFn<M>>`), `Send` so that the model stays `Send`.
+type Stored = Box<dyn Any + Send>;
 
 /// The persistent edits of a [`LanguageModel`], in the order they were added. Each is a
 /// `Box<EditFn<M>>` (held as `dyn Any`: the type names `LanguageModel<M>`, which is only
 /// traceable for a [`TextModel`]).
 pub struct PersistentEdits<M> {
-    edits: RefCell<Vec<Rc<dyn Any>>>,
+    edits: RefCell<Vec<Stored>>,
     _model: PhantomData<fn() -> M>,
 }
 
@@ -51,19 +53,20 @@ impl<M: TextModel> LanguageModel<M> {
     /// of range, a misuse the macro could not see) is returned, and the edit is not kept.
     pub fn add_edit<F>(&self, edit: F) -> Result<()>
     where
-        F: for<'e> Fn(&mut Tracer<'e, LanguageModel<M>>, &'e LanguageModel<M>) + 'static,
+        F: for<'e> Fn(&mut Tracer<'e, LanguageModel<M>>, &'e LanguageModel<M>) + Send + 'static,
     {
         let boxed: Box<EditFn<M>> = Box::new(edit);
-        self.persistent_edits().edits.borrow_mut().push(Rc::new(boxed));
-        let mut check = Tracer::new(self);
-        if let Some(e) = check.take_building_error() {
-            self.persistent_edits().edits.borrow_mut().pop();
-            return Err(match e {
-                Error::Input(m) => Error::Input(format!("edit!: {m}")),
-                other => other,
-            });
-        }
-        Ok(())
+        self.persistent_edits().edits.borrow_mut().push(Box::new(boxed));
+        // Tried once: an error or a panic while building refuses the edit (it is not kept).
+        let tried = crate::error::catch_quiet(|| Tracer::new(self).take_building_error());
+        let error = match tried {
+            Ok(None) => return Ok(()),
+            Ok(Some(Error::Input(m))) => Error::Input(format!("edit!: {m}")),
+            Ok(Some(other)) => other,
+            Err(panic) => Error::Input(format!("edit!: building the edit panicked: {panic}")),
+        };
+        self.persistent_edits().edits.borrow_mut().pop();
+        Err(error)
     }
 
     /// Removes every persistent edit: later traces run without them (the model's weights were
@@ -79,9 +82,20 @@ impl<M: TextModel> LanguageModel<M> {
 
     /// Replays every persistent edit into `tracer` (see [`crate::Traced::replay_edits`]).
     pub(crate) fn replay_into<'e>(&'e self, tracer: &mut Tracer<'e, LanguageModel<M>>) {
-        // A copy of the list: an edit may not add or clear edits while it is replayed.
-        let edits: Vec<Rc<dyn Any>> = self.persistent_edits().edits.borrow().clone();
-        for e in &edits {
+        // The list is taken out while it is replayed (an edit may trace the model, or add or
+        // clear edits), and put back, before anything added meanwhile, even if one panics.
+        struct PutBack<'a>(&'a RefCell<Vec<Stored>>, Vec<Stored>);
+        impl Drop for PutBack<'_> {
+            fn drop(&mut self) {
+                let mut list = self.0.borrow_mut();
+                let added = std::mem::take(&mut *list);
+                *list = std::mem::take(&mut self.1);
+                list.extend(added);
+            }
+        }
+        let cell = &self.persistent_edits().edits;
+        let taken = PutBack(cell, std::mem::take(&mut *cell.borrow_mut()));
+        for e in &taken.1 {
             if let Some(f) = e.downcast_ref::<Box<EditFn<M>>>() {
                 f(tracer, self);
             }

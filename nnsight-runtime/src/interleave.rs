@@ -278,6 +278,22 @@ impl<'env> Interleaver<'env> {
         saved?;
         let caches = caches?;
         if stopped_at.is_none() && !lenient() {
+            // A skip of a call that never happened did nothing: an error, as a read of it is.
+            for (&module, m) in &graph.modules {
+                for e in m.side(Io::Output) {
+                    if let EffectKind::Skip(_) = e.kind {
+                        let ran = state.counters.get(&module).copied().unwrap_or(0);
+                        if e.call >= ran {
+                            let reason = if ran == 0 {
+                                "the module did not run, so `.skip()` skipped nothing".to_string()
+                            } else {
+                                format!("the module ran only {ran} time(s) in this run, so `.skip()` skipped nothing")
+                            };
+                            return Err(Error::NeverProvided { point: graph.point_name(module, Io::Output), call: e.call, reason });
+                        }
+                    }
+                }
+            }
             for (id, n) in graph.nodes.iter().enumerate() {
                 if let (NodeKind::Grad { of, pass, .. }, Slot::Empty) = (&n.kind, &state.slots[id]) {
                     if let NodeKind::Hook { module, io, call, .. } = graph.nodes[*of].kind {
@@ -428,6 +444,12 @@ impl<'env> Interleaver<'env> {
                 Ok(Some(v)) => {
                     if let Some((_, _, first)) = &chosen {
                         let point = self.graph.borrow().point_name(key, Io::Output);
+                        if first.group == e.group {
+                            self.interrupt(Error::Input(format!(
+                                "`.skip()` of `{point}` (call {call}) is written twice for {}: one call can return one value; keep one skip",
+                                Group(e.group)
+                            )));
+                        }
                         self.interrupt(Error::Input(format!(
                             "`.skip()` of `{point}` (call {call}) in {} and in {}: a module runs once for the whole batch, so only a trace with one invoke can skip it",
                             Group(first.group),

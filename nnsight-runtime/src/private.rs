@@ -3,6 +3,31 @@
 use tch::Tensor;
 
 
+/// A method in a module path (`model.attn(3)`, `model.layers()`): a reference to the module, or
+/// a `Result` of one whose error becomes the trace's.
+pub trait SegResult<'a> {
+    /// The module type.
+    type Target: ?Sized;
+    /// As a `Result`.
+    fn into_seg(self) -> crate::error::Result<&'a Self::Target>;
+}
+impl<'a, T: ?Sized> SegResult<'a> for &'a T {
+    type Target = T;
+    fn into_seg(self) -> crate::error::Result<&'a T> {
+        Ok(self)
+    }
+}
+impl<'a, T: ?Sized> SegResult<'a> for crate::error::Result<&'a T> {
+    type Target = T;
+    fn into_seg(self) -> crate::error::Result<&'a T> {
+        self
+    }
+}
+/// See [`SegResult`].
+pub fn seg<'a, S: SegResult<'a>>(s: S) -> crate::error::Result<&'a S::Target> {
+    s.into_seg()
+}
+
 /// Integer types usable as module list indices.
 pub trait IndexArg {
     /// The index as `i64` (negative counts from the end).

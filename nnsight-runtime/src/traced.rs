@@ -100,6 +100,10 @@ macro_rules! traced_through {
             fn tolerates_missing(&self) -> bool {
                 (**self).tolerates_missing()
             }
+            /// The model's own persistent edits, replayed on a tracer of the model and taken over.
+            fn replay_edits<'e>(&'e self, tracer: &mut crate::Tracer<'e, Self>) {
+                tracer.absorb(crate::Tracer::new(&**self));
+            }
         }
     )*};
 }

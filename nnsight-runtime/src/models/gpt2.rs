@@ -134,17 +134,17 @@ impl Decoder for Gpt2 {
     fn layers(&self) -> &Vec<Hooked<Gpt2Block>> {
         &self.transformer.h
     }
-    fn attn(&self, layer: usize) -> &Hooked<Gpt2Attention> {
-        &self.transformer.h[layer].attn
+    fn layer_attn(layer: &Hooked<Self::Layer>) -> &Hooked<Gpt2Attention> {
+        &layer.attn
     }
-    fn mlp(&self, layer: usize) -> &Hooked<Gpt2Mlp> {
-        &self.transformer.h[layer].mlp
+    fn layer_mlp(layer: &Hooked<Self::Layer>) -> &Hooked<Gpt2Mlp> {
+        &layer.mlp
     }
-    fn mlp_act(&self, layer: usize) -> &Hooked<HiddenAct> {
-        &self.transformer.h[layer].mlp.act
+    fn layer_mlp_act(layer: &Hooked<Self::Layer>) -> &Hooked<HiddenAct> {
+        &layer.mlp.act
     }
-    fn attn_point(&self, layer: usize, point: AttnPoint) -> &Hooked<HookPoint> {
-        let a = &self.transformer.h[layer].attn;
+    fn layer_attn_point(layer: &Hooked<Self::Layer>, point: AttnPoint) -> &Hooked<HookPoint> {
+        let a = &layer.attn;
         match point {
             AttnPoint::Q => &a.q,
             AttnPoint::K => &a.k,

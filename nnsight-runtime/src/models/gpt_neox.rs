@@ -146,17 +146,17 @@ impl Decoder for GptNeoX {
     fn layers(&self) -> &Vec<Hooked<GptNeoXLayer>> {
         &self.gpt_neox.layers
     }
-    fn attn(&self, layer: usize) -> &Hooked<GptNeoXAttention> {
-        &self.gpt_neox.layers[layer].attention
+    fn layer_attn(layer: &Hooked<Self::Layer>) -> &Hooked<GptNeoXAttention> {
+        &layer.attention
     }
-    fn mlp(&self, layer: usize) -> &Hooked<GptNeoXMlp> {
-        &self.gpt_neox.layers[layer].mlp
+    fn layer_mlp(layer: &Hooked<Self::Layer>) -> &Hooked<GptNeoXMlp> {
+        &layer.mlp
     }
-    fn mlp_act(&self, layer: usize) -> &Hooked<HiddenAct> {
-        &self.gpt_neox.layers[layer].mlp.act
+    fn layer_mlp_act(layer: &Hooked<Self::Layer>) -> &Hooked<HiddenAct> {
+        &layer.mlp.act
     }
-    fn attn_point(&self, layer: usize, point: AttnPoint) -> &Hooked<HookPoint> {
-        let a = &self.gpt_neox.layers[layer].attention;
+    fn layer_attn_point(layer: &Hooked<Self::Layer>, point: AttnPoint) -> &Hooked<HookPoint> {
+        let a = &layer.attention;
         match point {
             AttnPoint::Q => &a.q,
             AttnPoint::K => &a.k,

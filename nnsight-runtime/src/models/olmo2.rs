@@ -146,17 +146,17 @@ impl Decoder for Olmo2 {
     fn layers(&self) -> &Vec<Hooked<Olmo2DecoderLayer>> {
         &self.model.layers
     }
-    fn attn(&self, layer: usize) -> &Hooked<Olmo2Attention> {
-        &self.model.layers[layer].self_attn
+    fn layer_attn(layer: &Hooked<Self::Layer>) -> &Hooked<Olmo2Attention> {
+        &layer.self_attn
     }
-    fn mlp(&self, layer: usize) -> &Hooked<LlamaMlp> {
-        &self.model.layers[layer].mlp
+    fn layer_mlp(layer: &Hooked<Self::Layer>) -> &Hooked<LlamaMlp> {
+        &layer.mlp
     }
-    fn mlp_act(&self, layer: usize) -> &Hooked<HookPoint> {
-        &self.model.layers[layer].mlp.act
+    fn layer_mlp_act(layer: &Hooked<Self::Layer>) -> &Hooked<HookPoint> {
+        &layer.mlp.act
     }
-    fn attn_point(&self, layer: usize, point: AttnPoint) -> &Hooked<HookPoint> {
-        let a = &self.model.layers[layer].self_attn;
+    fn layer_attn_point(layer: &Hooked<Self::Layer>, point: AttnPoint) -> &Hooked<HookPoint> {
+        let a = &layer.self_attn;
         match point {
             AttnPoint::Q => &a.q,
             AttnPoint::K => &a.k,

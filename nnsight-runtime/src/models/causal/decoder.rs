@@ -27,7 +27,9 @@ use tch::Tensor;
 
 use super::{CausalLm, LmHead};
 use crate::activation::Activation;
-use crate::hook::{HookModule, Hooked};
+use crate::error::Result;
+use crate::hook::{HookModule, Hooked, ModuleList};
+use crate::private::IndexArg;
 use crate::models::point::HookPoint;
 
 /// One of the five hook points inside every bundled attention module (see
@@ -68,7 +70,9 @@ impl AttnPoint {
 ///
 /// Every method returns the model's own [`Hooked`] module, so its hook points are the same ones
 /// the family's typed path reaches (`model.layers()[3]` *is* `model.transformer.h[3]` on GPT-2):
-/// a read, an edit or a cache entry through either is the same.
+/// a read, an edit or a cache entry through either is the same. The per-layer accessors take a
+/// layer index (any integer type, negative from the end) and return `Result`: in `trace!` an
+/// index out of range is the trace's [`crate::Error::IndexOutOfRange`], as for `layers()[i]`.
 pub trait Decoder: CausalLm {
     /// A decoder layer: output the residual stream after it, `[batch, seq, hidden]`; its first
     /// input (`.input`) the residual stream before it.
@@ -85,16 +89,37 @@ pub trait Decoder: CausalLm {
     /// The decoder layers in order (`transformer.h`, `model.layers`, `gpt_neox.layers`, ...).
     /// The input of layer 0 is the embedding as the residual stream starts.
     fn layers(&self) -> &Vec<Hooked<Self::Layer>>;
-    /// Layer `layer`'s attention module (`transformer.h.3.attn`, `model.layers.3.self_attn`, ...).
-    /// Panics if `layer >= layers().len()`, as indexing a `Vec` does; in `trace!` prefer
-    /// `model.layers()[l]` for the residual stream, whose index is checked.
-    fn attn(&self, layer: usize) -> &Hooked<Self::Attn>;
-    /// Layer `layer`'s MLP module. Panics like [`Decoder::attn`].
-    fn mlp(&self, layer: usize) -> &Hooked<Self::Mlp>;
-    /// Layer `layer`'s MLP activation (`mlp.act`). Panics like [`Decoder::attn`].
-    fn mlp_act(&self, layer: usize) -> &Hooked<Self::MlpAct>;
-    /// One hook point inside layer `layer`'s attention. Panics like [`Decoder::attn`].
-    fn attn_point(&self, layer: usize, point: AttnPoint) -> &Hooked<HookPoint>;
+    /// A layer's attention module (`transformer.h.3.attn`, `model.layers.3.self_attn`, ...).
+    fn layer_attn(layer: &Hooked<Self::Layer>) -> &Hooked<Self::Attn>;
+    /// A layer's MLP module.
+    fn layer_mlp(layer: &Hooked<Self::Layer>) -> &Hooked<Self::Mlp>;
+    /// A layer's MLP activation hook point (`mlp.act`).
+    fn layer_mlp_act(layer: &Hooked<Self::Layer>) -> &Hooked<Self::MlpAct>;
+    /// One hook point inside a layer's attention.
+    fn layer_attn_point(layer: &Hooked<Self::Layer>, point: AttnPoint) -> &Hooked<HookPoint>;
+
+    /// Layer `index` (negative counts from the end, as `layers()[i]` in `trace!`).
+    /// [`crate::Error::IndexOutOfRange`] naming the list's module path when there is none.
+    fn layer(&self, index: impl IndexArg) -> Result<&Hooked<Self::Layer>> {
+        self.layers().module_at(index.into_i64())
+    }
+    /// Layer `index`'s attention module; errors as [`Decoder::layer`].
+    fn attn(&self, index: impl IndexArg) -> Result<&Hooked<Self::Attn>> {
+        self.layer(index).map(Self::layer_attn)
+    }
+    /// Layer `index`'s MLP module; errors as [`Decoder::layer`].
+    fn mlp(&self, index: impl IndexArg) -> Result<&Hooked<Self::Mlp>> {
+        self.layer(index).map(Self::layer_mlp)
+    }
+    /// Layer `index`'s MLP activation (`mlp.act`), `[batch, seq, intermediate]`; errors as
+    /// [`Decoder::layer`].
+    fn mlp_act(&self, index: impl IndexArg) -> Result<&Hooked<Self::MlpAct>> {
+        self.layer(index).map(Self::layer_mlp_act)
+    }
+    /// One hook point inside layer `index`'s attention; errors as [`Decoder::layer`].
+    fn attn_point(&self, index: impl IndexArg, point: AttnPoint) -> Result<&Hooked<HookPoint>> {
+        self.layer(index).map(|l| Self::layer_attn_point(l, point))
+    }
     /// The final norm before the unembedding (`transformer.ln_f`, `model.norm`,
     /// `gpt_neox.final_layer_norm`, ...).
     fn final_norm(&self) -> &Hooked<Self::Norm>;
