@@ -16,6 +16,21 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/tensor_hooks.cpp");
     if let Ok(dir) = std::env::var("LIBTORCH") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}/lib");
+        let lib = PathBuf::from(&dir).join("lib");
+        // `cargo xtask setup` touches the marker when it points `.nnsight/libtorch` at another
+        // tree (CPU <-> CUDA), so switching re-runs this script.
+        if PathBuf::from(&dir).join(".complete").is_file() {
+            println!("cargo:rerun-if-changed={dir}/.complete");
+        }
+        // A CUDA libtorch (`cargo xtask setup --cuda`): link libtorch_cuda into this crate's
+        // tests and examples with --no-as-needed, else the linker drops it (no Rust code uses
+        // its symbols) and `tch::Cuda::is_available()` is false. The CPU set-up adds nothing.
+        if lib.join("libtorch_cuda.so").is_file() {
+            println!("cargo:rustc-link-arg=-L{}", lib.display());
+            println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+            println!("cargo:rustc-link-arg=-ltorch_cuda");
+            println!("cargo:rustc-link-arg=-Wl,--as-needed");
+        }
     }
 
     let lib_dir = std::env::var_os("DEP_TCH_LIBTORCH_LIB")

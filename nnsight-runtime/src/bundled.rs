@@ -101,3 +101,11 @@ fn check_minilm(dir: &Path) -> std::result::Result<(), String> {
 pub fn minilm() -> Result<LanguageModel<Bert>> {
     LanguageModel::from_pretrained(minilm_dir()?)
 }
+
+/// [`minilm`] with the weights (f32) and token tensors on `device`. [`Error::Device`] for a
+/// device this build or machine cannot use (e.g. `Device::Cuda(0)` without
+/// `cargo xtask setup --cuda` or without a GPU), checked before the model folder is looked for.
+pub fn minilm_on(device: tch::Device) -> Result<LanguageModel<Bert>> {
+    crate::models::checkpoint::check_device(device)?;
+    LanguageModel::from_pretrained_on(minilm_dir()?, device)
+}

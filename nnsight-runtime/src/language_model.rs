@@ -133,8 +133,15 @@ impl<M: TextModel> LanguageModel<M> {
         Self::from_pretrained_on(dir, Device::Cpu)
     }
 
-    /// [`LanguageModel::from_pretrained`] with the weights (and token tensors) on `device`.
+    /// [`LanguageModel::from_pretrained`] with the weights (and token tensors) on `device`:
+    /// every input [`LanguageModel::tokenize`] makes is put on that device.
+    ///
+    /// A device this build or machine cannot use (`Device::Cuda(i)` without libtorch's CUDA
+    /// part, a driver, or with `i` beyond `tch::Cuda::device_count()`) is [`Error::Device`],
+    /// naming the device and how to get CUDA, before any file is read (see
+    /// [`crate::models::checkpoint::check_device`]).
     pub fn from_pretrained_on(dir: impl AsRef<Path>, device: Device) -> Result<Self> {
+        crate::models::checkpoint::check_device(device)?;
         let dir = dir.as_ref();
         let folder = ModelDir::new(dir)?;
         let model = M::load(dir, device)?;
@@ -146,8 +153,10 @@ impl<M: TextModel> LanguageModel<M> {
     /// "longest in batch" on the model's side ([`TextModel::padding_left`]: right for BERT,
     /// left for GPT-2 / Llama) with a pad token from, in order: the tokenizer's padding
     /// settings, its `[PAD]` token, the model's [`TextModel::fallback_pad_token_id`].
-    /// Truncation is switched off.
+    /// Truncation is switched off. `device` is where token tensors go (the model's device);
+    /// [`Error::Device`] for one this build or machine cannot use.
     pub fn from_parts(model: M, mut tokenizer: Tokenizer, device: Device) -> Result<Self> {
+        crate::models::checkpoint::check_device(device)?;
         let pad = match tokenizer.get_padding() {
             Some(p) => Some((p.pad_id, p.pad_type_id, p.pad_token.clone())),
             None => tokenizer.token_to_id("[PAD]").map(|id| (id, 0, "[PAD]".to_string())).or_else(|| {

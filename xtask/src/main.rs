@@ -4,6 +4,9 @@
 //!   all-MiniLM-L6-v2 model into a cache folder outside the repository, unpacks and verifies
 //!   them, and links them into the repository as `.nnsight/libtorch` and `.nnsight/minilm`.
 //!   Running it again only checks the trees and refreshes the links.
+//! * `setup --cuda` — the same with libtorch's CUDA part: `<cache>/libtorch-2.13.0-cuda`, with
+//!   `libtorch_cuda.so` and the CUDA libraries of the wheels the torch wheel requires (see
+//!   [`cuda`]), linked as `.nnsight/libtorch` instead of the CPU tree.
 //! * `doctor` — prints what is where: cache folder, wheels, trees, links, environment.
 //! * `new <folder> [--name <crate>]` — writes a researcher's own crate that depends on this
 //!   repository and builds against the cache's libtorch; its binaries run directly.
@@ -12,6 +15,7 @@
 //! `$HOME/.cache/nnsight-rs`; it is shared by every clone on the machine. This crate must not
 //! depend on `tch`: it has to build before libtorch exists.
 
+mod cuda;
 mod links;
 mod new_project;
 mod spec;
@@ -31,6 +35,12 @@ usage: cargo xtask <task>
 tasks:
   setup    download libtorch 2.13.0 and the MiniLM model into the cache folder and link them
            as .nnsight/libtorch and .nnsight/minilm (safe to re-run; does nothing when set up)
+  setup --cuda
+           the same with libtorch's CUDA part (libtorch_cuda.so and the CUDA libraries the torch
+           wheel requires, several GB) in <cache>/libtorch-2.13.0-cuda, linked as
+           .nnsight/libtorch; a plain `setup` links the CPU libtorch again
+  setup --cuda --plan
+           only list the CUDA wheels the torch wheel requires (downloads a few kB)
   doctor   print where the cache, wheels, trees and links are, and whether they are complete
   new <folder> [--name <crate>]
            write your own crate there: depends on this clone, builds against the cache's
@@ -60,7 +70,9 @@ fn run() -> Result<()> {
         .collect::<Vec<_>>()
         .as_slice()
     {
-        ["setup"] => setup(),
+        ["setup"] => setup(false),
+        ["setup", "--cuda"] => setup(true),
+        ["setup", "--cuda", "--plan"] => cuda_plan(),
         ["doctor"] => doctor(),
         ["new", folder] => new(Path::new(folder), None),
         ["new", folder, "--name", name] => new(Path::new(folder), Some(name)),
@@ -72,8 +84,8 @@ fn run() -> Result<()> {
     }
 }
 
-/// `cargo xtask setup`: see the crate docs.
-fn setup() -> Result<()> {
+/// `cargo xtask setup [--cuda]`: see the crate docs.
+fn setup(cuda: bool) -> Result<()> {
     if std::env::consts::OS != "linux" || std::env::consts::ARCH != "x86_64" {
         bail!(
             "setup downloads x86_64 Linux builds and this is {}/{}; install libtorch {} yourself \
@@ -91,7 +103,13 @@ fn setup() -> Result<()> {
 
     let wheels_dir = cache.join("wheels");
     let mut python = wheels::Python::from_env();
+    if cuda {
+        setup_cuda(&cache, &wheels_dir, &mut python)?;
+    }
     for tree in spec::TREES {
+        if cuda && tree.link_name == "libtorch" {
+            continue; // the CUDA tree takes its place
+        }
         let dir = cache.join(tree.dir_name);
         match unpack::verify(&dir, tree) {
             Ok(n) => println!(
@@ -120,21 +138,91 @@ fn setup() -> Result<()> {
     let repo = repo_root();
     for tree in spec::TREES {
         let link = repo.join(".nnsight").join(tree.link_name);
-        let target = cache.join(tree.dir_name);
+        let dir_name = if cuda && tree.link_name == "libtorch" { cuda::DIR_NAME } else { tree.dir_name };
+        let target = cache.join(dir_name);
         if links::point(&link, &target)? {
             println!("linked {} -> {}", link.display(), target.display());
+            if tree.link_name == "libtorch" {
+                // The build scripts re-run when this marker is newer than their last run
+                // (`rerun-if-changed`), so the next build links against the new libtorch.
+                touch(&target.join(unpack::MARKER))?;
+            }
         } else {
             println!("{} -> {} (unchanged)", link.display(), target.display());
         }
     }
     println!("setup done; builds use .nnsight/libtorch via .cargo/config.toml");
+    if cuda {
+        println!(
+            "CUDA: binaries built from now on link libtorch_cuda; `tch::Cuda::is_available()` is \
+             true where an NVIDIA driver finds a GPU. If a build made before still says false, \
+             rebuild torch-sys (`cargo clean -p torch-sys`)."
+        );
+    }
+    Ok(())
+}
+
+/// The CUDA libtorch tree (see [`cuda`]): checked, else resolved from the torch wheel's
+/// requirements, downloaded and unpacked.
+fn setup_cuda(cache: &Path, wheels_dir: &Path, python: &mut wheels::Python) -> Result<()> {
+    let tree = &cuda::CUDA_TREE;
+    let dir = cache.join(tree.dir_name);
+    match unpack::verify(&dir, tree) {
+        Ok(n) => {
+            println!("{}: already set up ({n} files in {})", tree.title, dir.display());
+            return Ok(());
+        }
+        Err(why) if dir.exists() => println!("{}: {why:#}; unpacking again", tree.title),
+        Err(_) => {}
+    }
+    fs::create_dir_all(wheels_dir).with_context(|| format!("cannot create {}", wheels_dir.display()))?;
+    let torch = wheels::ensure(wheels_dir, &spec::TORCH, python)?;
+    println!("{}: resolving the CUDA wheels the torch wheel requires (its METADATA)", tree.title);
+    let resolved = cuda::resolve(&torch, wheels_dir, python)?;
+    for (req, path) in &resolved {
+        println!("  {:<36} {}", req.pip_spec(), path.display());
+    }
+    let (full, paths) = cuda::tree_for(&torch, &resolved)?;
+    unpack::build(cache, full, &paths)?;
+    Ok(())
+}
+
+/// `cargo xtask setup --cuda --plan`: lists the CUDA wheels the torch wheel requires (only the
+/// torch wheel and the few-kB `cuda-toolkit` wheel are downloaded); changes no tree or link.
+fn cuda_plan() -> Result<()> {
+    let (cache, _) = cache_dir()?;
+    fs::create_dir_all(&cache).with_context(|| format!("cannot create the cache folder {}", cache.display()))?;
+    let _lock = lock_cache(&cache)?;
+    let wheels_dir = cache.join("wheels");
+    fs::create_dir_all(&wheels_dir).with_context(|| format!("cannot create {}", wheels_dir.display()))?;
+    let mut python = wheels::Python::from_env();
+    let torch = wheels::ensure(&wheels_dir, &spec::TORCH, &mut python)?;
+    let plan = cuda::plan(&torch, &wheels_dir, &mut python)?;
+    println!("`setup --cuda` downloads these {} wheels (and what their METADATA requires in turn):", plan.len());
+    for (req, via) in &plan {
+        match via {
+            Some(v) => println!("  {:<36} (from {}[{}])", req.pip_spec(), v.name, v.extras.join(",")),
+            None => println!("  {:<36} (from torch)", req.pip_spec()),
+        }
+    }
+    Ok(())
+}
+
+/// Sets the modification time of `path` to now.
+fn touch(path: &Path) -> Result<()> {
+    let f = File::options().append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    f.set_modified(std::time::SystemTime::now()).with_context(|| format!("cannot touch {}", path.display()))?;
     Ok(())
 }
 
 /// `cargo xtask new`: see [`new_project`].
 fn new(folder: &Path, name: Option<&str>) -> Result<()> {
     let (cache, _) = cache_dir()?;
-    let tree = spec::TREES.iter().find(|t| t.link_name == "libtorch").expect("libtorch is a tree");
+    let cpu = spec::TREES.iter().find(|t| t.link_name == "libtorch").expect("libtorch is a tree");
+    // The libtorch this clone builds against: the CUDA one after `setup --cuda`.
+    let linked_cuda = fs::read_link(repo_root().join(".nnsight").join("libtorch"))
+        .is_ok_and(|t| t.file_name().is_some_and(|n| n == cuda::DIR_NAME));
+    let tree: &spec::Tree = if linked_cuda { &cuda::CUDA_TREE } else { cpu };
     let libtorch = cache.join(tree.dir_name);
     if let Err(why) = unpack::verify(&libtorch, tree) {
         bail!("libtorch is not set up in {} ({why:#}): run `cargo xtask setup` first", libtorch.display());
@@ -175,13 +263,17 @@ fn doctor() -> Result<()> {
                 };
                 println!("  wheel {:<28} {state}", wheel.requirement);
             }
-            for tree in spec::TREES {
+            for tree in spec::TREES.iter().copied().chain([&cuda::CUDA_TREE]) {
                 let dir = cache.join(tree.dir_name);
                 match unpack::verify(&dir, tree) {
                     Ok(n) => println!(
                         "  {:<34} complete, {n} files in {}",
                         tree.title,
                         dir.display()
+                    ),
+                    Err(_) if tree.dir_name == cuda::DIR_NAME && !dir.exists() => println!(
+                        "  {:<34} not set up (optional: `cargo xtask setup --cuda`)",
+                        tree.title
                     ),
                     Err(e) => println!("  {:<34} NOT READY: {e:#}", tree.title),
                 }

@@ -62,11 +62,20 @@ LIBTORCH_CXX11_ABI = "1"
 }
 
 const BUILD_RS: &str = r#"//! Embeds libtorch's library folder as an rpath, so the binaries run without LD_LIBRARY_PATH
-//! (LIBTORCH comes from .cargo/config.toml).
+//! (LIBTORCH comes from .cargo/config.toml). With a CUDA libtorch (`cargo xtask setup --cuda`)
+//! also links libtorch_cuda with --no-as-needed, so that `tch::Cuda::is_available()` works
+//! (no Rust code uses its symbols, and --as-needed would drop it).
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     if let Ok(dir) = std::env::var("LIBTORCH") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}/lib");
+        let lib = std::path::Path::new(&dir).join("lib");
+        if lib.join("libtorch_cuda.so").is_file() {
+            println!("cargo:rustc-link-arg=-L{}", lib.display());
+            println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+            println!("cargo:rustc-link-arg=-ltorch_cuda");
+            println!("cargo:rustc-link-arg=-Wl,--as-needed");
+        }
     }
 }
 "#;

