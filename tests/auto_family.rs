@@ -181,3 +181,20 @@ fn unsupported_or_missing_model_type_is_an_error_listing_the_supported_ones() {
     // A missing folder is an Io error naming it.
     assert!(matches!(AutoCausalLm::from_pretrained("/nonexistent/nnsight"), Err(Error::Io { .. })));
 }
+
+#[test]
+fn a_checkpoint_of_another_family_or_conflicting_rope_settings_are_refused() {
+    // A Gemma 3 checkpoint relabelled as Llama: its q/k norms and extra layer norms would be
+    // dropped silently; they are an error naming the file and a key instead.
+    let dir = folder("gemma3", |c| c["model_type"] = "llama".into());
+    match AutoCausalLm::from_pretrained(&dir) {
+        Err(Error::UnusedWeight { file, key, count }) => {
+            assert!(file.ends_with("model.safetensors") && count > 0 && key.starts_with("model.layers."), "{file} {key} {count}");
+        }
+        other => panic!("expected UnusedWeight, got {:?}", other.map(|m| m.model_type())),
+    }
+    // `rope_parameters` and a different legacy `rope_scaling`: one would be ignored.
+    let dir = folder("llama", |c| c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0}));
+    let msg = config_error(&dir);
+    assert!(msg.contains("rope_parameters") && msg.contains("rope_scaling"), "{msg}");
+}

@@ -182,6 +182,21 @@ pub enum Error {
         key: String,
     },
 
+    /// A checkpoint holds a weight that the model, as its config describes it, does not use
+    /// (e.g. q/k/v biases under a config without `attention_bias`, a q/k norm of another family):
+    /// loading it anyway would compute something else than the checkpoint's model.
+    #[error(
+        "checkpoint `{file}` has tensor `{key}`, which the model as config.json describes it does not use ({count} such tensor(s)): check the config (model_type, attention_bias, tie_word_embeddings, ...)"
+    )]
+    UnusedWeight {
+        /// The safetensors file.
+        file: String,
+        /// The first unused key in sorted order.
+        key: String,
+        /// How many tensors are unused.
+        count: usize,
+    },
+
     /// A checkpoint tensor has another shape than the architecture expects.
     #[error("checkpoint `{file}`: tensor `{key}` has shape {actual:?}, expected {expected:?}")]
     WeightShape {

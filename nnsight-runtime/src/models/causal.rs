@@ -242,7 +242,8 @@ impl TokenIds {
 }
 
 /// Loads a checkpoint folder into a model built by `build` (see
-/// [`super::checkpoint::load_model`]: every weight is checked against the safetensors headers
+/// [`super::checkpoint::load_model_strict`]: every weight is checked against the safetensors headers
+/// (and a checkpoint tensor the model does not take is [`crate::Error::UnusedWeight`])
 /// before any is allocated). `strip_prefixes`: key prefixes the checkpoint may lack
 /// (`transformer.`, `model.`), see [`super::checkpoint::Checkpoint::check`].
 pub(crate) fn load_model<M>(
@@ -251,7 +252,7 @@ pub(crate) fn load_model<M>(
     strip_prefixes: &[&str],
     build: impl Fn(&nn::Path) -> Result<M>,
 ) -> Result<M> {
-    super::checkpoint::load_model(dir, options.device, options.dtype, strip_prefixes, build)
+    super::checkpoint::load_model_strict(dir, options.device, options.dtype, strip_prefixes, build)
 }
 
 /// `nn::LayerNorm` over `[dim]` at `p` (variables `weight`, `bias`), input and output `[batch, ..]`.

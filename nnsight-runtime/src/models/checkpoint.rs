@@ -135,6 +135,26 @@ impl Checkpoint {
         self.tensors.values().filter(|i| kind_of_dtype(&i.dtype).is_some()).map(|i| numel(&i.shape).unwrap_or(0)).fold(0, i64::saturating_add)
     }
 
+    /// [`Error::UnusedWeight`] for the first tensor (in sorted order) that no weight of the model
+    /// took: a checkpoint holding q/k/v biases, q/k norms or other weights the config does not
+    /// describe would otherwise load and compute something else than the checkpoint's model.
+    /// Buffers transformers saves without them being weights (the causal mask `attn.bias` /
+    /// `attention.bias`, `masked_bias`, `rotary_emb.inv_freq`, `position_ids`) and a head saved
+    /// beside tied embeddings (`lm_head.weight`, `embed_out.weight`) are allowed.
+    pub fn check_all_used(&self, used: &std::collections::HashSet<String>) -> Result<()> {
+        const ALLOWED_SUFFIXES: &[&str] =
+            &[".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias", "rotary_emb.inv_freq", "position_ids"];
+        const ALLOWED: &[&str] = &["lm_head.weight", "embed_out.weight"];
+        let unused: Vec<&String> = self
+            .tensors
+            .keys()
+            .filter(|k| !used.contains(k.as_str()) && !ALLOWED.contains(&k.as_str()) && !ALLOWED_SUFFIXES.iter().any(|s| k.ends_with(s)))
+            .collect();
+        let Some(first) = unused.first() else { return Ok(()) };
+        let file = self.tensors[first.as_str()].file.display().to_string();
+        Err(Error::UnusedWeight { file, key: first.to_string(), count: unused.len() })
+    }
+
     /// The tensor for the variable `name`: `(key, info)`, if its shape is `shape` and its dtype a
     /// float type. Looked up under `name`, Hugging Face's legacy LayerNorm names (`gamma` /
     /// `beta` for `weight` / `bias`), and each of these with one of `prefixes` added or removed
@@ -381,6 +401,31 @@ pub fn load_model<M>(
     prefixes: &[&str],
     build: impl Fn(&nn::Path) -> Result<M>,
 ) -> Result<M> {
+    load_checked(dir, device, dtype, prefixes, false, build)
+}
+
+/// [`load_model`] that also refuses checkpoint tensors the model does not take
+/// ([`Checkpoint::check_all_used`], [`Error::UnusedWeight`]): the decoder families, whose
+/// checkpoints hold exactly their model (BERT checkpoints often carry a pooler or a task head,
+/// which [`load_model`] ignores).
+pub fn load_model_strict<M>(
+    dir: &Path,
+    device: Device,
+    dtype: Option<Kind>,
+    prefixes: &[&str],
+    build: impl Fn(&nn::Path) -> Result<M>,
+) -> Result<M> {
+    load_checked(dir, device, dtype, prefixes, true, build)
+}
+
+fn load_checked<M>(
+    dir: &Path,
+    device: Device,
+    dtype: Option<Kind>,
+    prefixes: &[&str],
+    strict: bool,
+    build: impl Fn(&nn::Path) -> Result<M>,
+) -> Result<M> {
     check_device(device)?;
     let ckpt = Rc::new(Checkpoint::open(dir)?);
     let kind = match dtype {
@@ -391,11 +436,15 @@ pub fn load_model<M>(
     let folder = dir.display().to_string();
     let (c, owned) = (Rc::clone(&ckpt), prefixes.iter().map(|p| p.to_string()).collect::<Vec<_>>());
     let path = folder.clone();
+    let used: Rc<std::cell::RefCell<std::collections::HashSet<String>>> = Rc::default();
+    let used_in_check = Rc::clone(&used);
     let check = move |planned: Planned<'_>| -> Result<()> {
         match planned {
             Planned::Weight { name, shape } => {
                 let prefixes: Vec<&str> = owned.iter().map(String::as_str).collect();
-                c.check(name, shape, &prefixes).map(drop)
+                let (key, _) = c.check(name, shape, &prefixes)?;
+                used_in_check.borrow_mut().insert(key.to_string());
+                Ok(())
             }
             Planned::Buffer { name, elements } if elements > c.elements() => Err(Error::Load {
                 path: path.clone(),
@@ -408,6 +457,9 @@ pub fn load_model<M>(
         }
     };
     params::dry_run(&folder, check, &build)?;
+    if strict {
+        ckpt.check_all_used(&used.borrow())?;
+    }
     let mut vs = nn::VarStore::new(device);
     vs.set_kind(kind);
     let model = params::building(&folder, || build(&vs.root()))?;

@@ -145,6 +145,20 @@ impl LlamaConfig {
     /// `"linear"`, `"llama3"`; others (yarn, dynamic, longrope) and `partial_rotary_factor`
     /// other than 1 are an error naming the field.
     pub fn rope(&self) -> std::result::Result<Rope, String> {
+        // Both spellings: taking one and ignoring the other would silently drop a scaling.
+        if let (Some(serde_json::Value::Object(new)), Some(serde_json::Value::Object(old))) = (&self.rope_parameters, &self.rope_scaling) {
+            let ty = |o: &serde_json::Map<String, serde_json::Value>| {
+                o.get("rope_type").or_else(|| o.get("type")).and_then(|t| t.as_str()).unwrap_or("default").to_string()
+            };
+            let same_numbers = old.iter().filter(|(k, _)| *k != "type" && *k != "rope_type").all(|(k, v)| new.get(k) == Some(v));
+            if ty(new) != ty(old) || !same_numbers {
+                return Err(format!(
+                    "`rope_parameters` ({}) and the older `rope_scaling` ({}) are both set and differ: keep one",
+                    serde_json::Value::Object(new.clone()),
+                    serde_json::Value::Object(old.clone())
+                ));
+            }
+        }
         let (field, params, theta) = match &self.rope_parameters {
             Some(p @ serde_json::Value::Object(_)) => {
                 let theta = p.get("rope_theta").and_then(|t| t.as_f64()).or(self.rope_theta);
