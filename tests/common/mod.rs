@@ -3,3 +3,4 @@ pub mod isolate;
 pub mod folders;
 pub mod minilm;
 pub mod tiny;
+pub mod decoder_fixtures;
