@@ -198,3 +198,20 @@ fn a_checkpoint_of_another_family_or_conflicting_rope_settings_are_refused() {
     let msg = config_error(&dir);
     assert!(msg.contains("rope_parameters") && msg.contains("rope_scaling"), "{msg}");
 }
+
+#[test]
+fn a_nan_weight_is_an_error_naming_the_file_and_key() {
+    let dir = folder("llama", |_| {});
+    let file = dir.join("model.safetensors");
+    let mut tensors = Tensor::read_safetensors(&file).unwrap();
+    let (name, t) = tensors.iter_mut().find(|(n, _)| n == "model.layers.1.mlp.down_proj.weight").unwrap();
+    let _ = t.get(0).get(3).fill_(f64::NAN);
+    let name = name.clone();
+    Tensor::write_safetensors(&tensors, &file).unwrap();
+    match AutoCausalLm::from_pretrained(&dir) {
+        Err(Error::Load { path, message }) => {
+            assert!(path.ends_with("model.safetensors") && message.contains(&name) && message.contains("NaN"), "{path}: {message}");
+        }
+        other => panic!("expected a Load error, got {:?}", other.map(|m| m.model_type())),
+    }
+}

@@ -171,10 +171,9 @@ fn every_loader_refuses_a_missing_cuda_device() {
         d,
         LanguageModel::<Gpt2>::from_pretrained_on(fixture("no/such/folder"), d),
     );
-    // Sae::load has no device check of its own (sae/load.rs): it must at least fail, not panic.
+    // Sae loading checks the device before converting the weights.
     let sae = Sae::load(fixture("sae/standard"), d);
-    assert!(sae.is_err(), "Sae::load onto {d:?} succeeded");
-    eprintln!("Sae::load onto {d:?}: {}", sae.err().unwrap());
+    assert!(matches!(sae, Err(Error::Device(_))), "Sae::load onto {d:?}: {:?}", sae.map(|_| ()));
 }
 
 /// CPU stays the default everywhere.

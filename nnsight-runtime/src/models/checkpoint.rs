@@ -216,8 +216,16 @@ impl Checkpoint {
             let mut f = self.dir.open(shard)?;
             tch::no_grad(|| -> Result<()> {
                 for (key, info, mut var) in wanted {
-                    let src = read_tensor(&mut f, key, info)?;
-                    var.f_copy_(&src.f_to_kind(var.kind())?.f_to_device(var.device())?)?;
+                    let src = read_tensor(&mut f, key, info)?.f_to_kind(var.kind())?;
+                    // A NaN or infinite weight (stored so, or overflowing the chosen dtype) would
+                    // give NaN activations without an error further on.
+                    if src.f_isfinite()?.f_all()?.int64_value(&[]) == 0 {
+                        return Err(Error::Load {
+                            path: info.file.display().to_string(),
+                            message: format!("tensor `{key}` holds NaN or infinite values (as {:?})", var.kind()),
+                        });
+                    }
+                    var.f_copy_(&src.f_to_device(var.device())?)?;
                 }
                 Ok(())
             })?;

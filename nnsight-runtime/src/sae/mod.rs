@@ -184,8 +184,10 @@ impl Sae {
     ///
     /// Errors: [`Error::Input`] when a weight's shape is not the one the config implies (naming
     /// the key and both shapes), when a JumpReLU SAE has no threshold or another one has one,
-    /// or for a non-float `kind`; [`Error::Tch`] when the conversion fails (no such device).
+    /// or for a non-float `kind`; [`Error::Device`] for a device this build or machine lacks
+    /// (see `models::checkpoint::check_device`); [`Error::Tch`] when the conversion fails.
     pub fn from_weights(config: SaeConfig, w: SaeWeights, kind: Kind, device: Device) -> Result<Hooked<Sae>> {
+        crate::models::checkpoint::check_device(device)?;
         if !matches!(kind, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16) {
             return Err(Error::Input(format!("an SAE's weights must be a float kind, not {kind:?}")));
         }
