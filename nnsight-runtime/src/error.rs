@@ -259,7 +259,7 @@ pub enum Error {
     Tch(#[from] tch::TchError),
 }
 
-/// `Result` with this crate's [`Error`].
+/// `Result` with this crate's [`Error`](enum@Error).
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Text of a panic payload (`&str` or `String`), for turning panics into errors. tch's

@@ -1,6 +1,6 @@
 //! The interleaver: runs an intervention graph alongside the model's forward pass.
 //!
-//! While a run is active, a thread-local points at the [`Interleaver`]. Every
+//! While a run is active, a thread-local points at the `Interleaver`. Every
 //! [`Hooked::call`](crate::Hooked::call) asks it whether its module is traced (one hash lookup,
 //! nothing else for modules nobody asked for). For traced modules it counts the call (counters
 //! are per module) and processes the effects registered for that hook point and call index, in
@@ -13,10 +13,10 @@
 //! [`crate::activation`]). A group is one invoke's rows, or every row for statements written
 //! outside the invokes ([`Group::ALL`]). When one invoke among several reads a value that every
 //! row shares, it gets a private copy whose libtorch version counter is watched (module
-//! [`shared`]): an in-place edit of it is refused with [`Error::SharedChange`] instead of
+//! `shared`): an in-place edit of it is refused with [`Error::SharedChange`] instead of
 //! silently changing the other invokes' values.
 //!
-//! Errors and `.stop()` end the forward pass by unwinding to [`Interleaver::run`] with a private
+//! Errors and `.stop()` end the forward pass by unwinding to `Interleaver::run` with a private
 //! payload; the thread-local is reset by a guard, so nothing stays hooked whatever happens.
 
 use std::any::Any;

@@ -1,7 +1,7 @@
 //! One entry point for every bundled decoder-only family, picked by the `model_type` of the
 //! checkpoint's `config.json`, as transformers' `AutoModelForCausalLM` does.
 //!
-//! Rust code that names no family is generic over [`Decoder`] (the residual stream, attention
+//! Rust code that names no family is generic over [`Decoder`](crate::models::causal::Decoder) (the residual stream, attention
 //! hook points, final norm and unembedding of any family). [`AutoLanguageModel`] (with the
 //! tokenizer) and [`AutoCausalLm`] (the bare model) hold one concrete family, and
 //! [`with_family!`](crate::with_family) hands it to such generic code: each family's code is
@@ -22,7 +22,7 @@
 //! let n = nnsight::with_family!(&model, |m| last_layer_norm(m, "Hello"))?;
 //! ```
 //!
-//! Supported `model_type`s: [`SUPPORTED`]. Another one is an [`Error::Config`] naming
+//! Supported `model_type`s: [`SUPPORTED`]. Another one is an [`crate::Error::Config`] naming
 //! `config.json` and listing these.
 
 use std::path::Path;
@@ -107,7 +107,7 @@ macro_rules! families {
         impl Auto<Bare> {
             /// Loads `dir` (see [`CausalLm::load_with`]) as the family its `config.json` names.
             ///
-            /// Errors: [`Error::Io`] for a missing folder or `config.json`, [`Error::Config`]
+            /// Errors: [`crate::Error::Io`] for a missing folder or `config.json`, [`crate::Error::Config`]
             /// naming `config.json` for JSON that is not an object or a `model_type` that is
             /// not supported (the message lists [`SUPPORTED`]), and every error of the family's
             /// loader.
