@@ -33,7 +33,7 @@ use crate::activation::Layout;
 use crate::error::Result;
 use crate::hook::{HookModule, Hooked};
 use crate::models::ROWS;
-use crate::language_model::TextBatch;
+use crate::language_model::{TextBatch, TextModel};
 use crate::tree::ModuleTree;
 
 pub use cache::KvCacheHandle;
@@ -114,6 +114,32 @@ pub trait CausalLm: HookModule<Input = CausalInput, Output = Tensor> + Sized {
     /// An empty KV cache with one slot per layer.
     fn new_cache(&self) -> KvCacheHandle {
         KvCacheHandle::new(self.num_layers())
+    }
+}
+
+/// Every causal LM is a text model (`LanguageModel::<Llama>`, `AutoLanguageModel`): ids and mask
+/// from the tokenizer, position ids from the mask, no cache; left padding, as transformers and
+/// nnsight do for decoder-only models; the pad id the tokenizer lacks is the config's
+/// `pad_token_id`, else its first `eos_token_id`.
+impl<T: CausalLm + 'static> TextModel for T {
+    fn load(dir: &Path, device: Device) -> Result<Self> {
+        T::load_with(dir, &LoadOptions { device, dtype: None })
+    }
+    fn text_input(&self, batch: &TextBatch) -> CausalInput {
+        text_input(batch)
+    }
+    fn max_positions(&self) -> Option<i64> {
+        Some(CausalLm::max_positions(self))
+    }
+    fn input_vocab_size(&self) -> Option<i64> {
+        Some(self.vocab_size())
+    }
+    fn fallback_pad_token_id(&self) -> Option<u32> {
+        let id = self.pad_token_id().or_else(|| self.eos_token_ids().first().copied())?;
+        u32::try_from(id).ok()
+    }
+    fn padding_left(&self) -> bool {
+        true
     }
 }
 

@@ -40,7 +40,6 @@ use super::point::HookPoint;
 use crate::activation::Layout;
 use crate::error::Result;
 use crate::hook::{HookModule, Hooked};
-use crate::language_model::{TextBatch, TextModel};
 use crate::models::{CAUSAL_INPUT, ROWS};
 use nnsight_macros::ModuleTree;
 
@@ -165,27 +164,3 @@ impl Decoder for Mistral {
     }
 }
 
-/// `LanguageModel::<Mistral>`: ids and mask from the tokenizer, position ids from the mask, no cache.
-impl TextModel for Mistral {
-    fn load(dir: &Path, device: Device) -> Result<Self> {
-        Mistral::load_with(dir, &LoadOptions { device, dtype: None })
-    }
-    fn text_input(&self, batch: &TextBatch) -> CausalInput {
-        causal::text_input(batch)
-    }
-    fn max_positions(&self) -> Option<i64> {
-        Some(self.config.max_position_embeddings)
-    }
-    fn input_vocab_size(&self) -> Option<i64> {
-        Some(self.config.vocab_size)
-    }
-    /// The config's `pad_token_id`, else its first `eos_token_id`.
-    fn fallback_pad_token_id(&self) -> Option<u32> {
-        let id = self.config.pad_token_id.or_else(|| self.eos_token_ids().first().copied())?;
-        u32::try_from(id).ok()
-    }
-    /// Decoder-only: left padding, as transformers and nnsight do.
-    fn padding_left(&self) -> bool {
-        true
-    }
-}

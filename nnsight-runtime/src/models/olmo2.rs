@@ -47,7 +47,6 @@ use super::point::{AttentionPoints, HookPoint};
 use crate::activation::Layout;
 use crate::error::Result;
 use crate::hook::{HookModule, Hooked};
-use crate::language_model::{TextBatch, TextModel};
 use crate::models::causal::rotary::apply_rotary;
 use crate::models::linear::Linear;
 use crate::models::{CAUSAL_INPUT, ROWS};
@@ -170,31 +169,6 @@ impl Decoder for Olmo2 {
     }
     fn unembedding(&self) -> &Hooked<LmHead> {
         &self.lm_head
-    }
-}
-
-/// `LanguageModel::<Olmo2>`: ids and mask from the tokenizer, position ids from the mask, no cache.
-impl TextModel for Olmo2 {
-    fn load(dir: &Path, device: Device) -> Result<Self> {
-        Olmo2::load_with(dir, &LoadOptions { device, dtype: None })
-    }
-    fn text_input(&self, batch: &TextBatch) -> CausalInput {
-        causal::text_input(batch)
-    }
-    fn max_positions(&self) -> Option<i64> {
-        Some(self.config.max_position_embeddings)
-    }
-    fn input_vocab_size(&self) -> Option<i64> {
-        Some(self.config.vocab_size)
-    }
-    /// The config's `pad_token_id`, else its first `eos_token_id`.
-    fn fallback_pad_token_id(&self) -> Option<u32> {
-        let id = self.config.pad_token_id.or_else(|| self.eos_token_ids().first().copied())?;
-        u32::try_from(id).ok()
-    }
-    /// Decoder-only: left padding, as transformers and nnsight do.
-    fn padding_left(&self) -> bool {
-        true
     }
 }
 
