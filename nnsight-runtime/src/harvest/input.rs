@@ -1,12 +1,10 @@
 //! Reading the dataset: lines of plain text or one field of JSONL, grouped into batches, the
-//! batches of this process's share tokenized (one sentence after the other, on the reader thread)
-//! ahead of the forward pass.
+//! batches of this process's share tokenized one sentence after the other, on the calling
+//! thread between two forward passes (see the module docs of `harvest` for why).
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader};
+use std::io::{self, BufRead, BufReader, Lines};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::SyncSender;
-
 use tch::Tensor;
 use tokenizers::Tokenizer;
 
@@ -60,38 +58,65 @@ pub(crate) struct Plan {
     pub max_tokens: Option<i64>,
 }
 
-/// Reads the input and sends this process's batches, tokenized, to `tx`; a bad line is sent as
-/// the last item, after every batch before it. Stops quietly when the receiver is gone.
-pub(crate) fn read_batches(plan: &Plan, tokenizer: &Tokenizer, tx: &SyncSender<Result<Prepared>>) {
-    if let Err(e) = read_inner(plan, tokenizer, tx) {
-        let _ = tx.send(Err(e));
-    }
+/// The batches of this process's share, one at a time ([`Reader::next_batch`]).
+pub(crate) struct Reader<'a> {
+    plan: &'a Plan,
+    tokenizer: &'a Tokenizer,
+    /// `None` until the file is opened (at the first batch, so that an unreadable input is
+    /// an error of the run, recorded in the manifest).
+    lines: Option<Lines<BufReader<File>>>,
+    /// Lines read so far.
+    line: usize,
+    /// Global index of the next batch formed.
+    batch: u64,
+    done: bool,
 }
 
-fn read_inner(plan: &Plan, tokenizer: &Tokenizer, tx: &SyncSender<Result<Prepared>>) -> Result<()> {
-    let path = &plan.input.path;
-    let shown = path.display().to_string();
-    let file = open_input(path)?;
-    let mut pending: Vec<(i64, String)> = Vec::with_capacity(plan.batch_size);
-    let mut batch = 0u64;
-    for (n, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|e| Error::Io { path: shown.clone(), source: io::Error::new(e.kind(), format!("line {}: {e}", n + 1)) })?;
-        let Some(text) = text_of(&line, plan, &shown, n)? else { continue };
-        pending.push((n as i64, text));
-        if pending.len() == plan.batch_size {
-            if !send_batch(plan, tokenizer, tx, batch, std::mem::take(&mut pending))? {
-                return Ok(());
+impl<'a> Reader<'a> {
+    pub(crate) fn new(plan: &'a Plan, tokenizer: &'a Tokenizer) -> Reader<'a> {
+        Reader { plan, tokenizer, lines: None, line: 0, batch: 0, done: false }
+    }
+
+    /// The next batch of this process's share, tokenized; `None` at the end of the input.
+    pub(crate) fn next_batch(&mut self) -> Result<Option<Prepared>> {
+        loop {
+            let Some(rows) = self.next_rows()? else { return Ok(None) };
+            let batch = self.batch;
+            self.batch += 1;
+            if batch % self.plan.shard_count == self.plan.shard_index && batch >= self.plan.start_batch {
+                return prepare(self.plan, self.tokenizer, batch, rows).map(Some);
             }
-            batch += 1;
         }
     }
-    if !pending.is_empty() {
-        send_batch(plan, tokenizer, tx, batch, pending)?;
+
+    /// The `(line, text)` of the next `batch_size` kept lines (fewer at the end).
+    fn next_rows(&mut self) -> Result<Option<Vec<(i64, String)>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let path = &self.plan.input.path;
+        let shown = path.display().to_string();
+        if self.lines.is_none() {
+            self.lines = Some(BufReader::new(open_input(path)?).lines());
+        }
+        let lines = self.lines.as_mut().expect("opened above");
+        let mut rows = Vec::with_capacity(self.plan.batch_size);
+        while rows.len() < self.plan.batch_size {
+            let Some(line) = lines.next() else {
+                self.done = true;
+                break;
+            };
+            let n = self.line;
+            self.line += 1;
+            let line = line.map_err(|e| Error::Io { path: shown.clone(), source: io::Error::new(e.kind(), format!("line {}: {e}", n + 1)) })?;
+            if let Some(text) = text_of(&line, self.plan, &shown, n)? {
+                rows.push((n as i64, text));
+            }
+        }
+        Ok((!rows.is_empty()).then_some(rows))
     }
-    Ok(())
 }
 
-/// Opens the input (a regular file; a FIFO or device would never end a harvest cleanly).
 fn open_input(path: &Path) -> Result<File> {
     let err = |source: io::Error| Error::Io { path: path.display().to_string(), source };
     let meta = std::fs::metadata(path).map_err(err)?;
@@ -130,15 +155,12 @@ fn text_of(line: &str, plan: &Plan, file: &str, n: usize) -> Result<Option<Strin
 
 /// Tokenizes and sends batch `batch` if it belongs to this process and was not harvested yet;
 /// `false` when the receiver is gone.
-fn send_batch(plan: &Plan, tokenizer: &Tokenizer, tx: &SyncSender<Result<Prepared>>, batch: u64, rows: Vec<(i64, String)>) -> Result<bool> {
-    if batch % plan.shard_count != plan.shard_index || batch < plan.start_batch {
-        return Ok(true);
-    }
+fn prepare(plan: &Plan, tokenizer: &Tokenizer, batch: u64, rows: Vec<(i64, String)>) -> Result<Prepared> {
     let lines: Vec<i64> = rows.iter().map(|(n, _)| *n).collect();
     let texts: Vec<String> = rows.into_iter().map(|(_, t)| t).collect();
-    // One sentence after the other on this thread: `encode_batch` hands the batch to rayon,
-    // whose threads spin after their work and take CPU from the forward pass on a small machine
-    // (measured on 2 cores: harvest/plain 0.84 with it). The reader runs ahead anyway.
+    // One sentence after the other: `encode_batch` hands the batch to rayon, whose threads
+    // spin after their work and take CPU from the forward pass on a small machine (measured on
+    // 2 cores: harvest/plain 0.84 with it).
     let encodings = crate::language_model::encode_serial(tokenizer, &texts).map_err(|e| Error::Tokenizer(format!("batch {batch}: {e}")))?;
     let seq = encodings.iter().map(|e| e.len()).max().unwrap_or(0);
     if let Some(max) = plan.max_tokens {
@@ -162,12 +184,11 @@ fn send_batch(plan: &Plan, tokenizer: &Tokenizer, tx: &SyncSender<Result<Prepare
         }
         Ok(Tensor::from_slice(&v).view([encodings.len() as i64, seq as i64]))
     };
-    let prepared = Prepared {
+    Ok(Prepared {
         batch,
         lines,
         input_ids: flat(|e| e.get_ids())?,
         attention_mask: flat(|e| e.get_attention_mask())?,
         token_type_ids: flat(|e| e.get_type_ids())?,
-    };
-    Ok(tx.send(Ok(prepared)).is_ok())
+    })
 }

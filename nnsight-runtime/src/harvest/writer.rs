@@ -1,44 +1,150 @@
-//! The writer thread: takes each batch's saved hook point values, keeps the rows of real
-//! tokens, and writes them to shard files, rewriting the manifest after every shard.
+//! Shards: the calling thread gathers the rows of real tokens of each batch into one byte
+//! buffer per column ([`Shard::add`]); a full shard goes to the writer thread, which only writes
+//! it to disk and rewrites the manifest.
 //!
 //! A shard file is written under a temporary name and renamed when complete; the manifest is
 //! then rewritten the same way. A run killed at any moment leaves the manifest listing only
 //! complete shards, each holding whole batches; a resumed run starts at the batch after the
 //! last listed one and overwrites any file a killed run left beyond it.
 
+use std::borrow::Cow;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
 
+use safetensors::tensor::{Dtype, View};
 use tch::{Kind, Tensor};
 
+use super::input::Prepared;
 use super::manifest::{tmp_path, Manifest, ShardEntry};
 use crate::error::{Error, Result};
 
-/// One batch's values, as the forward pass saved them.
-pub(crate) struct Saved {
-    pub batch: u64,
-    /// 0-based input line of each row.
-    pub lines: Vec<i64>,
-    /// `[rows, seq]` i64.
-    pub input_ids: Tensor,
-    /// `[rows, seq]`, 1 for real tokens.
-    pub attention_mask: Tensor,
-    /// One `[rows, seq, width]` tensor per hook point, in the manifest's order.
-    pub values: Vec<Tensor>,
+/// One column of a shard file: a `[rows, width]` tensor (a hook point) or a `[rows]` one
+/// (`token_id`, `line`, `position`), as little-endian bytes in the file's element type.
+struct Column {
+    name: String,
+    kind: Kind,
+    /// `None` for a `[rows]` column; `Some(width)` once the first batch showed it.
+    width: Option<i64>,
+    bytes: Vec<u8>,
 }
 
-/// The shard being filled.
-#[derive(Default)]
-struct Pending {
-    parts: Vec<Vec<Tensor>>,
-    token_ids: Vec<Tensor>,
-    lines: Vec<Tensor>,
-    positions: Vec<Tensor>,
-    rows: u64,
+impl Column {
+    /// Appends the elements of `t` (converted to the column's kind).
+    fn push(&mut self, t: &Tensor) {
+        let t = t.to_kind(self.kind).contiguous();
+        let n = t.numel();
+        let start = self.bytes.len();
+        self.bytes.resize(start + n * self.kind.elt_size_in_bytes(), 0);
+        t.copy_data_u8(&mut self.bytes[start..], n);
+    }
+}
+
+/// The shard being filled, on the calling thread.
+pub(crate) struct Shard {
+    /// The hook points' columns (in the manifest's order), then `token_id`, `line`, `position`.
+    columns: Vec<Column>,
+    pub rows: u64,
     sequences: u64,
     first_batch: Option<u64>,
     last_batch: u64,
+}
+
+impl Shard {
+    /// An empty shard for these hook point names, their values written as `kind`.
+    pub(crate) fn new(names: &[String], kind: Kind) -> Shard {
+        let point = |n: &String| Column { name: n.clone(), kind, width: Some(0), bytes: Vec::new() };
+        let index = |n: &str| Column { name: n.into(), kind: Kind::Int64, width: None, bytes: Vec::new() };
+        let mut columns: Vec<Column> = names.iter().map(point).collect();
+        columns.extend(["token_id", "line", "position"].map(index));
+        Shard { columns, rows: 0, sequences: 0, first_batch: None, last_batch: 0 }
+    }
+
+    /// Takes the rows gathered so far, leaving an empty shard with the same columns (and the
+    /// buffers' capacity reserved for as many rows again).
+    pub(crate) fn take(&mut self) -> Shard {
+        let columns = self
+            .columns
+            .iter()
+            .map(|c| Column { name: c.name.clone(), kind: c.kind, width: c.width, bytes: Vec::with_capacity(c.bytes.len()) })
+            .collect();
+        std::mem::replace(self, Shard { columns, rows: 0, sequences: 0, first_batch: None, last_batch: 0 })
+    }
+
+    /// Appends the rows of the real tokens of batch `p` (`attention_mask != 0`), from `values`:
+    /// one `[rows, seq, width]` tensor per hook point. Returns the rows added.
+    ///
+    /// Errors: [`Error::Input`] naming the hook point when a value is not `[rows, seq, width]`
+    /// or its width differs from an earlier batch's.
+    pub(crate) fn add(&mut self, p: &Prepared, values: &[Tensor]) -> Result<u64> {
+        let mask = p.attention_mask.view([-1]).ne(0);
+        let flat = mask.nonzero().view([-1]);
+        let seq = p.attention_mask.size()[1];
+        let points = self.columns.len() - 3;
+        for (col, v) in self.columns[..points].iter_mut().zip(values) {
+            let size = v.size();
+            let width = size.get(2).copied().unwrap_or(0);
+            if size.len() != 3 || size[..2] != p.attention_mask.size()[..] || col.width.is_some_and(|w| w != 0 && w != width) {
+                return Err(Error::Input(format!(
+                    "hook point `{}` holds {size:?}; a harvest needs [batch, seq, width] = [{}, {seq}, {}] values",
+                    col.name,
+                    p.lines.len(),
+                    col.width.filter(|&w| w != 0).map_or("..".into(), |w| w.to_string())
+                )));
+            }
+            col.width = Some(width);
+            col.push(&v.reshape([-1, width]).index_select(0, &flat));
+        }
+        let lines = Tensor::from_slice(&p.lines).view([-1, 1]).expand([-1, seq], false).reshape([-1]);
+        // Position among the row's real tokens (also when padding is on the left).
+        let positions = (p.attention_mask.ne(0).cumsum(1, Kind::Int64) - 1).view([-1]);
+        let [ids, line, pos] = &mut self.columns[points..] else { unreachable!("three index columns") };
+        ids.push(&p.input_ids.view([-1]).index_select(0, &flat));
+        line.push(&lines.index_select(0, &flat));
+        pos.push(&positions.index_select(0, &flat));
+        let rows = flat.size()[0] as u64;
+        self.rows += rows;
+        self.sequences += p.lines.len() as u64;
+        self.first_batch.get_or_insert(p.batch);
+        self.last_batch = p.batch;
+        Ok(rows)
+    }
+
+    /// Whether no row was added.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.first_batch.is_none()
+    }
+}
+
+/// A column's bytes as a safetensors tensor, borrowed (written without another copy).
+struct ColumnView<'a> {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: &'a [u8],
+}
+
+impl View for ColumnView<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+fn dtype(kind: Kind) -> Dtype {
+    match kind {
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Int64 => Dtype::I64,
+        _ => Dtype::F32,
+    }
 }
 
 pub(crate) struct Writer {
@@ -47,95 +153,55 @@ pub(crate) struct Writer {
     /// File name prefix of the shards (`shard` or `shard.I-of-N`).
     pub prefix: String,
     pub manifest: Manifest,
-    pub kind: Kind,
 }
 
 impl Writer {
-    /// Writes every batch from `rx` until it closes, then the last partial shard. Returns the
-    /// manifest as written last, or the write error (the manifest then lists the shards
-    /// written before it).
-    pub(crate) fn run(mut self, rx: Receiver<Saved>) -> (Manifest, Option<Error>) {
-        let mut pending = Pending::default();
-        for saved in rx {
-            if let Err(e) = self.add(&mut pending, saved) {
+    /// Writes every shard from `rx` until it closes. Returns the manifest as written last, or
+    /// the write error (the manifest then lists the shards written before it).
+    pub(crate) fn run(mut self, rx: Receiver<Shard>) -> (Manifest, Option<Error>) {
+        for shard in rx {
+            if let Err(e) = self.write(shard) {
                 return (self.manifest, Some(e));
             }
-            if pending.rows >= self.manifest.rows_per_shard as u64 {
-                if let Err(e) = self.flush(&mut pending) {
-                    return (self.manifest, Some(e));
-                }
-            }
         }
-        let err = self.flush(&mut pending).err();
-        (self.manifest, err)
+        (self.manifest, None)
     }
 
-    fn add(&mut self, p: &mut Pending, s: Saved) -> Result<()> {
-        let mask = s.attention_mask.view([-1]).ne(0);
-        let flat = mask.nonzero().view([-1]);
-        let seq = s.attention_mask.size()[1];
-        if p.parts.is_empty() {
-            p.parts = (0..s.values.len()).map(|_| Vec::new()).collect();
-        }
-        for (i, v) in s.values.iter().enumerate() {
-            let size = v.size();
-            if size.len() != 3 || size[..2] != s.attention_mask.size()[..] {
-                let name = &self.manifest.hook_points[i].name;
-                return Err(Error::Input(format!(
-                    "hook point `{name}` holds {size:?}; a harvest needs [batch, seq, width] = [{}, {seq}, ..] values",
-                    s.lines.len()
-                )));
-            }
-            let width = size[2];
-            let entry = &mut self.manifest.hook_points[i];
+    fn write(&mut self, shard: Shard) -> Result<()> {
+        let Some(first_batch) = shard.first_batch else { return Ok(()) };
+        for (entry, col) in self.manifest.hook_points.iter_mut().zip(&shard.columns) {
             if entry.width == 0 {
-                entry.width = width;
+                entry.width = col.width.unwrap_or(0);
             }
-            p.parts[i].push(v.reshape([-1, width]).index_select(0, &flat).to_kind(self.kind));
         }
-        let lines = Tensor::from_slice(&s.lines).view([-1, 1]).expand([-1, seq], false).reshape([-1]);
-        // Position among the row's real tokens (also when padding is on the left).
-        let positions = (s.attention_mask.ne(0).cumsum(1, Kind::Int64) - 1).view([-1]);
-        p.token_ids.push(s.input_ids.view([-1]).index_select(0, &flat));
-        p.lines.push(lines.index_select(0, &flat));
-        p.positions.push(positions.index_select(0, &flat));
-        p.rows += flat.size()[0] as u64;
-        p.sequences += s.lines.len() as u64;
-        p.first_batch.get_or_insert(s.batch);
-        p.last_batch = s.batch;
-        Ok(())
-    }
-
-    fn flush(&mut self, p: &mut Pending) -> Result<()> {
-        let Some(first_batch) = p.first_batch else { return Ok(()) };
-        let pending = std::mem::take(p);
         let name = format!("{}.{:06}.safetensors", self.prefix, self.manifest.shards.len());
         let file = self.dir.join(&name);
-        let mut tensors: Vec<(String, Tensor)> = Vec::new();
-        for (h, parts) in self.manifest.hook_points.iter().zip(&pending.parts) {
-            tensors.push((h.name.clone(), Tensor::cat(parts, 0)));
-        }
-        tensors.push(("token_id".into(), Tensor::cat(&pending.token_ids, 0)));
-        tensors.push(("line".into(), Tensor::cat(&pending.lines, 0)));
-        tensors.push(("position".into(), Tensor::cat(&pending.positions, 0)));
-        write_atomically(&file, &tensors)?;
+        let rows = shard.rows as usize;
+        let views = shard.columns.iter().map(|c| {
+            let shape = match c.width {
+                Some(w) => vec![rows, w as usize],
+                None => vec![rows],
+            };
+            (c.name.as_str(), ColumnView { dtype: dtype(c.kind), shape, data: &c.bytes })
+        });
+        write_atomically(&file, views)?;
         self.manifest.shards.push(ShardEntry {
             file: name,
-            rows: pending.rows,
-            sequences: pending.sequences,
+            rows: shard.rows,
+            sequences: shard.sequences,
             first_batch,
-            last_batch: pending.last_batch,
+            last_batch: shard.last_batch,
         });
-        self.manifest.tokens += pending.rows;
-        self.manifest.sequences += pending.sequences;
+        self.manifest.tokens += shard.rows;
+        self.manifest.sequences += shard.sequences;
         self.manifest.write(&self.manifest_file)
     }
 }
 
-/// Writes `tensors` as a safetensors file at `file` via a temporary file renamed over it.
-fn write_atomically(file: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+/// Writes the tensors as a safetensors file at `file` via a temporary file renamed over it.
+fn write_atomically<'a>(file: &Path, views: impl IntoIterator<Item = (&'a str, ColumnView<'a>)>) -> Result<()> {
     let tmp = tmp_path(file);
-    Tensor::write_safetensors(tensors, &tmp)
+    safetensors::tensor::serialize_to_file(views, &None, &tmp)
         .map_err(|e| Error::Io { path: tmp.display().to_string(), source: io::Error::other(e.to_string()) })?;
     std::fs::rename(&tmp, file).map_err(|source| Error::Io { path: file.display().to_string(), source })
 }
