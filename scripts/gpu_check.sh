@@ -13,7 +13,9 @@
 #   4. tests/device.rs with NNSIGHT_TEST_DEVICE=cuda: tch::Cuda::is_available() and the device
 #      count, every loader on Cuda(0) in f32 / f16 / bf16 against the CPU, inputs on the model's
 #      device, and the error for a CUDA index beyond the device count;
-#   5. the generation timing (tests/device.rs `generation_timing`) on CUDA, then on the CPU.
+#   5. tests/device_map.rs with NNSIGHT_TEST_DEVICE=cuda: a device map splitting the fixtures
+#      over Cuda(0) and Cuda(1) against the CPU (needs 2 GPUs; prints a skip with fewer);
+#   6. the generation timing (tests/device.rs `generation_timing`) on CUDA, then on the CPU.
 #
 # Variables: SKIP_SETUP=1 skips step 2 (the CUDA libtorch is already linked as .nnsight/libtorch);
 # NNSIGHT_TEST_DEVICE (default `cuda`, e.g. `cuda:1`); CARGO_FLAGS (e.g. `--offline`).
@@ -50,6 +52,9 @@ echo "$bin links libtorch_cuda.so"
 
 step "device tests on $device"
 NNSIGHT_TEST_DEVICE="$device" cargo test "${flags[@]}" --test device -- --nocapture --test-threads 1
+
+step "device map tests on $device (two GPUs)"
+NNSIGHT_TEST_DEVICE="$device" cargo test "${flags[@]}" --test device_map -- --nocapture --test-threads 1
 
 step "generation timing on $device"
 NNSIGHT_TEST_DEVICE="$device" cargo test "${flags[@]}" --test device -- --ignored generation_timing --nocapture

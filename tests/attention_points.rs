@@ -31,7 +31,7 @@ fn lm<M: CausalLm + TextModel>(name: &str) -> LanguageModel<M> {
     let wl = WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("t0".into()).build().unwrap();
     let mut tok = Tokenizer::new(wl);
     tok.with_pre_tokenizer(Some(Whitespace {}));
-    let model = M::load_with(&fixture(name), &LoadOptions { device: Device::Cpu, dtype: None }).unwrap();
+    let model = M::load_with(&fixture(name), &LoadOptions { device: Device::Cpu, dtype: None, ..Default::default() }).unwrap();
     LanguageModel::from_parts(model, tok, Device::Cpu).unwrap()
 }
 

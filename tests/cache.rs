@@ -423,7 +423,7 @@ mod generation {
 
     fn lm<M: CausalLm + TextModel>(name: &str) -> LanguageModel<M> {
         let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/causal").join(name);
-        let model = M::load_with(&dir, &LoadOptions { device: Device::Cpu, dtype: None }).unwrap();
+        let model = M::load_with(&dir, &LoadOptions { device: Device::Cpu, dtype: None, ..Default::default() }).unwrap();
         let vocab: HashMap<String, u32> = (0..1000u32).map(|i| (format!("t{i}"), i)).collect();
         let wl = WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("t0".into()).build().unwrap();
         LanguageModel::from_parts(model, Tokenizer::new(wl), Device::Cpu).unwrap()

@@ -355,7 +355,7 @@ fn dtypes_kept_or_converted() {
     let f32_logits = logits_of(&load::<Gpt2>("gpt2"), "gpt2");
     let scale = f32_logits.abs().max().double_value(&[]);
     // Convert on load.
-    let opts = LoadOptions { device: Device::Cpu, dtype: Some(Kind::BFloat16) };
+    let opts = LoadOptions { device: Device::Cpu, dtype: Some(Kind::BFloat16), ..Default::default() };
     let bf16 = Hooked::with_path("", Gpt2::load_with(&fixture("gpt2"), &opts).unwrap());
     assert_eq!(bf16.kind(), Kind::BFloat16);
     let l = logits_of(&bf16, "gpt2");
@@ -373,7 +373,7 @@ fn dtypes_kept_or_converted() {
     let scale = reference.abs().max().double_value(&[]);
     assert!(d < 0.02 * scale, "f16 logits off by {d} (scale {scale})");
     eprintln!("llama f16 vs f32: {d:.4} (largest |logit| {scale:.2})");
-    let opts = LoadOptions { device: Device::Cpu, dtype: Some(Kind::Float) };
+    let opts = LoadOptions { device: Device::Cpu, dtype: Some(Kind::Float), ..Default::default() };
     assert_eq!(Llama::load_with(&dir, &opts).unwrap().kind(), Kind::Float);
 }
 

@@ -50,7 +50,7 @@ fn tokenizer_with_pad() -> Tokenizer {
 }
 
 fn lm<M: CausalLm + TextModel>(name: &str, tok: Tokenizer) -> LanguageModel<M> {
-    let model = M::load_with(&fixture(name), &LoadOptions { device: Device::Cpu, dtype: None }).unwrap();
+    let model = M::load_with(&fixture(name), &LoadOptions { device: Device::Cpu, dtype: None, ..Default::default() }).unwrap();
     LanguageModel::from_parts(model, tok, Device::Cpu).unwrap()
 }
 

@@ -140,6 +140,7 @@ fn every_loader_refuses_a_missing_cuda_device() {
     let opts = LoadOptions {
         device: d,
         dtype: None,
+        ..Default::default()
     };
     assert_device_error("Gpt2::load_with", d, Gpt2::load_with(&gpt2, &opts));
     assert_device_error(
@@ -216,7 +217,7 @@ fn causal_model_on_the_test_device() {
         kinds.push((Some(Kind::BFloat16), 1e-1));
     }
     for (dtype, tol) in kinds {
-        let opts = LoadOptions { device, dtype };
+        let opts = LoadOptions { device, dtype, ..Default::default() };
         let model = Hooked::with_path("", Gpt2::load_with(&dir, &opts).unwrap());
         assert_eq!(model.device(), device);
         if let Some(k) = dtype {
@@ -302,6 +303,7 @@ fn generation_timing() {
             &LoadOptions {
                 device,
                 dtype: None,
+                ..Default::default()
             },
         )
         .unwrap(),

@@ -656,7 +656,7 @@ fn check_bf16<M: CausalLm>(name: &str) -> (f64, f64, f64) {
     let e = expected(name);
     let (input, mask) = (ids(&e["input_ids"]), ids(&e["attention_mask"]));
     let reference = weights(fixture(name).join("logits.safetensors"));
-    let opts = LoadOptions { device: Device::Cpu, dtype: Some(Kind::BFloat16) };
+    let opts = LoadOptions { device: Device::Cpu, dtype: Some(Kind::BFloat16), ..Default::default() };
     let model = Hooked::with_path("", M::load_with(&fixture(name), &opts).unwrap());
     assert_eq!(model.kind(), Kind::BFloat16);
     let l = logits_of(&model, name);

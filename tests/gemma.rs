@@ -76,7 +76,7 @@ fn lm<M: CausalLm + TextModel>(name: &str) -> LanguageModel<M> {
     let wl = WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("t0".into()).build().unwrap();
     let mut tok = Tokenizer::new(wl);
     tok.with_pre_tokenizer(Some(Whitespace {}));
-    let model = M::load_with(&fixture(name), &LoadOptions { device: Device::Cpu, dtype: None }).unwrap();
+    let model = M::load_with(&fixture(name), &LoadOptions { device: Device::Cpu, dtype: None, ..Default::default() }).unwrap();
     LanguageModel::from_parts(model, tok, Device::Cpu).unwrap()
 }
 
@@ -680,7 +680,7 @@ fn check_bf16<M: CausalLm>(name: &str) {
     let (input, mask) = (ids(&e["input_ids"]), ids(&e["attention_mask"]));
     let none = KvCacheHandle::disabled();
     let f32_logits = load::<M>(name).forward(&input, &mask, &none).unwrap();
-    let opts = LoadOptions { device: Device::Cpu, dtype: Some(Kind::BFloat16) };
+    let opts = LoadOptions { device: Device::Cpu, dtype: Some(Kind::BFloat16), ..Default::default() };
     let bf16 = Hooked::with_path("", M::load_with(&fixture(name), &opts).unwrap());
     assert_eq!(bf16.kind(), Kind::BFloat16);
     let l = bf16.forward(&input, &mask, &none).unwrap();

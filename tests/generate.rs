@@ -32,7 +32,7 @@ fn tokenizer() -> Tokenizer {
 }
 
 fn lm<M: CausalLm + TextModel>(name: &str) -> LanguageModel<M> {
-    let model = M::load_with(&fixture(name), &LoadOptions { device: Device::Cpu, dtype: None }).unwrap();
+    let model = M::load_with(&fixture(name), &LoadOptions { device: Device::Cpu, dtype: None, ..Default::default() }).unwrap();
     LanguageModel::from_parts(model, tokenizer(), Device::Cpu).unwrap()
 }
 

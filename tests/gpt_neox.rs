@@ -319,7 +319,7 @@ fn lm(name: &str) -> LanguageModel<GptNeoX> {
     let wl = WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("t0".into()).build().unwrap();
     let mut tok = Tokenizer::new(wl);
     tok.with_pre_tokenizer(Some(Whitespace {}));
-    let model = GptNeoX::load_with(&fixture(name), &LoadOptions { device: Device::Cpu, dtype: None }).unwrap();
+    let model = GptNeoX::load_with(&fixture(name), &LoadOptions { device: Device::Cpu, dtype: None, ..Default::default() }).unwrap();
     LanguageModel::from_parts(model, tok, Device::Cpu).unwrap()
 }
 
@@ -608,7 +608,7 @@ fn bf16_logits_close_to_f32_and_generate_runs() {
         let (input, mask) = (ids(&e["input_ids"]), ids(&e["attention_mask"]));
         let f32_logits = logits_of(&load(name), name);
         let scale = f32_logits.abs().max().double_value(&[]);
-        let opts = LoadOptions { device: Device::Cpu, dtype: Some(Kind::BFloat16) };
+        let opts = LoadOptions { device: Device::Cpu, dtype: Some(Kind::BFloat16), ..Default::default() };
         let bf16 = Hooked::with_path("", GptNeoX::load_with(&fixture(name), &opts).unwrap());
         assert_eq!(bf16.kind(), Kind::BFloat16);
         let l = logits_of(&bf16, name);

@@ -586,7 +586,7 @@ isolated! {
         let err = fails(Gpt2::new(&vs.root(), &config), "Gpt2::new, 2 GB");
         assert!(matches!(err, Error::Load { .. }), "{err}");
         // ... or a device does not exist.
-        let err = fails(Gpt2::load_with(&fixture("gpt2"), &LoadOptions { device: Device::Cuda(63), dtype: None }), "Cuda(63)");
+        let err = fails(Gpt2::load_with(&fixture("gpt2"), &LoadOptions { device: Device::Cuda(63), dtype: None, ..Default::default() }), "Cuda(63)");
         assert!(matches!(err, Error::Device(_)), "{err}");
         // Still usable afterwards.
         let logits = Gpt2::from_pretrained(fixture("gpt2")).unwrap();

@@ -428,7 +428,7 @@ fn word_tokenizer() -> Tokenizer {
 
 fn causal<M: CausalLm + TextModel>(name: &str) -> LanguageModel<M> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/causal").join(name);
-    let model = M::load_with(&dir, &LoadOptions { device: Device::Cpu, dtype: None }).unwrap();
+    let model = M::load_with(&dir, &LoadOptions { device: Device::Cpu, dtype: None, ..Default::default() }).unwrap();
     LanguageModel::from_parts(model, word_tokenizer(), Device::Cpu).unwrap()
 }
 

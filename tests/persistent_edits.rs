@@ -22,7 +22,7 @@ fn lm() -> LanguageModel<Gpt2> {
     let wl = WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("t0".into()).build().unwrap();
     let mut tok = Tokenizer::new(wl);
     tok.with_pre_tokenizer(Some(Whitespace {}));
-    let model = Gpt2::load_with(&dir, &LoadOptions { device: Device::Cpu, dtype: None }).unwrap();
+    let model = Gpt2::load_with(&dir, &LoadOptions { device: Device::Cpu, dtype: None, ..Default::default() }).unwrap();
     LanguageModel::from_parts(model, tok, Device::Cpu).unwrap()
 }
 

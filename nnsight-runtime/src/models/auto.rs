@@ -216,7 +216,7 @@ impl Auto<Text> {
 
     /// [`AutoLanguageModel::load_with`] on `device` in the checkpoint's dtype.
     pub fn from_pretrained_on(dir: impl AsRef<Path>, device: Device) -> Result<AutoLanguageModel> {
-        Self::load_with(dir, &LoadOptions { device, dtype: None })
+        Self::load_with(dir, &LoadOptions { device, dtype: None, ..Default::default() })
     }
 }
 

@@ -20,6 +20,7 @@
 
 mod cache;
 mod decoder;
+pub mod device_map;
 mod generate;
 pub mod rotary;
 
@@ -38,6 +39,8 @@ use crate::tree::ModuleTree;
 
 pub use cache::KvCacheHandle;
 pub use decoder::{AttnPoint, Decoder};
+pub use device_map::{DeviceMap, PartSizes, Placement};
+pub(crate) use device_map::Parts;
 pub use super::checkpoint::{checkpoint_kind, checkpoint_tensors, kind_of_dtype, load_into, TensorInfo};
 pub(crate) use super::validate::config_error;
 pub use generate::{CausalLmExt, Eos, Sampling};
@@ -51,10 +54,13 @@ pub type CausalInput = (Tensor, Tensor, Tensor, KvCacheHandle);
 /// Where to put the weights and in which dtype.
 ///
 /// ```ignore
-/// let opts = LoadOptions { device: Device::Cuda(0), dtype: Some(Kind::BFloat16) };
+/// let opts = LoadOptions { device: Device::Cuda(0), dtype: Some(Kind::BFloat16), ..Default::default() };
 /// let model = AutoCausalLm::load_with("folder", &opts)?;   // Error::Device where no CUDA
+///
+/// // Layers split over two GPUs, balancing the parameter bytes (see [`DeviceMap`]).
+/// let opts = LoadOptions { device_map: Some(DeviceMap::auto(&[Device::Cuda(0), Device::Cuda(1)])), ..Default::default() };
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct LoadOptions {
     /// Device of the weights (and of every activation; inputs made by `LanguageModel::tokenize`
     /// follow it). Checked before the weights are read: a device this build or machine cannot use
@@ -65,12 +71,31 @@ pub struct LoadOptions {
     /// Dtype of the weights: `None` keeps the checkpoint's (the dtype most of its elements
     /// have); `Some(kind)` converts (`Float`, `Half`, `BFloat16` or `Double`).
     pub dtype: Option<Kind>,
+    /// Several devices (Hugging Face's `device_map`): the embedding, each decoder layer and the
+    /// head on the devices the [`DeviceMap`] gives, overriding `device` (module docs of
+    /// [`device_map`]). Decoder families only; `None`: everything on `device`. Each device is
+    /// checked first ([`crate::Error::Device`] naming it and the part); a map whose layer count
+    /// is not the model's is [`crate::Error::Input`] naming both counts, before any weight is read.
+    pub device_map: Option<DeviceMap>,
 }
 
 impl Default for LoadOptions {
-    /// CPU, the checkpoint's dtype.
+    /// CPU, the checkpoint's dtype, no device map.
     fn default() -> Self {
-        LoadOptions { device: Device::Cpu, dtype: None }
+        LoadOptions { device: Device::Cpu, dtype: None, device_map: None }
+    }
+}
+
+impl LoadOptions {
+    /// Checks `device` and every device of `device_map` ([`super::checkpoint::check_device`],
+    /// [`DeviceMap::check_devices`]): what each family's `load_with` does first, before the
+    /// folder or its `config.json` is read.
+    pub fn check_devices(&self) -> Result<()> {
+        super::checkpoint::check_device(self.device)?;
+        match &self.device_map {
+            Some(map) => map.check_devices(),
+            None => Ok(()),
+        }
     }
 }
 
@@ -123,7 +148,7 @@ pub trait CausalLm: HookModule<Input = CausalInput, Output = Tensor> + Sized {
 /// `pad_token_id`, else its first `eos_token_id`.
 impl<T: CausalLm + 'static> TextModel for T {
     fn load(dir: &Path, device: Device) -> Result<Self> {
-        T::load_with(dir, &LoadOptions { device, dtype: None })
+        T::load_with(dir, &LoadOptions { device, ..Default::default() })
     }
     fn text_input(&self, batch: &TextBatch) -> CausalInput {
         text_input(batch)
@@ -193,7 +218,10 @@ impl HookModule for LmHead {
     fn output_layout(&self) -> Layout {
         ROWS
     }
+    /// The input is first moved to the weight's device (a no-op unless a [`DeviceMap`] puts the
+    /// final norm elsewhere, e.g. a tied unembedding on the embedding's device).
     fn forward(&self, x: Tensor) -> Tensor {
+        let x = device_map::to(x, self.weight.device());
         super::linear::linear(&x, &self.weight, self.bias.as_ref())
     }
 }
@@ -271,14 +299,23 @@ impl TokenIds {
 /// [`super::checkpoint::load_model_strict`]: every weight is checked against the safetensors headers
 /// (and a checkpoint tensor the model does not take is [`crate::Error::UnusedWeight`])
 /// before any is allocated). `strip_prefixes`: key prefixes the checkpoint may lack
-/// (`transformer.`, `model.`), see [`super::checkpoint::Checkpoint::check`].
-pub(crate) fn load_model<M>(
+/// (`transformer.`, `model.`), see [`super::checkpoint::Checkpoint::check`]. With
+/// `options.device_map` the model is built on the CPU and its variables are placed by the map
+/// (`parts`: the family's variable names, see [`device_map::place`]) before the weights are read.
+pub(crate) fn load_model<M: CausalLm>(
     dir: &Path,
     options: &LoadOptions,
     strip_prefixes: &[&str],
+    parts: &Parts,
     build: impl Fn(&nn::Path) -> Result<M>,
 ) -> Result<M> {
-    super::checkpoint::load_model_strict(dir, options.device, options.dtype, strip_prefixes, build)
+    options.check_devices()?;
+    let Some(map) = &options.device_map else {
+        return super::checkpoint::load_model_strict(dir, options.device, options.dtype, strip_prefixes, build);
+    };
+    let what = dir.display().to_string();
+    let place = |vs: &nn::VarStore, model: &M| device_map::place(vs, map, parts, model.num_layers(), &what).map(drop);
+    super::checkpoint::load_model_placed(dir, Device::Cpu, options.dtype, strip_prefixes, true, build, place)
 }
 
 /// `nn::LayerNorm` over `[dim]` at `p` (variables `weight`, `bias`), input and output `[batch, ..]`.

@@ -434,6 +434,22 @@ fn load_checked<M>(
     strict: bool,
     build: impl Fn(&nn::Path) -> Result<M>,
 ) -> Result<M> {
+    load_model_placed(dir, device, dtype, prefixes, strict, build, |_, _| Ok(()))
+}
+
+/// [`load_model`] (`strict`: [`load_model_strict`]) with `place(vs, model)` run after the model
+/// is built on `device` and before any weight is read: it may move the (still zero) variables
+/// to other devices in place (a device map, see [`super::causal::DeviceMap`]); each weight is
+/// then copied to its variable's device.
+pub(crate) fn load_model_placed<M>(
+    dir: &Path,
+    device: Device,
+    dtype: Option<Kind>,
+    prefixes: &[&str],
+    strict: bool,
+    build: impl Fn(&nn::Path) -> Result<M>,
+    place: impl FnOnce(&nn::VarStore, &M) -> Result<()>,
+) -> Result<M> {
     check_device(device)?;
     let ckpt = Rc::new(Checkpoint::open(dir)?);
     let kind = match dtype {
@@ -471,6 +487,7 @@ fn load_checked<M>(
     let mut vs = nn::VarStore::new(device);
     vs.set_kind(kind);
     let model = params::building(&folder, || build(&vs.root()))?;
+    place(&vs, &model)?;
     ckpt.load_into(&vs, prefixes)?;
     Ok(model)
 }

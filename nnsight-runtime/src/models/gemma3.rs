@@ -45,6 +45,7 @@
 use std::path::Path;
 
 use tch::{nn, Device, Kind, Tensor};
+use super::causal::device_map::{to, Mover};
 
 use super::causal::{self, AttnPoint, CausalInput, CausalLm, Decoder, LmHead, LoadOptions, TokenIds};
 use super::gemma2::{gemma_mlp, repeat_kv, softcap, GemmaRmsNorm, LayerType, Masks, ScaledEmbedding};
@@ -116,9 +117,10 @@ impl HookModule for Gemma3 {
 
 impl CausalLm for Gemma3 {
     fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        options.check_devices()?;
         super::check_model_dir(dir)?;
         let config = Gemma3TextConfig::from_file(&dir.join("config.json"))?;
-        causal::load_model(dir, options, &["model."], |p| Gemma3::new(p, &config))
+        causal::load_model(dir, options, &["model."], &causal::Parts::MODEL, |p| Gemma3::new(p, &config))
     }
     fn max_positions(&self) -> i64 {
         self.config.max_position_embeddings
@@ -179,9 +181,13 @@ impl Decoder for Gemma3 {
     fn unembedding(&self) -> &Hooked<LmHead> {
         &self.lm_head
     }
+    fn final_norm_device(&self) -> Device {
+        self.model.norm.weight.device()
+    }
     /// `softcap(lm_head(norm(h)))` (no cap unless `final_logit_softcapping`).
     fn unembed(&self, h: &Tensor) -> Tensor {
-        let logits = self.unembedding().call(self.final_norm().call(h.shallow_clone()));
+        let h = to(h.shallow_clone(), self.final_norm_device());
+        let logits = self.unembedding().call(self.final_norm().call(h));
         softcap(logits, self.config.final_logit_softcapping)
     }
 }
@@ -253,15 +259,22 @@ impl HookModule for Gemma3TextModel {
         ROWS
     }
     fn forward(&self, (input_ids, attention_mask, position_ids, cache): CausalInput) -> Tensor {
+        // Inputs on the embedding's device (under a device map `LanguageModel` may tokenize
+        // onto `LoadOptions::device`; a no-op otherwise).
+        let d = self.embed_tokens.weight.device();
+        let (input_ids, attention_mask, position_ids) = (to(input_ids, d), to(attention_mask, d), to(position_ids, d));
         let masks = Masks::new(&attention_mask, input_ids.size()[1], self.sliding_window);
         let hidden = self.embed_tokens.call(input_ids);
         let global = self.rotary_emb.call((hidden.shallow_clone(), position_ids.shallow_clone()));
         let local = self.rotary_emb_local.call((hidden.shallow_clone(), position_ids));
+        // Each layer's inputs on its device (a device map; no copies on one device).
+        let mut mv = Mover::default();
         let hidden = self.layers.iter().zip(&self.layer_types).fold(hidden, |h, (layer, &ty)| {
             let (cos, sin) = if ty == LayerType::Sliding { &local } else { &global };
-            layer.call((h, masks.get(ty), (cos.shallow_clone(), sin.shallow_clone()), cache.clone()))
+            let d = layer.input_layernorm.weight.device();
+            layer.call((to(h, d), mv.to(&masks.get(ty), d), (mv.to(cos, d), mv.to(sin, d)), cache.clone()))
         });
-        self.norm.call(hidden)
+        self.norm.call(to(hidden, self.norm.weight.device()))
     }
 }
 

@@ -27,6 +27,7 @@
 use std::path::Path;
 
 use tch::{nn, Device, Kind, Tensor};
+use super::causal::device_map::{to, Mover};
 
 use super::act::HiddenAct;
 use super::causal::{self, AttnPoint, CausalInput, CausalLm, Decoder, KvCacheHandle, LmHead, LoadOptions, TokenIds};
@@ -93,11 +94,15 @@ impl HookModule for Gpt2 {
     }
 }
 
+/// The variable names of the parts a [`causal::DeviceMap`] places.
+const GPT2_PARTS: causal::Parts = causal::Parts { embedding: &["transformer.wte.", "transformer.wpe."], layers: "transformer.h.", final_norm: "transformer.ln_f.", unembedding: "lm_head." };
+
 impl CausalLm for Gpt2 {
     fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        options.check_devices()?;
         super::check_model_dir(dir)?;
         let config = Gpt2Config::from_file(&dir.join("config.json"))?;
-        causal::load_model(dir, options, &["transformer."], |p| Gpt2::new(p, &config))
+        causal::load_model(dir, options, &["transformer."], &GPT2_PARTS, |p| Gpt2::new(p, &config))
     }
     fn max_positions(&self) -> i64 {
         self.config.n_positions
@@ -158,6 +163,9 @@ impl Decoder for Gpt2 {
     fn unembedding(&self) -> &Hooked<LmHead> {
         &self.lm_head
     }
+    fn final_norm_device(&self) -> Device {
+        self.transformer.ln_f.ws.as_ref().map_or(self.device(), Tensor::device)
+    }
 }
 
 /// `transformer`: token + position embeddings, the blocks, the final LayerNorm
@@ -210,11 +218,21 @@ impl HookModule for Gpt2Transformer {
         ROWS
     }
     fn forward(&self, (input_ids, attention_mask, position_ids, cache): CausalInput) -> Tensor {
+        // Inputs on the embedding's device (under a device map `LanguageModel` may tokenize
+        // onto `LoadOptions::device`; a no-op otherwise).
+        let d = self.wte.ws.device();
+        let (input_ids, attention_mask, position_ids) = (to(input_ids, d), to(attention_mask, d), to(position_ids, d));
         let seq = input_ids.size()[1];
         let mask = causal::causal_mask(&attention_mask, seq);
         let hidden = self.wte.call(input_ids) + self.wpe.call(position_ids);
-        let hidden = self.h.iter().fold(hidden, |h, block| block.call((h, mask.shallow_clone(), cache.clone())));
-        self.ln_f.call(hidden)
+        // Each block's inputs on its device (a device map; no copies on one device).
+        let mut mv = Mover::default();
+        let hidden = self.h.iter().fold(hidden, |h, block| {
+            let d = block.mlp.c_fc.weight.device();
+            block.call((to(h, d), mv.to(&mask, d), cache.clone()))
+        });
+        let d = self.ln_f.ws.as_ref().map_or(hidden.device(), Tensor::device);
+        self.ln_f.call(to(hidden, d))
     }
 }
 

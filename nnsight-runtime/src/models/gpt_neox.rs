@@ -34,6 +34,7 @@
 use std::path::Path;
 
 use tch::{nn, Device, Kind, Tensor};
+use super::causal::device_map::{to, Mover};
 
 use super::act::HiddenAct;
 use super::causal::{self, AttnPoint, CausalInput, CausalLm, Decoder, KvCacheHandle, LmHead, LoadOptions, TokenIds};
@@ -103,13 +104,17 @@ impl HookModule for GptNeoX {
     }
 }
 
+/// The variable names of the parts a [`causal::DeviceMap`] places.
+const NEOX_PARTS: causal::Parts = causal::Parts { embedding: &["gpt_neox.embed_in."], layers: "gpt_neox.layers.", final_norm: "gpt_neox.final_layer_norm.", unembedding: "embed_out." };
+
 impl CausalLm for GptNeoX {
     /// Checkpoints saved from `GPTNeoXForCausalLM` (`gpt_neox.layers.0...`, `embed_out.weight`)
     /// load; so do keys without the `gpt_neox.` prefix.
     fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        options.check_devices()?;
         super::check_model_dir(dir)?;
         let config = GptNeoXConfig::from_file(&dir.join("config.json"))?;
-        causal::load_model(dir, options, &["gpt_neox."], |p| GptNeoX::new(p, &config))
+        causal::load_model(dir, options, &["gpt_neox."], &NEOX_PARTS, |p| GptNeoX::new(p, &config))
     }
     fn max_positions(&self) -> i64 {
         self.config.max_position_embeddings
@@ -170,6 +175,9 @@ impl Decoder for GptNeoX {
     fn unembedding(&self) -> &Hooked<LmHead> {
         &self.embed_out
     }
+    fn final_norm_device(&self) -> Device {
+        self.gpt_neox.final_layer_norm.ws.as_ref().map_or(self.device(), Tensor::device)
+    }
 }
 
 /// `gpt_neox`: token embedding, decoder layers, final LayerNorm, rotary tables (transformers'
@@ -225,14 +233,22 @@ impl HookModule for GptNeoXModel {
         ROWS
     }
     fn forward(&self, (input_ids, attention_mask, position_ids, cache): CausalInput) -> Tensor {
+        // Inputs on the embedding's device (under a device map `LanguageModel` may tokenize
+        // onto `LoadOptions::device`; a no-op otherwise).
+        let d = self.embed_in.ws.device();
+        let (input_ids, attention_mask, position_ids) = (to(input_ids, d), to(attention_mask, d), to(position_ids, d));
         let seq = input_ids.size()[1];
         let mask = causal::causal_mask(&attention_mask, seq);
         let hidden = self.embed_in.call(input_ids);
         let (cos, sin) = self.rotary_emb.call((hidden.shallow_clone(), position_ids));
+        // Each layer's inputs on its device (a device map; no copies on one device).
+        let mut mv = Mover::default();
         let hidden = self.layers.iter().fold(hidden, |h, layer| {
-            layer.call((h, mask.shallow_clone(), (cos.shallow_clone(), sin.shallow_clone()), cache.clone()))
+            let d = layer.mlp.dense_h_to_4h.ws.device();
+            layer.call((to(h, d), mv.to(&mask, d), (mv.to(&cos, d), mv.to(&sin, d)), cache.clone()))
         });
-        self.final_layer_norm.call(hidden)
+        let d = self.final_layer_norm.ws.as_ref().map_or(hidden.device(), Tensor::device);
+        self.final_layer_norm.call(to(hidden, d))
     }
 }
 

@@ -49,6 +49,7 @@ mod config;
 pub use config::LlamaConfig;
 pub use super::causal::rotary::{Rope, RotaryEmbedding};
 use super::causal::rotary::apply_rotary;
+use super::causal::device_map::{to, Mover};
 
 /// A Llama-family model with its language-model head (transformers' `LlamaForCausalLM`).
 ///
@@ -102,9 +103,10 @@ impl HookModule for Llama {
 
 impl CausalLm for Llama {
     fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        options.check_devices()?;
         super::check_model_dir(dir)?;
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
-        causal::load_model(dir, options, &["model."], |p| Llama::new(p, &config))
+        causal::load_model(dir, options, &["model."], &causal::Parts::MODEL, |p| Llama::new(p, &config))
     }
     fn max_positions(&self) -> i64 {
         self.config.max_position_embeddings
@@ -163,6 +165,9 @@ impl Decoder for Llama {
     }
     fn unembedding(&self) -> &Hooked<LmHead> {
         &self.lm_head
+    }
+    fn final_norm_device(&self) -> Device {
+        self.model.norm.weight.device()
     }
 }
 
@@ -245,14 +250,21 @@ impl HookModule for LlamaModel {
         ROWS
     }
     fn forward(&self, (input_ids, attention_mask, position_ids, cache): CausalInput) -> Tensor {
+        // Inputs on the embedding's device (under a device map `LanguageModel` may tokenize
+        // onto `LoadOptions::device`; a no-op otherwise).
+        let d = self.embed_tokens.ws.device();
+        let (input_ids, attention_mask, position_ids) = (to(input_ids, d), to(attention_mask, d), to(position_ids, d));
         let seq = input_ids.size()[1];
         let masks = layer_masks(&attention_mask, seq, &self.layer_windows);
         let hidden = self.embed_tokens.call(input_ids);
         let (cos, sin) = self.rotary_emb.call((hidden.shallow_clone(), position_ids));
+        // Each layer's inputs on its device (a device map; no copies on one device).
+        let mut mv = Mover::default();
         let hidden = self.layers.iter().zip(masks).fold(hidden, |h, (layer, mask)| {
-            layer.call((h, mask, (cos.shallow_clone(), sin.shallow_clone()), cache.clone()))
+            let d = layer.input_layernorm.weight.device();
+            layer.call((to(h, d), mv.to(&mask, d), (mv.to(&cos, d), mv.to(&sin, d)), cache.clone()))
         });
-        self.norm.call(hidden)
+        self.norm.call(to(hidden, self.norm.weight.device()))
     }
 }
 

@@ -100,9 +100,10 @@ impl HookModule for Mistral {
 
 impl CausalLm for Mistral {
     fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        options.check_devices()?;
         super::check_model_dir(dir)?;
         let config = MistralConfig::from_file(&dir.join("config.json"))?;
-        causal::load_model(dir, options, &["model."], |p| Mistral::new(p, &config))
+        causal::load_model(dir, options, &["model."], &causal::Parts::MODEL, |p| Mistral::new(p, &config))
     }
     fn max_positions(&self) -> i64 {
         self.config.max_position_embeddings
@@ -161,6 +162,9 @@ impl Decoder for Mistral {
     }
     fn unembedding(&self) -> &Hooked<LmHead> {
         &self.lm_head
+    }
+    fn final_norm_device(&self) -> Device {
+        self.model.norm.weight.device()
     }
 }
 

@@ -39,6 +39,7 @@
 use std::path::Path;
 
 use tch::{nn, Device, Kind, Tensor};
+use super::causal::device_map::{to, Mover};
 
 use super::causal::{self, AttnPoint, CausalInput, CausalLm, Decoder, LmHead, LoadOptions, TokenIds};
 use super::bert::HiddenAct;
@@ -109,9 +110,10 @@ impl HookModule for Phi3 {
 
 impl CausalLm for Phi3 {
     fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        options.check_devices()?;
         super::check_model_dir(dir)?;
         let config = Phi3Config::from_file(&dir.join("config.json"))?;
-        causal::load_model(dir, options, &["model."], |p| Phi3::new(p, &config))
+        causal::load_model(dir, options, &["model."], &causal::Parts::MODEL, |p| Phi3::new(p, &config))
     }
     fn max_positions(&self) -> i64 {
         self.config.max_position_embeddings
@@ -171,6 +173,9 @@ impl Decoder for Phi3 {
     fn unembedding(&self) -> &Hooked<LmHead> {
         &self.lm_head
     }
+    fn final_norm_device(&self) -> Device {
+        self.model.norm.weight.device()
+    }
 }
 
 /// `model`: as [`super::llama::LlamaModel`] with [`Phi3DecoderLayer`]s and, when the config
@@ -228,6 +233,10 @@ impl HookModule for Phi3Model {
         ROWS
     }
     fn forward(&self, (input_ids, attention_mask, position_ids, cache): CausalInput) -> Tensor {
+        // Inputs on the embedding's device (under a device map `LanguageModel` may tokenize
+        // onto `LoadOptions::device`; a no-op otherwise).
+        let d = self.embed_tokens.ws.device();
+        let (input_ids, attention_mask, position_ids) = (to(input_ids, d), to(attention_mask, d), to(position_ids, d));
         let seq = input_ids.size()[1];
         let mask = match self.sliding_window {
             Some(window) => causal::sliding_window_mask(&attention_mask, seq, window),
@@ -235,10 +244,13 @@ impl HookModule for Phi3Model {
         };
         let hidden = self.embed_tokens.call(input_ids);
         let (cos, sin) = self.rotary_emb.call((hidden.shallow_clone(), position_ids));
+        // Each layer's inputs on its device (a device map; no copies on one device).
+        let mut mv = Mover::default();
         let hidden = self.layers.iter().fold(hidden, |h, layer| {
-            layer.call((h, mask.shallow_clone(), (cos.shallow_clone(), sin.shallow_clone()), cache.clone()))
+            let d = layer.input_layernorm.weight.device();
+            layer.call((to(h, d), mv.to(&mask, d), (mv.to(&cos, d), mv.to(&sin, d)), cache.clone()))
         });
-        self.norm.call(hidden)
+        self.norm.call(to(hidden, self.norm.weight.device()))
     }
 }
 

@@ -108,9 +108,10 @@ impl HookModule for Qwen2 {
 
 impl CausalLm for Qwen2 {
     fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        options.check_devices()?;
         super::check_model_dir(dir)?;
         let config = Qwen2Config::from_file(&dir.join("config.json"))?;
-        causal::load_model(dir, options, &["model."], |p| Qwen2::new(p, &config))
+        causal::load_model(dir, options, &["model."], &causal::Parts::MODEL, |p| Qwen2::new(p, &config))
     }
     fn max_positions(&self) -> i64 {
         self.config.max_position_embeddings
@@ -169,6 +170,9 @@ impl Decoder for Qwen2 {
     }
     fn unembedding(&self) -> &Hooked<LmHead> {
         &self.lm_head
+    }
+    fn final_norm_device(&self) -> Device {
+        self.model.norm.weight.device()
     }
 }
 

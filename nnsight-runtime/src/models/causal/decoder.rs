@@ -125,6 +125,11 @@ pub trait Decoder: CausalLm {
     fn final_norm(&self) -> &Hooked<Self::Norm>;
     /// The unembedding (`lm_head`, GPT-NeoX's `embed_out`).
     fn unembedding(&self) -> &Hooked<LmHead>;
+    /// Device of the final norm's weights: the last device of a [`super::DeviceMap`], else the
+    /// model's device. [`Decoder::unembed`] moves its input there.
+    fn final_norm_device(&self) -> tch::Device {
+        self.device()
+    }
 
     /// Logits from a residual-stream value, as the model computes them from its last layer's
     /// output: `final_norm` then the unembedding, then whatever the family does after it
@@ -132,6 +137,6 @@ pub trait Decoder: CausalLm {
     /// returns `[batch, seq, vocab]`. Inside an intervention the modules run as plain
     /// functions (untraced).
     fn unembed(&self, h: &Tensor) -> Tensor {
-        self.unembedding().call(self.final_norm().call(h.shallow_clone()))
+        self.unembedding().call(self.final_norm().call(super::device_map::to(h.shallow_clone(), self.final_norm_device())))
     }
 }
