@@ -233,6 +233,55 @@ fn family_cases<'a, M: Decoder + TextModel + ModuleTree>(
     cases
 }
 
+/// GPT-2 only: `save_every_module_by_hand`, a `trace!` that saves by hand the output of every
+/// module the default cache records (185 for 12 layers: per block `h[l]`, `ln_1`, `attn`,
+/// `c_attn`, `c_proj`, `q`, `k`, `scores`, `probs`, `z`, `ln_2`, `mlp`, `c_fc`, `act`,
+/// `c_proj`; then `transformer`, `wte`, `wpe`, `ln_f`, `lm_head`), so the cache's ratio to it
+/// compares the same kept activations (the cache's cost is then its bookkeeping alone). Checks
+/// first that every saved tensor is the cache's entry for that path, bit for bit.
+fn gpt2_every_module_by_hand<'a>(model: &'a LanguageModel<nnsight::models::gpt2::Gpt2>, ids: &[i64]) -> Vec<Case<'a>> {
+    let ids_t = Tensor::from_slice(ids).view([1, -1]);
+    let n = model.transformer.h.len();
+    let save_all = move |ids: &Tensor| {
+        trace!(model, ids, {
+            let mut v = Vec::new();
+            v.push(("transformer".to_string(), model.transformer.output.save()));
+            v.push(("transformer.wte".to_string(), model.transformer.wte.output.save()));
+            v.push(("transformer.wpe".to_string(), model.transformer.wpe.output.save()));
+            for l in 0..n {
+                let p = format!("transformer.h.{l}");
+                v.push((p.clone(), model.transformer.h[l].output.save()));
+                v.push((format!("{p}.ln_1"), model.transformer.h[l].ln_1.output.save()));
+                v.push((format!("{p}.attn"), model.transformer.h[l].attn.output.save()));
+                v.push((format!("{p}.attn.c_attn"), model.transformer.h[l].attn.c_attn.output.save()));
+                v.push((format!("{p}.attn.c_proj"), model.transformer.h[l].attn.c_proj.output.save()));
+                v.push((format!("{p}.attn.q"), model.transformer.h[l].attn.q.output.save()));
+                v.push((format!("{p}.attn.k"), model.transformer.h[l].attn.k.output.save()));
+                v.push((format!("{p}.attn.scores"), model.transformer.h[l].attn.scores.output.save()));
+                v.push((format!("{p}.attn.probs"), model.transformer.h[l].attn.probs.output.save()));
+                v.push((format!("{p}.attn.z"), model.transformer.h[l].attn.z.output.save()));
+                v.push((format!("{p}.ln_2"), model.transformer.h[l].ln_2.output.save()));
+                v.push((format!("{p}.mlp"), model.transformer.h[l].mlp.output.save()));
+                v.push((format!("{p}.mlp.c_fc"), model.transformer.h[l].mlp.c_fc.output.save()));
+                v.push((format!("{p}.mlp.act"), model.transformer.h[l].mlp.act.output.save()));
+                v.push((format!("{p}.mlp.c_proj"), model.transformer.h[l].mlp.c_proj.output.save()));
+            }
+            v.push(("transformer.ln_f".to_string(), model.transformer.ln_f.output.save()));
+            v.push(("lm_head".to_string(), model.lm_head.output.save()));
+            v
+        })
+        .unwrap()
+    };
+    let (_, cache) = model.run_with_cache(&ids_t, CacheOptions::default()).unwrap();
+    let by_hand = save_all(&ids_t);
+    assert_eq!(by_hand.len(), cache.len(), "gpt2: the by-hand trace saves every module the cache records");
+    for (path, t) in &by_hand {
+        assert!(cache.get(path).is_some_and(|c| c.equal(t)), "gpt2: `{path}` by hand is the cache's entry");
+    }
+    println!("gpt2: the by-hand trace saves the cache's {} modules, bit for bit the same tensors", by_hand.len());
+    vec![case("save_every_module_by_hand", move || save_all(&ids_t))]
+}
+
 /// CPU time of this process so far, ns (`CLOCK_PROCESS_CPUTIME_ID`: every thread of it; with 1
 /// libtorch thread the forward runs on the calling thread). Unlike wall-clock time it leaves out
 /// the time other processes held the CPU, though not what they do to caches and memory bandwidth.
@@ -336,7 +385,7 @@ fn main() {
         let vocab = config["vocab_size"].as_u64().unwrap_or(32000) as u32;
         ensure_tokenizer(&folder, vocab);
         let t_load = Instant::now();
-        let model = match AutoLanguageModel::load_with(&folder, &LoadOptions { device: Device::Cpu, dtype: Some(Kind::Float) }) {
+        let model = match AutoLanguageModel::load_with(&folder, &LoadOptions { device: Device::Cpu, dtype: Some(Kind::Float), ..Default::default() }) {
             Ok(m) => m,
             Err(e) => {
                 println!("{name}: not loaded ({e}), skipped");
@@ -351,7 +400,10 @@ fn main() {
             t_load.elapsed().as_secs_f64()
         );
         let cache = model.model_type() == "gpt2";
-        let cases = with_family!(&model, |m| family_cases(&name, m, &ids, &generated, cache));
+        let mut cases = with_family!(&model, |m| family_cases(&name, m, &ids, &generated, cache));
+        if let nnsight::models::auto::Auto::Gpt2(m) = &model {
+            cases.extend(gpt2_every_module_by_hand(m, &ids));
+        }
         // Two groups of paired rounds: the single forward passes (more rounds: they are shorter),
         // then the two generations.
         let is_gen = |c: &&Case<'_>| c.0.starts_with("generate");
