@@ -18,6 +18,7 @@ use nnsight::models::causal::{
     CausalLm, CausalLmExt, Decoder, DeviceMap, KvCacheHandle, LoadOptions, PartSizes, Placement,
     Sampling,
 };
+use nnsight::models::auto::{AutoCausalLm, AutoLanguageModel};
 use nnsight::models::gemma2::Gemma2;
 use nnsight::models::gemma3::Gemma3;
 use nnsight::models::gpt2::Gpt2;
@@ -338,6 +339,8 @@ fn a_missing_device_is_reported_before_a_missing_folder() {
             ("Qwen3", Qwen3::load_with(&dir, &opts).map(drop)),
             ("Olmo2", Olmo2::load_with(&dir, &opts).map(drop)),
             ("Phi3", Phi3::load_with(&dir, &opts).map(drop)),
+            ("AutoCausalLm", AutoCausalLm::load_with(&dir, &opts).map(drop)),
+            ("AutoLanguageModel", AutoLanguageModel::load_with(&dir, &opts).map(drop)),
         ];
         for (what, r) in results {
             let err = r.unwrap_err();

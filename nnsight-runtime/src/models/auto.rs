@@ -107,12 +107,15 @@ macro_rules! families {
         impl Auto<Bare> {
             /// Loads `dir` (see [`CausalLm::load_with`]) as the family its `config.json` names.
             ///
-            /// Errors: [`crate::Error::Io`] for a missing folder or `config.json`, [`crate::Error::Config`]
+            /// Errors: [`crate::Error::Device`] first, before anything is read, for a device
+            /// (of `options.device` or its device map) this build or machine cannot use;
+            /// [`crate::Error::Io`] for a missing folder or `config.json`, [`crate::Error::Config`]
             /// naming `config.json` for JSON that is not an object or a `model_type` that is
             /// not supported (the message lists [`SUPPORTED`]), and every error of the family's
             /// loader.
             pub fn load_with(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<AutoCausalLm> {
                 let dir = dir.as_ref();
+                options.check_devices()?;
                 Ok(match family_of(dir)? {
                     $(Family::$variant => Auto::$variant(Hooked::with_path("", <$ty>::load_with(dir, options)?)),)+
                 })
@@ -125,6 +128,7 @@ macro_rules! families {
             /// in `options.dtype`. Errors as [`AutoCausalLm::load_with`], plus the tokenizer's.
             pub fn load_with(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<AutoLanguageModel> {
                 let dir = dir.as_ref();
+                options.check_devices()?;
                 Ok(match family_of(dir)? {
                     $(Family::$variant => {
                         let model = <$ty>::load_with(dir, options)?;
