@@ -38,7 +38,7 @@ use crate::language_model::{TextBatch, TextModel};
 use crate::tree::ModuleTree;
 
 pub use cache::KvCacheHandle;
-pub use decoder::{AttnPoint, Decoder};
+pub use decoder::{AttnHookPoints, AttnPoint, Decoder};
 pub use device_map::{DeviceMap, PartSizes, Placement};
 pub(crate) use device_map::Parts;
 pub use super::checkpoint::{checkpoint_kind, checkpoint_tensors, kind_of_dtype, load_into, TensorInfo};

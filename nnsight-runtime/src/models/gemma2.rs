@@ -52,7 +52,7 @@ use tch::{nn, Device, Kind, Tensor};
 use super::causal::device_map::{to, Mover};
 
 use super::act::HiddenAct;
-use super::causal::{self, AttnPoint, CausalInput, CausalLm, Decoder, LmHead, LoadOptions, TokenIds};
+use super::causal::{self, CausalInput, CausalLm, Decoder, LmHead, LoadOptions, TokenIds};
 use super::llama::{LlamaConfig, LlamaMlp, LayerInput, LAYER_INPUT};
 use super::params;
 use super::point::{AttentionPoints, HookPoint};
@@ -171,16 +171,6 @@ impl Decoder for Gemma2 {
     }
     fn layer_mlp_act(layer: &Hooked<Self::Layer>) -> &Hooked<HookPoint> {
         &layer.mlp.act
-    }
-    fn layer_attn_point(layer: &Hooked<Self::Layer>, point: AttnPoint) -> &Hooked<HookPoint> {
-        let a = &layer.self_attn;
-        match point {
-            AttnPoint::Q => &a.q,
-            AttnPoint::K => &a.k,
-            AttnPoint::Scores => &a.scores,
-            AttnPoint::Probs => &a.probs,
-            AttnPoint::Z => &a.z,
-        }
     }
     fn final_norm(&self) -> &Hooked<GemmaRmsNorm> {
         &self.model.norm

@@ -47,7 +47,7 @@ use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 use super::causal::device_map::{to, Mover};
 
-use super::causal::{self, AttnPoint, CausalInput, CausalLm, Decoder, LmHead, LoadOptions, TokenIds};
+use super::causal::{self, CausalInput, CausalLm, Decoder, LmHead, LoadOptions, TokenIds};
 use super::gemma2::{gemma_mlp, repeat_kv, softcap, GemmaRmsNorm, LayerType, Masks, ScaledEmbedding};
 use super::llama::{LayerInput, LlamaMlp, LAYER_INPUT};
 use super::params;
@@ -164,16 +164,6 @@ impl Decoder for Gemma3 {
     }
     fn layer_mlp_act(layer: &Hooked<Self::Layer>) -> &Hooked<HookPoint> {
         &layer.mlp.act
-    }
-    fn layer_attn_point(layer: &Hooked<Self::Layer>, point: AttnPoint) -> &Hooked<HookPoint> {
-        let a = &layer.self_attn;
-        match point {
-            AttnPoint::Q => &a.q,
-            AttnPoint::K => &a.k,
-            AttnPoint::Scores => &a.scores,
-            AttnPoint::Probs => &a.probs,
-            AttnPoint::Z => &a.z,
-        }
     }
     fn final_norm(&self) -> &Hooked<GemmaRmsNorm> {
         &self.model.norm

@@ -30,7 +30,7 @@ use tch::{nn, Device, Kind, Tensor};
 use super::causal::device_map::{to, Mover};
 
 use super::act::HiddenAct;
-use super::causal::{self, AttnPoint, CausalInput, CausalLm, Decoder, KvCacheHandle, LmHead, LoadOptions, TokenIds};
+use super::causal::{self, CausalInput, CausalLm, Decoder, KvCacheHandle, LmHead, LoadOptions, TokenIds};
 use super::params;
 use super::point::{AttentionPoints, HookPoint};
 use crate::error::Result;
@@ -146,16 +146,6 @@ impl Decoder for Gpt2 {
     }
     fn layer_mlp_act(layer: &Hooked<Self::Layer>) -> &Hooked<HiddenAct> {
         &layer.mlp.act
-    }
-    fn layer_attn_point(layer: &Hooked<Self::Layer>, point: AttnPoint) -> &Hooked<HookPoint> {
-        let a = &layer.attn;
-        match point {
-            AttnPoint::Q => &a.q,
-            AttnPoint::K => &a.k,
-            AttnPoint::Scores => &a.scores,
-            AttnPoint::Probs => &a.probs,
-            AttnPoint::Z => &a.z,
-        }
     }
     fn final_norm(&self) -> &Hooked<nn::LayerNorm> {
         &self.transformer.ln_f

@@ -37,7 +37,7 @@ use tch::{nn, Device, Kind, Tensor};
 use super::causal::device_map::{to, Mover};
 
 use super::act::HiddenAct;
-use super::causal::{self, AttnPoint, CausalInput, CausalLm, Decoder, KvCacheHandle, LmHead, LoadOptions, TokenIds};
+use super::causal::{self, CausalInput, CausalLm, Decoder, KvCacheHandle, LmHead, LoadOptions, TokenIds};
 use super::params;
 use super::point::{AttentionPoints, HookPoint};
 
@@ -158,16 +158,6 @@ impl Decoder for GptNeoX {
     }
     fn layer_mlp_act(layer: &Hooked<Self::Layer>) -> &Hooked<HiddenAct> {
         &layer.mlp.act
-    }
-    fn layer_attn_point(layer: &Hooked<Self::Layer>, point: AttnPoint) -> &Hooked<HookPoint> {
-        let a = &layer.attention;
-        match point {
-            AttnPoint::Q => &a.q,
-            AttnPoint::K => &a.k,
-            AttnPoint::Scores => &a.scores,
-            AttnPoint::Probs => &a.probs,
-            AttnPoint::Z => &a.z,
-        }
     }
     fn final_norm(&self) -> &Hooked<nn::LayerNorm> {
         &self.gpt_neox.final_layer_norm

@@ -33,7 +33,7 @@ use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
 use super::act::HiddenAct;
-use super::causal::{self, AttnPoint, CausalInput, CausalLm, Decoder, KvCacheHandle, LmHead, LoadOptions, TokenIds};
+use super::causal::{self, CausalInput, CausalLm, Decoder, KvCacheHandle, LmHead, LoadOptions, TokenIds};
 use super::params;
 use super::point::{AttentionPoints, HookPoint};
 
@@ -149,16 +149,6 @@ impl Decoder for Llama {
     }
     fn layer_mlp_act(layer: &Hooked<Self::Layer>) -> &Hooked<HookPoint> {
         &layer.mlp.act
-    }
-    fn layer_attn_point(layer: &Hooked<Self::Layer>, point: AttnPoint) -> &Hooked<HookPoint> {
-        let a = &layer.self_attn;
-        match point {
-            AttnPoint::Q => &a.q,
-            AttnPoint::K => &a.k,
-            AttnPoint::Scores => &a.scores,
-            AttnPoint::Probs => &a.probs,
-            AttnPoint::Z => &a.z,
-        }
     }
     fn final_norm(&self) -> &Hooked<RmsNorm> {
         &self.model.norm

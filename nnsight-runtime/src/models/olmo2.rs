@@ -40,7 +40,7 @@ use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 use super::causal::device_map::{to, Mover};
 
-use super::causal::{self, AttnPoint, CausalInput, CausalLm, Decoder, LmHead, LoadOptions, TokenIds};
+use super::causal::{self, CausalInput, CausalLm, Decoder, LmHead, LoadOptions, TokenIds};
 use super::llama::{repeat_kv, LayerInput, LlamaConfig, LlamaMlp, RotaryEmbedding, LAYER_INPUT};
 use super::params;
 use super::point::{AttentionPoints, HookPoint};
@@ -155,16 +155,6 @@ impl Decoder for Olmo2 {
     }
     fn layer_mlp_act(layer: &Hooked<Self::Layer>) -> &Hooked<HookPoint> {
         &layer.mlp.act
-    }
-    fn layer_attn_point(layer: &Hooked<Self::Layer>, point: AttnPoint) -> &Hooked<HookPoint> {
-        let a = &layer.self_attn;
-        match point {
-            AttnPoint::Q => &a.q,
-            AttnPoint::K => &a.k,
-            AttnPoint::Scores => &a.scores,
-            AttnPoint::Probs => &a.probs,
-            AttnPoint::Z => &a.z,
-        }
     }
     fn final_norm(&self) -> &Hooked<Olmo2RmsNorm> {
         &self.model.norm

@@ -66,6 +66,42 @@ impl AttnPoint {
     }
 }
 
+/// An attention module holding the five [`AttnPoint`] hook points as fields `q`, `k`,
+/// `scores`, `probs`, `z` (every bundled family's; implemented for each by [`attn_points!`]).
+pub trait AttnHookPoints {
+    /// The hook point `point` of this attention module.
+    fn hook_point(&self, point: AttnPoint) -> &Hooked<HookPoint>;
+}
+
+/// [`AttnHookPoints`] for attention modules whose hook points are the fields `q`, `k`,
+/// `scores`, `probs` and `z`.
+macro_rules! attn_points {
+    ($($ty:ty),+ $(,)?) => {$(
+        impl AttnHookPoints for $ty {
+            fn hook_point(&self, point: AttnPoint) -> &Hooked<HookPoint> {
+                match point {
+                    AttnPoint::Q => &self.q,
+                    AttnPoint::K => &self.k,
+                    AttnPoint::Scores => &self.scores,
+                    AttnPoint::Probs => &self.probs,
+                    AttnPoint::Z => &self.z,
+                }
+            }
+        }
+    )+};
+}
+
+attn_points!(
+    crate::models::gpt2::Gpt2Attention,
+    crate::models::llama::LlamaAttention,
+    crate::models::gpt_neox::GptNeoXAttention,
+    crate::models::gemma2::Gemma2Attention,
+    crate::models::gemma3::Gemma3Attention,
+    crate::models::qwen3::Qwen3Attention,
+    crate::models::olmo2::Olmo2Attention,
+    crate::models::phi3::Phi3Attention,
+);
+
 /// A decoder-only causal LM seen through the parts every family has.
 ///
 /// Every method returns the model's own [`Hooked`] module, so its hook points are the same ones
@@ -78,7 +114,7 @@ pub trait Decoder: CausalLm {
     /// input (`.input`) the residual stream before it.
     type Layer: HookModule<Output = Tensor, Input: Activation<First = Tensor>>;
     /// A layer's attention: output `[batch, seq, hidden]` before it is added to the residual.
-    type Attn: HookModule<Output = Tensor>;
+    type Attn: HookModule<Output = Tensor> + AttnHookPoints + 'static;
     /// A layer's MLP: `[batch, seq, hidden]` → `[batch, seq, hidden]`.
     type Mlp: HookModule<Input = Tensor, Output = Tensor>;
     /// The MLP's activation hook point: `[batch, seq, intermediate]` (TransformerLens' `hook_post`).
@@ -96,7 +132,9 @@ pub trait Decoder: CausalLm {
     /// A layer's MLP activation hook point (`mlp.act`).
     fn layer_mlp_act(layer: &Hooked<Self::Layer>) -> &Hooked<Self::MlpAct>;
     /// One hook point inside a layer's attention.
-    fn layer_attn_point(layer: &Hooked<Self::Layer>, point: AttnPoint) -> &Hooked<HookPoint>;
+    fn layer_attn_point(layer: &Hooked<Self::Layer>, point: AttnPoint) -> &Hooked<HookPoint> {
+        Self::layer_attn(layer).hook_point(point)
+    }
 
     /// Layer `index` (negative counts from the end, as `layers()[i]` in `trace!`).
     /// [`crate::Error::IndexOutOfRange`] naming the list's module path when there is none.
