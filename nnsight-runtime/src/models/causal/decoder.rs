@@ -67,7 +67,7 @@ impl AttnPoint {
 }
 
 /// An attention module holding the five [`AttnPoint`] hook points as fields `q`, `k`,
-/// `scores`, `probs`, `z` (every bundled family's; implemented for each by [`attn_points!`]).
+/// `scores`, `probs`, `z` (every bundled family's; implemented for each by a private macro).
 pub trait AttnHookPoints {
     /// The hook point `point` of this attention module.
     fn hook_point(&self, point: AttnPoint) -> &Hooked<HookPoint>;
