@@ -270,6 +270,73 @@ fn bad_input_stops_with_the_line_and_keeps_the_shards_before_it() {
 }
 
 #[test]
+fn resuming_refuses_a_changed_input_or_damaged_shards() {
+    let model = minilm();
+    let dir = tempfile::tempdir().unwrap();
+    let lines = sentences(40);
+    let file = write_lines(dir.path(), "in.txt", &lines);
+
+    // A harvest stopped after its first shards (an error at line 33), then resumed under
+    // another spelling of the same path: accepted, and the rows are those of one clean run.
+    let mut broken = lines.clone();
+    broken[32] = String::new();
+    std::fs::write(&file, broken.join("\n") + "\n").unwrap();
+    let out = dir.path().join("a");
+    assert!(run(&model, &Input::lines(&file), &out, &mut options(20)).is_err());
+    assert!(!Manifest::read(&out.join("manifest.json")).unwrap().unwrap().shards.is_empty());
+    // The input changed (line 33 fixed): refused, naming the input and the change.
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let e = run(&model, &Input::lines(&file), &out, &mut options(20)).unwrap_err().to_string();
+    assert!(e.contains("in.txt") && e.contains("changed since this harvest began"), "{e}");
+
+    // Same file, unchanged, under `dir/./in.txt`: resumes; the union is one clean run's rows.
+    let out = dir.path().join("b");
+    let mut o = options(20);
+    let mut seen = 0;
+    o.on_batch = Some(Box::new(move |_| {
+        seen += 1;
+        assert!(seen < 3, "stop after two batches"); // a panic stops the harvest, like a kill
+    }));
+    assert!(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&model, &Input::lines(&file), &out, &mut o))).is_err());
+    let dotted = dir.path().join(".").join("in.txt");
+    run(&model, &Input::lines(&dotted), &out, &mut options(20)).unwrap();
+    let clean = dir.path().join("clean");
+    run(&model, &Input::lines(&file), &clean, &mut options(20)).unwrap();
+    assert_same_rows(&rows(&out, "manifest.json"), &rows(&clean, "manifest.json"));
+
+    // A listed shard deleted, or cut short: refused, naming it (also for a complete harvest).
+    let m = Manifest::read(&clean.join("manifest.json")).unwrap().unwrap();
+    let first = clean.join(&m.shards[0].file);
+    let bytes = std::fs::read(&first).unwrap();
+    std::fs::write(&first, &bytes[..bytes.len() - 4]).unwrap();
+    let e = run(&model, &Input::lines(&file), &clean, &mut options(20)).unwrap_err().to_string();
+    assert!(e.contains(&m.shards[0].file) && e.contains("damaged"), "{e}");
+    std::fs::remove_file(&first).unwrap();
+    let e = run(&model, &Input::lines(&file), &clean, &mut options(20)).unwrap_err().to_string();
+    assert!(e.contains(&m.shards[0].file) && e.contains("cannot be opened"), "{e}");
+
+    // An empty output path is refused rather than taken as the working directory.
+    let e = run(&model, &Input::lines(&file), Path::new(""), &mut options(20)).unwrap_err();
+    assert!(matches!(e, Error::Input(ref m) if m.contains("empty path")), "{e}");
+}
+
+#[test]
+fn a_text_too_long_is_named_by_its_own_line_within_a_batch() {
+    let model = minilm();
+    let dir = tempfile::tempdir().unwrap();
+    let mut lines = sentences(6);
+    lines[3] = vec!["word"; 600].join(" "); // 602 tokens with [CLS] and [SEP]; MiniLM takes 512
+    let file = write_lines(dir.path(), "long.txt", &lines);
+    let e = run(&model, &Input::lines(&file), &dir.path().join("o"), &mut options(20)).unwrap_err().to_string();
+    assert!(e.contains("line 4: 602 tokens") && e.contains("at most 512"), "{e}");
+
+    // A JSONL line that is valid JSON but not an object says what it is.
+    let file = write_lines(dir.path(), "arr.jsonl", &["[\"text\"]".to_string()]);
+    let e = run(&model, &Input::jsonl(&file, "text"), &dir.path().join("p"), &mut options(20)).unwrap_err().to_string();
+    assert!(e.contains("line 1") && e.contains("not a JSON object but an array"), "{e}");
+}
+
+#[test]
 fn the_command_line_harvests_and_resumes() {
     drop(minilm());
     let dir = tempfile::tempdir().unwrap();

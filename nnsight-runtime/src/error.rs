@@ -154,8 +154,8 @@ pub enum Error {
     #[error("{0}")]
     Input(String),
 
-    /// Reading a file failed.
-    #[error("cannot read `{path}`: {source}")]
+    /// Reading or writing a file or folder failed.
+    #[error("I/O error on `{path}`: {source}")]
     Io {
         /// The file.
         path: String,

@@ -267,19 +267,7 @@ impl<M: TextModel> LanguageModel<M> {
 
     /// The encodings of `texts`, padded as set in [`LanguageModel::from_parts`].
     fn encode(&self, texts: &[&str]) -> Result<Vec<Encoding>> {
-        let encodings = if texts.len() <= SERIAL_TOKENIZE_MAX {
-            // Small batches: one by one, then pad, all on this thread. `encode_batch` and
-            // `tokenizers::utils::padding::pad_encodings` hand even two sentences to rayon's
-            // thread pool, which costs ~0.1 ms here and, on a 2-core machine, slows the
-            // forward pass after it by another ~0.2 ms while the pool's idle threads spin.
-            encode_serial(&self.tokenizer, texts).map_err(|e| Error::Tokenizer(e.to_string()))?
-        } else {
-            // The tokenizers crate encodes on rayon's pool: its panics come back here, and must
-            // not print on the pool's threads either.
-            let _quiet = QuietGuard::all_threads();
-            self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| Error::Tokenizer(e.to_string()))?
-        };
-        Ok(encodings)
+        encode_texts(&self.tokenizer, texts).map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     /// Plain forward pass (no trace) on `texts` batched as in [`LanguageModel::tokenize`], for
@@ -341,6 +329,24 @@ impl<M: TextModel> AsModule for LanguageModel<M> {
     type Module = M;
     fn as_module(&self) -> &Hooked<M> {
         &self.root
+    }
+}
+
+/// `texts` encoded and padded as the tokenizer's padding says: batches of up to
+/// `SERIAL_TOKENIZE_MAX` sentences one by one on this thread (`encode_serial`), larger ones in
+/// parallel on rayon's pool (`Tokenizer::encode_batch`).
+pub(crate) fn encode_texts(tokenizer: &Tokenizer, texts: &[&str]) -> tokenizers::Result<Vec<Encoding>> {
+    if texts.len() <= SERIAL_TOKENIZE_MAX {
+        // Small batches: `encode_batch` and `tokenizers::utils::padding::pad_encodings` hand
+        // even two sentences to rayon's thread pool, which costs ~0.1 ms here and, on a 2-core
+        // machine, slows the forward pass after it by another ~0.2 ms while the pool's idle
+        // threads spin.
+        encode_serial(tokenizer, texts)
+    } else {
+        // The tokenizers crate encodes on rayon's pool: its panics come back here, and must
+        // not print on the pool's threads either.
+        let _quiet = QuietGuard::all_threads();
+        tokenizer.encode_batch(texts.to_vec(), true)
     }
 }
 

@@ -1,6 +1,6 @@
 //! Reading the dataset: lines of plain text or one field of JSONL, grouped into batches, the
-//! batches of this process's share tokenized one sentence after the other, on the calling
-//! thread between two forward passes (see the module docs of `harvest` for why).
+//! batches of this process's share tokenized (in parallel on rayon's pool for more than a few
+//! sentences) on the calling thread between two forward passes (module docs of `harvest`).
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Lines};
@@ -145,6 +145,9 @@ fn text_of(line: &str, plan: &Plan, file: &str, n: usize) -> Result<Option<Strin
     let Some(field) = &plan.input.field else { return Ok(Some(line.to_string())) };
     let json: serde_json::Value =
         serde_json::from_str(line).map_err(|e| Error::Input(format!("{}: not a JSON object ({e})", at())))?;
+    if !json.is_object() {
+        return Err(Error::Input(format!("{}: not a JSON object but {}", at(), json_kind(&json))));
+    }
     match json.get(field) {
         Some(serde_json::Value::String(s)) if s.trim().is_empty() => empty(&format!("field `{field}` is empty")),
         Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
@@ -158,18 +161,29 @@ fn text_of(line: &str, plan: &Plan, file: &str, n: usize) -> Result<Option<Strin
 fn prepare(plan: &Plan, tokenizer: &Tokenizer, batch: u64, rows: Vec<(i64, String)>) -> Result<Prepared> {
     let lines: Vec<i64> = rows.iter().map(|(n, _)| *n).collect();
     let texts: Vec<String> = rows.into_iter().map(|(_, t)| t).collect();
-    // One sentence after the other: `encode_batch` hands the batch to rayon, whose threads
-    // spin after their work and take CPU from the forward pass on a small machine (measured on
-    // 2 cores: harvest/plain 0.84 with it).
-    let encodings = crate::language_model::encode_serial(tokenizer, &texts).map_err(|e| Error::Tokenizer(format!("batch {batch}: {e}")))?;
+    // In parallel (rayon) for batches of more than a few sentences, between two forward passes:
+    // the pool's threads are done before the next pass starts. (On a reader thread running
+    // beside the forward pass they took its CPU: harvest/plain 0.84 on 2 cores.)
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let encodings = crate::language_model::encode_texts(tokenizer, &refs).map_err(|e| Error::Tokenizer(format!("batch {batch}: {e}")))?;
     let seq = encodings.iter().map(|e| e.len()).max().unwrap_or(0);
     if let Some(max) = plan.max_tokens {
-        if let Some((e, line)) = encodings.iter().zip(&lines).find(|(e, _)| e.len() as i64 > max) {
+        // Each text's own tokens (the tokenizer padded every row to the batch's longest).
+        let real = |e: &tokenizers::Encoding| e.get_attention_mask().iter().filter(|&&m| m != 0).count();
+        if let Some((e, line)) = encodings.iter().zip(&lines).find(|(e, _)| real(e) as i64 > max) {
             return Err(Error::Input(format!(
                 "`{}` line {}: {} tokens, the model accepts at most {max}",
                 plan.input.path.display(),
                 line + 1,
-                e.len()
+                real(e)
+            )));
+        }
+        if seq as i64 > max {
+            return Err(Error::Input(format!(
+                "`{}` lines {}-{}: the tokenizer pads them to {seq} tokens, the model accepts at most {max} (its padding settings)",
+                plan.input.path.display(),
+                lines.first().map_or(0, |l| l + 1),
+                lines.last().map_or(0, |l| l + 1)
             )));
         }
     }
@@ -191,4 +205,16 @@ fn prepare(plan: &Plan, tokenizer: &Tokenizer, batch: u64, rows: Vec<(i64, Strin
         attention_mask: flat(|e| e.get_attention_mask())?,
         token_type_ids: flat(|e| e.get_type_ids())?,
     })
+}
+
+/// What a JSON value is, for messages.
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
 }

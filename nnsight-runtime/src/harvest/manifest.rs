@@ -24,8 +24,17 @@ pub struct Manifest {
     pub hook_points: Vec<HookPointEntry>,
     /// Element type of the hook point tensors (`float32`, `float16`, `bfloat16`).
     pub dtype: String,
-    /// The input file.
+    /// The input file (its canonical absolute path when it exists).
     pub input: String,
+    /// The input file's size in bytes when the harvest began (0 in manifests written before
+    /// this field existed). A resumed harvest refuses an input whose size or modification time
+    /// changed: its batches would no longer be the ones already written.
+    #[serde(default)]
+    pub input_bytes: u64,
+    /// The input file's modification time when the harvest began, in nanoseconds since the Unix
+    /// epoch (0 when unknown).
+    #[serde(default)]
+    pub input_modified: u64,
     /// JSONL field holding the text; `None` for plain text, one text per line.
     pub field: Option<String>,
     /// Whether empty lines are skipped (else they are an error).
@@ -102,11 +111,37 @@ impl Manifest {
         let (a, b) = (serde_json::to_value(self.settings()), serde_json::to_value(old.settings()));
         let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) = (a, b) else { return Ok(()) };
         if let Some((k, v)) = a.iter().find(|(k, v)| b.get(*k) != Some(*v)) {
+            if k == "input_bytes" || k == "input_modified" {
+                return Err(Error::Input(format!(
+                    "`{}`: the input `{}` changed since this harvest began ({k}: {} then, {v} now), so the batches \
+                     already written are not this file's; harvest it into another folder",
+                    file.display(),
+                    self.input,
+                    b.get(k).map_or("absent".to_string(), |x| x.to_string())
+                )));
+            }
             return Err(Error::Input(format!(
                 "`{}` holds a harvest with other settings ({k}: {} there, {v} now); resume with the same settings or use another folder",
                 file.display(),
                 b.get(k).map_or("absent".to_string(), |x| x.to_string())
             )));
+        }
+        Ok(())
+    }
+
+    /// Checks that every listed shard file is in `dir` with the rows the manifest gives (its
+    /// safetensors header's `token_id` shape and its length). Errors: [`Error::Input`] naming
+    /// the shard file and what is wrong.
+    pub fn check_shards(&self, dir: &Path) -> Result<()> {
+        for s in &self.shards {
+            let path = dir.join(&s.file);
+            check_shard(&path, s.rows).map_err(|why| {
+                Error::Input(format!(
+                    "`{}` is listed in the manifest with {} rows but {why}; the folder is damaged: harvest into another folder",
+                    path.display(),
+                    s.rows
+                ))
+            })?;
         }
         Ok(())
     }
@@ -133,6 +168,35 @@ impl Manifest {
         let text = serde_json::to_string_pretty(self).map_err(|e| io_err(file, io::Error::other(e)))?;
         std::fs::write(&tmp, text).map_err(|e| io_err(&tmp, e))?;
         std::fs::rename(&tmp, file).map_err(|e| io_err(file, e))
+    }
+}
+
+/// `Err(why)` unless `path` is a safetensors file whose `token_id` is `[rows]` and whose
+/// length is its header's plus its data's.
+fn check_shard(path: &Path, rows: u64) -> std::result::Result<(), String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| format!("cannot be opened ({e})"))?;
+    let len = f.metadata().map_err(|e| format!("cannot be read ({e})"))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|_| format!("is {len} bytes long, not a safetensors file"))?;
+    let n = u64::from_le_bytes(n);
+    if n > len.saturating_sub(8) || n > 100_000_000 {
+        return Err(format!("is not a safetensors file (header of {n} bytes in {len})"));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| format!("cannot be read ({e})"))?;
+    let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| format!("has a broken header ({e})"))?;
+    let end = header
+        .as_object()
+        .map(|o| o.values().filter_map(|t| t["data_offsets"][1].as_u64()).max().unwrap_or(0))
+        .unwrap_or(0);
+    if 8 + n + end != len {
+        return Err(format!("is {len} bytes long where its header describes {}", 8 + n + end));
+    }
+    match header["token_id"]["shape"].as_array().map(|a| a.iter().map(|x| x.as_u64()).collect::<Vec<_>>()) {
+        Some(shape) if shape == [Some(rows)] => Ok(()),
+        Some(shape) => Err(format!("its `token_id` has shape {shape:?}")),
+        None => Err("has no `token_id` tensor".into()),
     }
 }
 

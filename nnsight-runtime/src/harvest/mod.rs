@@ -8,7 +8,8 @@
 //! let manifest = harvest(&model, &points, &Input::lines("sentences.txt"), "acts/".as_ref(), &mut HarvestOptions::new("all-MiniLM-L6-v2"))?;
 //! ```
 //!
-//! Two threads: the calling thread reads and tokenizes a batch, runs its forward pass with the
+//! Two threads: the calling thread reads and tokenizes a batch (the sentences in parallel on
+//! rayon's pool, done before the pass starts), runs its forward pass with the
 //! hook points saved and copies the rows of real tokens into the shard being filled; a writer
 //! thread, fed full shards through a bounded queue ([`HarvestOptions::queue`]), writes each to
 //! disk while the forward passes go on. Only the file writes leave the calling thread: on a
@@ -36,7 +37,11 @@
 //! **Resuming**: run again with the same settings into the same folder. The manifest lists only
 //! complete shards (each written to a temporary name and renamed before the manifest is
 //! rewritten), so a killed run resumes at the batch after the last listed shard: no row is
-//! written twice or lost. A folder harvested with other settings is an error naming the setting.
+//! written twice or lost. A folder harvested with other settings is an error naming the setting;
+//! so is an input file whose size or modification time changed since the harvest began (the
+//! manifest records both, and the input's canonical path, so `data.txt` and `./data.txt` are
+//! the same input), and a listed shard file that is missing or not the size its header and the
+//! manifest give (the folder is damaged: harvest into another one).
 //!
 //! **Bad input** stops the harvest with an error naming the file and line (a missing JSONL
 //! field, a line that is not JSON, an empty line unless [`HarvestOptions::skip_empty`], a text
@@ -144,6 +149,9 @@ pub fn harvest<'a, M: TextModel>(
     opts: &mut HarvestOptions<'_>,
 ) -> Result<Manifest> {
     let dtype = check_options(points, opts)?;
+    if out.as_os_str().is_empty() {
+        return Err(Error::Input("the output folder is an empty path; name a folder (`.` for this one)".into()));
+    }
     let (manifest_name, prefix) = opts.names();
     let manifest_file = out.join(&manifest_name);
     std::fs::create_dir_all(out).map_err(|source| Error::Io { path: out.display().to_string(), source })?;
@@ -152,7 +160,9 @@ pub fn harvest<'a, M: TextModel>(
         model: opts.model_name.clone(),
         hook_points: points.iter().map(|p| HookPointEntry { name: p.name().to_string(), width: 0 }).collect(),
         dtype: dtype.into(),
-        input: input.path.display().to_string(),
+        input: canonical(&input.path),
+        input_bytes: 0,
+        input_modified: 0,
         field: input.field.clone(),
         skip_empty: opts.skip_empty,
         batch_size: opts.batch_size,
@@ -165,13 +175,26 @@ pub fn harvest<'a, M: TextModel>(
         complete: false,
         error: None,
     };
+    let (input_bytes, input_modified) = fingerprint(&input.path);
+    let fresh = Manifest { input_bytes, input_modified, ..fresh };
     let manifest = match Manifest::read(&manifest_file)? {
         Some(old) => {
-            fresh.check_resumable(&old, &manifest_file)?;
+            // As written by an older version (the path as given, no fingerprint), or before any
+            // shard was written: compared by the canonical path only.
+            let legacy = old.input_bytes == 0 && old.input_modified == 0;
+            let unchecked = legacy || old.shards.is_empty();
+            let seen = Manifest {
+                input: canonical(Path::new(&old.input)),
+                input_bytes: if unchecked { input_bytes } else { old.input_bytes },
+                input_modified: if unchecked { input_modified } else { old.input_modified },
+                ..old.clone()
+            };
+            fresh.check_resumable(&seen, &manifest_file)?;
+            old.check_shards(out)?;
             if old.complete {
                 return Ok(old);
             }
-            Manifest { error: None, ..old }
+            Manifest { error: None, input: fresh.input.clone(), input_bytes, input_modified, ..old }
         }
         None => fresh,
     };
@@ -239,6 +262,23 @@ pub fn harvest<'a, M: TextModel>(
             Err(e)
         }
     }
+}
+
+/// `path` made absolute and resolved (symbolic links, `.`, `..`) when it exists, else as given.
+fn canonical(path: &Path) -> String {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string()
+}
+
+/// The input file's size and modification time (ns since the Unix epoch); `(0, 0)` when it
+/// cannot be read (the reader then reports why).
+fn fingerprint(path: &Path) -> (u64, u64) {
+    let Ok(meta) = std::fs::metadata(path) else { return (0, 0) };
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as u64);
+    (meta.len(), modified)
 }
 
 /// Checks the options; returns the dtype's manifest name.

@@ -201,7 +201,12 @@ impl Writer {
 /// Writes the tensors as a safetensors file at `file` via a temporary file renamed over it.
 fn write_atomically<'a>(file: &Path, views: impl IntoIterator<Item = (&'a str, ColumnView<'a>)>) -> Result<()> {
     let tmp = tmp_path(file);
-    safetensors::tensor::serialize_to_file(views, &None, &tmp)
-        .map_err(|e| Error::Io { path: tmp.display().to_string(), source: io::Error::other(e.to_string()) })?;
+    safetensors::tensor::serialize_to_file(views, &None, &tmp).map_err(|e| Error::Io {
+        path: tmp.display().to_string(),
+        source: match e {
+            safetensors::SafeTensorError::IoError(io) => io,
+            other => io::Error::other(other.to_string()),
+        },
+    })?;
     std::fs::rename(&tmp, file).map_err(|source| Error::Io { path: file.display().to_string(), source })
 }
