@@ -236,6 +236,16 @@ fn planner_with_budgets_fills_devices_in_order() {
         .plan(&sizes(0, &[100; 2], 0, false))
         .unwrap_err();
     assert!(matches!(err, Error::Input(_)), "{err:?}");
+    // An embedding bigger than the first device's budget: said so.
+    let err = DeviceMap::auto_with_budgets(&[(A, 50), (B, u64::MAX)])
+        .plan(&sizes(100, &[1; 2], 0, false))
+        .unwrap_err();
+    assert!(err.to_string().contains("the embedding must fit on the first device"), "{err}");
+    // Sizes adding up past u64::MAX: an error, not a panic or a wrapped sum.
+    let err = DeviceMap::auto(&[A, B])
+        .plan(&sizes(u64::MAX, &[u64::MAX, 5], u64::MAX, false))
+        .unwrap_err();
+    assert!(matches!(err, Error::Input(ref m) if m.contains("u64::MAX")), "{err:?}");
 }
 
 #[test]

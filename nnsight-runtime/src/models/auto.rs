@@ -125,14 +125,18 @@ macro_rules! families {
         impl Auto<Text> {
             /// Loads `dir` (see [`LanguageModel::from_pretrained`]: config, weights and
             /// `tokenizer.json`) as the family its `config.json` names, weights on `options.device`
-            /// in `options.dtype`. Errors as [`AutoCausalLm::load_with`], plus the tokenizer's.
+            /// (or as `options.device_map` places them) in `options.dtype`; inputs made by its
+            /// tokenizer go to the embedding's device. Errors as [`AutoCausalLm::load_with`], plus the tokenizer's.
             pub fn load_with(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<AutoLanguageModel> {
                 let dir = dir.as_ref();
                 options.check_devices()?;
                 Ok(match family_of(dir)? {
                     $(Family::$variant => {
                         let model = <$ty>::load_with(dir, options)?;
-                        Auto::$variant(LanguageModel::from_parts(model, crate::language_model::load_tokenizer_from(dir)?, options.device)?)
+                        // Token ids go where the embedding is (`options.device`, or where a
+                        // device map put the embedding).
+                        let device = model.device();
+                        Auto::$variant(LanguageModel::from_parts(model, crate::language_model::load_tokenizer_from(dir)?, device)?)
                     })+
                 })
             }

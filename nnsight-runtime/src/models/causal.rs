@@ -87,14 +87,13 @@ impl Default for LoadOptions {
 }
 
 impl LoadOptions {
-    /// Checks `device` and every device of `device_map` ([`super::checkpoint::check_device`],
-    /// [`DeviceMap::check_devices`]): what each family's `load_with` does first, before the
-    /// folder or its `config.json` is read.
+    /// Checks `device` ([`super::checkpoint::check_device`]), or with a `device_map`, which
+    /// overrides it, every device of the map ([`DeviceMap::check_devices`]): what each family's
+    /// `load_with` does first, before the folder or its `config.json` is read.
     pub fn check_devices(&self) -> Result<()> {
-        super::checkpoint::check_device(self.device)?;
         match &self.device_map {
             Some(map) => map.check_devices(),
-            None => Ok(()),
+            None => super::checkpoint::check_device(self.device),
         }
     }
 }

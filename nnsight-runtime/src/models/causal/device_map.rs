@@ -220,15 +220,22 @@ fn plan_auto(devices: &[Device], budgets: Option<&[u64]>, sizes: &PartSizes) -> 
     let mut items = vec![sizes.embedding];
     items.extend(&sizes.layers);
     items.push(sizes.head);
-    let total: u64 = items.iter().sum();
+    let total = items.iter().try_fold(0u64, |a, &b| a.checked_add(b)).ok_or_else(|| {
+        Error::Input(format!("the part sizes of the device map (embedding {}, {} layer(s), head {}) add up past u64::MAX bytes", sizes.embedding, sizes.layers.len(), sizes.head))
+    })?;
     let assign = match budgets {
         Some(b) => fill(&items, b).ok_or_else(|| {
             Error::Input(format!(
                 "the model ({total} parameter bytes: embedding {}, {} layer(s), head {}) does not fit the device \
-                 map's budgets {b:?} (bytes, one per device {devices:?})",
+                 map's budgets {b:?} (bytes, one per device {devices:?}){}",
                 sizes.embedding,
                 sizes.layers.len(),
-                sizes.head
+                sizes.head,
+                if b.first().is_some_and(|&b0| sizes.embedding > b0) {
+                    ": the embedding must fit on the first device"
+                } else {
+                    ""
+                }
             ))
         })?,
         None => {
@@ -242,7 +249,8 @@ fn plan_auto(devices: &[Device], budgets: Option<&[u64]>, sizes: &PartSizes) -> 
                     lo = mid + 1;
                 }
             }
-            fill(&items, &vec![hi; devices.len()]).expect("the whole model fits one device of capacity `total`")
+            fill(&items, &vec![hi; devices.len()])
+                .ok_or_else(|| Error::Input(format!("no device map places parts of {total} bytes on {} device(s)", devices.len())))?
         }
     };
     let n = sizes.layers.len();
