@@ -226,6 +226,12 @@ fn kind_conversion_is_to_kind_of_the_plain_value() {
     assert_eq!(cache.bytes(), 3 * 2 * 4 * 8);
     let (_, half) = model.run_with_cache(&x, CacheOptions { to_kind: Some(Kind::Half), ..Default::default() }).unwrap();
     assert!(half["layers.2"].equal(&want[2].to_kind(Kind::Half)));
+    // A kind that would truncate the activations is refused before the run.
+    for k in [Kind::Int64, Kind::Bool, Kind::Uint8] {
+        let r = model.run_with_cache(&x, CacheOptions { to_kind: Some(k), ..Default::default() });
+        assert!(matches!(r, Err(Error::Input(ref m)) if m.contains("to_kind") && m.contains(&format!("{k:?}"))), "{k:?}");
+    }
+    assert!(!nnsight::is_tracing());
 }
 
 #[test]

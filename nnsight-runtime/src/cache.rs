@@ -66,7 +66,8 @@ pub struct CacheOptions {
     pub inputs: bool,
     /// Move every recorded tensor to this device (a copy per tensor on another device).
     pub to_device: Option<Device>,
-    /// Convert every recorded tensor to this dtype (a copy per tensor of another dtype).
+    /// Convert every recorded tensor to this dtype (a copy per tensor of another dtype):
+    /// `Float`, `Half`, `BFloat16` or `Double`; another kind is [`Error::Input`] before the run.
     pub to_kind: Option<Kind>,
     /// Record copies instead of views of the model's activations (needed only for a model
     /// that changes its own activations in place after a module returned them; without it that
@@ -147,6 +148,13 @@ impl Request {
                 return Err(Error::Device(format!(
                     "cache: `to_device` {d:?} is not available here ({} CUDA device(s) usable by this libtorch)",
                     if tch::Cuda::is_available() { tch::Cuda::device_count() } else { 0 }
+                )));
+            }
+        }
+        if let Some(k) = options.to_kind {
+            if !matches!(k, Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
+                return Err(Error::Input(format!(
+                    "cache: `to_kind` {k:?} would truncate activations; convert to Float, Half, BFloat16 or Double"
                 )));
             }
         }
