@@ -167,3 +167,29 @@ fn an_edit_that_panics_while_built_is_refused_and_not_kept() {
     let typed = trace!(model, PROMPT, { model.transformer.h[1].attn.output.save() }).unwrap();
     assert!(last.equal(&typed), "attn(-1) is the last layer's attention");
 }
+
+#[test]
+fn an_edit_reading_a_call_that_never_happens_says_it_is_the_edit() {
+    let model = lm();
+    let before = trace!(model, PROMPT, { model.lm_head.output.save() }).unwrap();
+    // Builds (the call count is known only when the model runs), then every trace fails.
+    edit!(model, { model.transformer.h[1].at(1).output[.., 0] = 0.0; }).unwrap();
+    let err = trace!(model, PROMPT, { model.lm_head.output.save() }).unwrap_err();
+    match &err {
+        Error::NeverProvided { point, call: 1, reason } => {
+            assert_eq!(point, "transformer.h.1.output");
+            assert!(reason.contains("persistent edit") && reason.contains("clear_edits"), "{err}");
+        }
+        other => panic!("expected NeverProvided naming the edit, got {other}"),
+    }
+    // The same mistake in the trace's own block does not blame an edit.
+    model.clear_edits();
+    let err = trace!(model, PROMPT, {
+        model.transformer.h[1].at(1).output[.., 0] = 0.0;
+        model.lm_head.output.save()
+    })
+    .unwrap_err();
+    assert!(matches!(&err, Error::NeverProvided { reason, .. } if !reason.contains("persistent edit")), "{err}");
+    let after = trace!(model, PROMPT, { model.lm_head.output.save() }).unwrap();
+    assert!(after.equal(&before));
+}

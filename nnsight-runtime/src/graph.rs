@@ -185,6 +185,8 @@ pub(crate) struct Graph<'env> {
     /// Helper modules (`helpers = [sae]` in `trace!`): modules outside the model whose hook
     /// points the block uses; their calls inside the block's own expressions are traced.
     pub helpers: std::collections::HashSet<usize>,
+    /// Nodes `0..edit_nodes` were replayed from the model's persistent edits (`edit!`).
+    pub edit_nodes: usize,
 }
 
 impl<'env> Graph<'env> {

@@ -313,11 +313,17 @@ impl<'env> Interleaver<'env> {
                 }
                 if let (NodeKind::Hook { module, io, call, .. }, Slot::Empty) = (&n.kind, &state.slots[id]) {
                     let ran = state.counters.get(module).copied().unwrap_or(0);
-                    let reason = if ran == 0 {
+                    let mut reason = if ran == 0 {
                         "the module did not run".to_string()
                     } else {
                         format!("the module ran only {ran} time(s) in this run")
                     };
+                    if id < graph.edit_nodes {
+                        reason.push_str(
+                            "; this read belongs to a persistent edit (`edit!`), replayed into every trace of this model: \
+                             `model.clear_edits()` removes it",
+                        );
+                    }
                     return Err(Error::NeverProvided { point: graph.point_name(*module, *io), call: *call, reason });
                 }
             }

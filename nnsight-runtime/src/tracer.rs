@@ -119,6 +119,7 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
             trace: NEXT_TRACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
         model.replay_edits(&mut tracer);
+        tracer.graph.edit_nodes = tracer.graph.nodes.len();
         tracer.cursors.clear();
         tracer
     }
