@@ -143,6 +143,14 @@ fn bad_skip_values_are_errors_naming_the_hook_point() {
     })
     .unwrap_err();
     assert!(matches!(&err, Error::Input(m) if m.contains("mid") && m.contains("rows 0..1 of a batch of 2")), "{err}");
+    // A value of the right rows but the wrong width: the skip cannot know the output's width
+    // (the module never runs), so the next module fails; the error names that module.
+    let err = trace!(model, &x, {
+        model.mid.skip(Tensor::zeros([2, 7], (Kind::Float, Device::Cpu)));
+        model.output.save()
+    })
+    .unwrap_err();
+    assert!(matches!(&err, Error::Model(m) if m.starts_with("in module `post`") && m.contains("2x7")), "{err}");
     assert_eq!(model.mid.calls.get(), 0, "no run went past the skip");
     // Nothing stays hooked after the errors.
     let plain = tch::no_grad(|| model.forward(x.shallow_clone()));

@@ -265,6 +265,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Text of a panic payload (`&str` or `String`), for turning panics into errors. tch's
 /// `unwrap` of a libtorch error is shortened to libtorch's own message (no C++ stack frames).
 pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(f) = payload.downcast_ref::<crate::interleave::ModuleFailure>() {
+        return match f.call {
+            Some(c) => format!("in module `{}` (call {c}): {}", f.path, f.message),
+            None => format!("in module `{}`: {}", f.path, f.message),
+        };
+    }
     let text = if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {

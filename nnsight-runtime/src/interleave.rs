@@ -174,15 +174,35 @@ pub(crate) fn module_call<M: HookModule>(m: &Hooked<M>, input: M::Input) -> M::O
 fn traced_call<M: HookModule>(il: &Interleaver<'_>, m: &Hooked<M>, input: M::Input) -> M::Output {
     let key = m.key();
     match il.enter(key, m.path()) {
-        None => m.inner().forward(input),
+        None => located(m.path(), None, || m.inner().forward(input)),
         Some(call) => {
             let input = il.hook(key, Io::Input, call, input, || m.input_layout(), m.path());
             let out = match il.skip_output::<M::Input, M::Output>(key, call, &input, m.output_layout()) {
                 Some(out) => out,
-                None => m.inner().forward(input),
+                None => located(m.path(), Some(call), || m.inner().forward(input)),
             };
             il.hook(key, Io::Output, call, out, || m.output_layout(), m.path())
         }
+    }
+}
+
+/// A panic out of a module's own forward code during a traced run (a libtorch shape error, say,
+/// after a swap or skip gave the module a value it cannot take), with the innermost module it
+/// came from: [`crate::error::panic_message`] writes "in module `path` (call c): message".
+pub(crate) struct ModuleFailure {
+    pub path: String,
+    pub call: Option<usize>,
+    pub message: String,
+}
+
+/// Runs a module's forward; a panic out of it (not an interrupt, and not one an inner module
+/// already located) unwinds on as a [`ModuleFailure`] naming this module. The root (path
+/// `""`) adds nothing: its own code is the model's.
+fn located<T>(path: &str, call: Option<usize>, forward: impl FnOnce() -> T) -> T {
+    match panic::catch_unwind(AssertUnwindSafe(forward)) {
+        Ok(v) => v,
+        Err(p) if path.is_empty() || p.is::<Interrupt>() || p.is::<ModuleFailure>() => panic::resume_unwind(p),
+        Err(p) => panic::resume_unwind(Box::new(ModuleFailure { path: path.to_string(), call, message: panic_message(&*p) })),
     }
 }
 
