@@ -18,11 +18,11 @@ use nnsight::models::gemma3::Gemma3;
 use nnsight::models::llama::LayerInput;
 use nnsight::prelude::*;
 use nnsight::tch::IndexOp;
-use nnsight::tokenizers::models::wordlevel::WordLevel;
-use nnsight::tokenizers::pre_tokenizers::whitespace::Whitespace;
-use nnsight::tokenizers::Tokenizer;
 use nnsight::{Error, HookModule, LanguageModel, ModuleTree, TextModel};
 use serde_json::Value;
+
+mod common;
+use common::decoder_fixtures::*;
 
 /// Tolerance on logits against transformers (f32, max abs over every compared entry).
 const TOL: f64 = 1e-5;
@@ -34,51 +34,6 @@ const HAND_TOL: f64 = 1e-5;
 const WINDOW: i64 = 4;
 /// Six tokens: more than the window.
 const PROMPT: &str = "t5 t17 t230 t9 t41 t8";
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/causal").join(name)
-}
-
-fn expected(name: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("expected.json")).unwrap()).unwrap()
-}
-
-fn ids(v: &Value) -> Tensor {
-    let rows: Vec<Vec<i64>> = serde_json::from_value(v.clone()).unwrap();
-    let (b, s) = (rows.len() as i64, rows[0].len() as i64);
-    Tensor::from_slice(&rows.concat()).view([b, s])
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    serde_json::from_value(v.clone()).unwrap()
-}
-
-fn max_diff(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
-}
-
-fn vec_of(t: &Tensor) -> Vec<f64> {
-    Vec::try_from(t.to_kind(Kind::Double).flatten(0, -1)).unwrap()
-}
-
-fn diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
-}
-
-fn load<M: CausalLm>(name: &str) -> Hooked<M> {
-    M::from_pretrained(fixture(name)).unwrap_or_else(|e| panic!("load {name}: {e}"))
-}
-
-fn lm<M: CausalLm + TextModel>(name: &str) -> LanguageModel<M> {
-    let vocab: HashMap<String, u32> = (0..1000u32).map(|i| (format!("t{i}"), i)).collect();
-    let wl = WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("t0".into()).build().unwrap();
-    let mut tok = Tokenizer::new(wl);
-    tok.with_pre_tokenizer(Some(Whitespace {}));
-    let model = M::load_with(&fixture(name), &LoadOptions { device: Device::Cpu, dtype: None, ..Default::default() }).unwrap();
-    LanguageModel::from_parts(model, tok, Device::Cpu).unwrap()
-}
 
 /// The checkpoint's tensors by key, read straight from the safetensors file.
 fn weights(name: &str) -> HashMap<String, Tensor> {

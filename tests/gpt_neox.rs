@@ -10,225 +10,50 @@
 //! `logits.safetensors` (transformers' whole logits of the left-padded batch). Loading errors are
 //! checked on altered copies written into a temporary folder.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-use nnsight::models::causal::{AttnPoint, CausalLm, CausalLmExt, Decoder, Eos, KvCacheHandle, LoadOptions, Sampling};
+use nnsight::models::causal::{AttnPoint, CausalLm, CausalLmExt, Decoder, KvCacheHandle, LoadOptions, Sampling};
 use nnsight::models::gpt_neox::{GptNeoX, Rope, Rotary};
 use nnsight::prelude::*;
-use nnsight::tokenizers::models::wordlevel::WordLevel;
-use nnsight::tokenizers::pre_tokenizers::whitespace::Whitespace;
-use nnsight::tokenizers::Tokenizer;
-use nnsight::LanguageModel;
 use serde_json::Value;
 
-/// Tolerance (max abs, f32) against transformers and against the hand computations.
-const TOL: f64 = 1e-5;
+mod common;
+use common::decoder_fixtures::*;
+
 const FIXTURES: [&str; 2] = ["pythia", "pythia_seq"];
-/// Tokenized by the word-level tokenizer below: ids 5, 17, 230, 9, 41, 8 (positions 0..6).
-const PROMPT: &str = "t5 t17 t230 t9 t41 t8";
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/causal").join(name)
-}
-
-fn expected(name: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("expected.json")).unwrap()).unwrap()
-}
-
-fn ids(v: &Value) -> Tensor {
-    let rows: Vec<Vec<i64>> = serde_json::from_value(v.clone()).unwrap();
-    let (b, s) = (rows.len() as i64, rows[0].len() as i64);
-    Tensor::from_slice(&rows.concat()).view([b, s])
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    serde_json::from_value(v.clone()).unwrap()
-}
-
-fn vec_of(t: &Tensor) -> Vec<f64> {
-    Vec::try_from(t.to_kind(Kind::Double).flatten(0, -1)).unwrap()
-}
-
-fn max_diff(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
-}
-
-fn diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
-}
-
-/// The tensors of a safetensors file by key, read straight from the file.
-fn weights(file: PathBuf) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(file).unwrap().into_iter().collect()
-}
-
-fn load(name: &str) -> Hooked<GptNeoX> {
-    GptNeoX::from_pretrained(fixture(name)).unwrap_or_else(|e| panic!("load {name}: {e}"))
-}
-
-fn logits_of(model: &Hooked<GptNeoX>, name: &str) -> Tensor {
-    let e = expected(name);
-    model.forward(&ids(&e["input_ids"]), &ids(&e["attention_mask"]), &KvCacheHandle::disabled()).unwrap()
-}
-
-/// Largest |a - b| over the real (unpadded) positions of `mask` `[batch, seq]`.
-fn real_diff(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    let keep = mask.ne(0).unsqueeze(-1).expand_as(a);
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().masked_select(&keep).max().double_value(&[])
-}
 
 // ----- 1. logits ---------------------------------------------------------------------------
 
-/// Logits of the left-padded batch against transformers' whole logits (every real position,
-/// every vocabulary entry), the argmax of every real position and the last position's vector
-/// in `expected.json`. Returns the largest difference.
-fn check_logits(name: &str) -> f64 {
-    let model = load(name);
-    let e = expected(name);
-    let (input, mask) = (ids(&e["input_ids"]), ids(&e["attention_mask"]));
-    let logits = model.forward(&input, &mask, &KvCacheHandle::disabled()).unwrap();
-    let reference = weights(fixture(name).join("logits.safetensors"));
-    assert!(reference["attention_mask"].equal(&mask), "{name}: logits.safetensors is for another batch");
-    let want = &reference["logits"];
-    assert_eq!(logits.size(), want.size());
-    let mut worst = real_diff(&logits, want, &mask);
-    for (r, row) in e["logits"]["rows"].as_array().unwrap().iter().enumerate() {
-        for p in row["positions"].as_array().unwrap() {
-            let pos = p["position"].as_i64().unwrap();
-            let got = logits.i((r as i64, pos)).argmax(-1, false).int64_value(&[]);
-            assert_eq!(got, p["argmax"].as_i64().unwrap(), "{name} row {r} position {pos}: argmax");
-        }
-        worst = worst.max(max_diff(&vec_of(&logits.i((r as i64, -1))), &floats(&row["last"])));
-    }
-    let scale = want.abs().max().double_value(&[]);
-    eprintln!("{name}: largest logit difference to transformers {worst:.2e} (largest |logit| {scale:.2})");
-    assert!(worst < TOL, "{name}: logits differ from transformers by {worst}");
-    worst
-}
-
 #[test]
 fn pythia_logits_match_transformers() {
-    check_logits("pythia");
+    check_logits::<GptNeoX>("pythia");
 }
 
 #[test]
 fn pythia_seq_logits_match_transformers() {
-    check_logits("pythia_seq");
+    check_logits::<GptNeoX>("pythia_seq");
 }
 
 // ----- 2. greedy generation ------------------------------------------------------------------
 
-/// 10 greedy tokens of the batch as transformers generated them, and with an eos id (rows stop
-/// there and are padded afterwards).
-fn check_greedy(name: &str) {
-    let model = load(name);
-    let e = expected(name);
-    let (input, mask) = (ids(&e["input_ids"]), ids(&e["attention_mask"]));
-    let n = e["greedy"]["max_new_tokens"].as_i64().unwrap();
-    assert_eq!(n, 10);
-    let out = model.generate(&input, &mask, n, &Sampling::Greedy, None).unwrap();
-    assert_eq!(out.size(), vec![input.size()[0], input.size()[1] + n]);
-    assert!(out.equal(&ids(&e["greedy"]["sequences"])), "{name} greedy: got {out:?}");
-    let eos = Eos {
-        token_ids: vec![e["greedy_eos"]["eos_token_id"].as_i64().unwrap()],
-        pad_token_id: e["pad_token_id"].as_i64().unwrap(),
-    };
-    let out = model.generate(&input, &mask, n, &Sampling::Greedy, Some(&eos)).unwrap();
-    assert!(out.equal(&ids(&e["greedy_eos"]["sequences"])), "{name} greedy with eos: got {out:?}");
-    eprintln!("{name}: greedy and greedy_eos sequences equal transformers' (min margin {})", e["greedy"]["min_margin"]);
-}
-
 #[test]
 fn greedy_generation_matches_transformers() {
     for name in FIXTURES {
-        check_greedy(name);
+        check_greedy::<GptNeoX>(name);
     }
 }
 
 // ----- 3. padding, KV cache --------------------------------------------------------------------
 
-/// Every row of the left-padded batch computes what it computes alone: logits of its real
-/// positions (1e-5) and its greedy tokens.
-fn check_padding(name: &str) {
-    let model = load(name);
-    let e = expected(name);
-    let (input, mask) = (ids(&e["input_ids"]), ids(&e["attention_mask"]));
-    let none = KvCacheHandle::disabled();
-    let batch = model.forward(&input, &mask, &none).unwrap();
-    let generated = model.generate(&input, &mask, 6, &Sampling::Greedy, None).unwrap();
-    let s = input.size()[1];
-    for (r, prompt) in e["prompts"].as_array().unwrap().iter().enumerate() {
-        let prompt: Vec<i64> = serde_json::from_value(prompt.clone()).unwrap();
-        let len = prompt.len() as i64;
-        let solo_ids = Tensor::from_slice(&prompt).view([1, len]);
-        let solo_mask = solo_ids.ones_like();
-        let solo = model.forward(&solo_ids, &solo_mask, &none).unwrap();
-        let d = diff(&solo, &batch.i((r as i64..r as i64 + 1, s - len..)));
-        assert!(d < TOL, "{name}: padded row {r} differs from its solo run by {d}");
-        eprintln!("{name}: padded row {r} vs solo: {d:.2e}");
-        let g = model.generate(&solo_ids, &solo_mask, 6, &Sampling::Greedy, None).unwrap();
-        assert!(g.i((0, len..)).equal(&generated.i((r as i64, s..))), "{name}: row {r} generates differently alone");
-    }
-}
-
 #[test]
 fn padded_rows_match_solo_runs() {
     for name in FIXTURES {
-        check_padding(name);
+        check_padding::<GptNeoX>(name);
     }
-}
-
-/// A step with the KV cache gives the logits the full forward pass gives at those positions;
-/// generation (which uses the cache) picks the tokens a loop of full forward passes without
-/// cache picks.
-fn check_cache(name: &str) {
-    let model = load(name);
-    let e = expected(name);
-    let (input, mask) = (ids(&e["input_ids"]), ids(&e["attention_mask"]));
-    let s = input.size()[1];
-    let none = KvCacheHandle::disabled();
-    let full = model.forward(&input, &mask, &none).unwrap();
-    let cache = model.new_cache();
-    let first = model.forward(&input.i((.., ..s - 2)), &mask.i((.., ..s - 2)), &cache).unwrap();
-    assert_eq!(cache.past_len(), s - 2);
-    let d0 = real_diff(&first, &full.i((.., ..s - 2)), &mask.i((.., ..s - 2)));
-    let step = model.forward(&input.i((.., s - 2..)), &mask, &cache).unwrap();
-    assert_eq!(cache.past_len(), s);
-    let d1 = real_diff(&step, &full.i((.., s - 2..)), &mask.i((.., s - 2..)));
-    assert!(d0 < TOL && d1 < TOL, "{name}: cached steps differ from the full pass by {d0}, {d1}");
-
-    let n = 10;
-    let generated = model.generate(&input, &mask, n, &Sampling::Greedy, None).unwrap();
-    let (mut seq, mut m) = (input.shallow_clone(), mask.shallow_clone());
-    let mut worst_step = 0.0f64;
-    for i in 0..n {
-        let logits = model.forward(&seq, &m, &none).unwrap();
-        let next = logits.i((.., -1)).argmax(-1, true);
-        seq = Tensor::cat(&[&seq, &next], 1);
-        m = Tensor::cat(&[&m, &next.ones_like()], 1);
-        // The same position through the cache: one more cached step.
-        if i == 0 {
-            let c = model.new_cache();
-            let _ = model.forward(&input, &mask, &c).unwrap();
-            let cached = model.forward(&next, &m, &c).unwrap();
-            let nocache = model.forward(&seq, &m, &none).unwrap();
-            worst_step = diff(&cached.i((.., -1)), &nocache.i((.., -1)));
-        }
-    }
-    assert!(worst_step < TOL, "{name}: a cached generation step differs from the full pass by {worst_step}");
-    assert!(generated.equal(&seq), "{name}: generate (KV cache) {generated:?} != full-forward greedy {seq:?}");
-    eprintln!("{name}: cached steps vs full pass {d0:.2e}, {d1:.2e}, first generated step {worst_step:.2e}; 10 tokens equal");
 }
 
 #[test]
 fn kv_cache_matches_full_forward() {
     for name in FIXTURES {
-        check_cache(name);
+        check_cache::<GptNeoX>(name);
     }
 }
 
@@ -236,7 +61,7 @@ fn kv_cache_matches_full_forward() {
 
 #[test]
 fn module_paths_are_the_checkpoint_keys() {
-    let model = load("pythia");
+    let model = load::<GptNeoX>("pythia");
     let modules = model.modules();
     let keys: Vec<String> = weights(fixture("pythia").join("model.safetensors")).into_keys().collect();
     // Every weight-bearing module is the prefix of its checkpoint keys ...
@@ -286,7 +111,7 @@ fn module_paths_are_the_checkpoint_keys() {
 /// The [`Decoder`] view reaches the family's own modules: same objects, same paths.
 #[test]
 fn decoder_view_is_the_same_modules() {
-    let model = load("pythia");
+    let model = load::<GptNeoX>("pythia");
     assert_eq!(model.layers().len(), 2);
     for i in 0..2 {
         assert!(std::ptr::eq(&model.layers()[i], &model.gpt_neox.layers[i]), "layers()[{i}] is another module");
@@ -304,7 +129,7 @@ fn decoder_view_is_the_same_modules() {
     let e = expected("pythia");
     let (input, mask) = (ids(&e["input_ids"]), ids(&e["attention_mask"]));
     let logits = model.forward(&input, &mask, &KvCacheHandle::disabled()).unwrap();
-    let model_lm = lm("pythia");
+    let model_lm = lm::<GptNeoX>("pythia");
     let saved = trace!(model_lm, PROMPT, { vec![model_lm.layers()[1].output.save(), model_lm.embed_out.output.save()] }).unwrap();
     let [h, l]: [Tensor; 2] = saved.try_into().unwrap();
     let d = diff(&tch::no_grad(|| model_lm.unembed(&h)), &l);
@@ -313,15 +138,6 @@ fn decoder_view_is_the_same_modules() {
 }
 
 // ----- 5. attention by hand: partial rotary, per-head qkv, knockout ----------------------------
-
-fn lm(name: &str) -> LanguageModel<GptNeoX> {
-    let vocab: HashMap<String, u32> = (0..1000u32).map(|i| (format!("t{i}"), i)).collect();
-    let wl = WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("t0".into()).build().unwrap();
-    let mut tok = Tokenizer::new(wl);
-    tok.with_pre_tokenizer(Some(Whitespace {}));
-    let model = GptNeoX::load_with(&fixture(name), &LoadOptions { device: Device::Cpu, dtype: None, ..Default::default() }).unwrap();
-    LanguageModel::from_parts(model, tok, Device::Cpu).unwrap()
-}
 
 /// LayerNorm over the last dim written out (biased variance), in f64.
 fn layer_norm_by_hand(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Tensor {
@@ -366,7 +182,7 @@ fn softmax_by_hand(scores: &Tensor, keep: &Tensor) -> Tensor {
 fn check_attention_by_hand(name: &str, rot: i64) {
     const HEAD: i64 = 2;
     const KEY: i64 = 1;
-    let model = lm(name);
+    let model = lm::<GptNeoX>(name);
     let w = weights(fixture(name).join("model.safetensors"));
     let g = |n: &str| w[&format!("gpt_neox.layers.1.{n}")].shallow_clone();
     let plain = tch::no_grad(|| model.forward(&[PROMPT])).unwrap();
@@ -453,37 +269,6 @@ fn pythia_seq_attention_and_knockout_match_hand_computation() {
 
 // ----- 6. bad input ------------------------------------------------------------------------------
 
-static TMP: AtomicUsize = AtomicUsize::new(0);
-
-/// A fresh folder holding `name`'s config as `edit_config` leaves it and the tensors
-/// `edit_tensors` makes of its checkpoint.
-fn altered(
-    name: &str,
-    edit_config: impl FnOnce(&mut serde_json::Map<String, Value>),
-    edit_tensors: impl FnOnce(&mut Vec<(String, Tensor)>),
-) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("nnsight-gpt-neox-{}-{}", std::process::id(), TMP.fetch_add(1, Ordering::SeqCst)));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(fixture(name).join("config.json")).unwrap()).unwrap();
-    edit_config(cfg.as_object_mut().unwrap());
-    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    let mut tensors = Tensor::read_safetensors(fixture(name).join("model.safetensors")).unwrap();
-    edit_tensors(&mut tensors);
-    Tensor::write_safetensors(&tensors, dir.join("model.safetensors")).unwrap();
-    dir
-}
-
-fn config_error(dir: &Path) -> String {
-    match GptNeoX::load_with(dir, &LoadOptions::default()).unwrap_err() {
-        Error::Config { path, message } => {
-            assert!(path.ends_with("config.json"), "the error names {path}, not config.json");
-            eprintln!("{path}: {message}");
-            message
-        }
-        other => panic!("expected a Config error, got {other}"),
-    }
-}
-
 #[test]
 fn missing_and_misshapen_weights_are_errors() {
     for key in ["gpt_neox.layers.1.mlp.dense_h_to_4h.bias", "embed_out.weight", "gpt_neox.final_layer_norm.weight"] {
@@ -519,33 +304,33 @@ fn bad_configs_are_errors_naming_the_key() {
     let dir = altered("pythia", |c| {
         c["rope_parameters"]["partial_rotary_factor"] = 0.3125.into();
     }, |_| {});
-    let m = config_error(&dir);
+    let m = config_error::<GptNeoX>(&dir);
     assert!(m.contains("rope_parameters.partial_rotary_factor") && m.contains("even"), "{m}");
     // ... and transformers 4 / Hub spelling.
     let dir = altered("pythia", |c| {
         c.remove("rope_parameters");
         c.insert("rotary_pct".into(), 0.3125.into());
     }, |_| {});
-    let m = config_error(&dir);
+    let m = config_error::<GptNeoX>(&dir);
     assert!(m.contains("rotary_pct") && m.contains("even"), "{m}");
     let dir = altered("pythia", |c| {
         c["rope_parameters"]["partial_rotary_factor"] = 1.5.into();
     }, |_| {});
-    assert!(config_error(&dir).contains("partial_rotary_factor"));
+    assert!(config_error::<GptNeoX>(&dir).contains("partial_rotary_factor"));
     // 64 is not a multiple of 5 heads.
     let dir = altered("pythia", |c| {
         c.insert("num_attention_heads".into(), 5.into());
     }, |_| {});
-    let m = config_error(&dir);
+    let m = config_error::<GptNeoX>(&dir);
     assert!(m.contains("hidden_size") && m.contains("num_attention_heads"), "{m}");
     let dir = altered("pythia", |c| {
         c["rope_parameters"]["rope_type"] = "yarn".into();
     }, |_| {});
-    assert!(config_error(&dir).contains("yarn"));
+    assert!(config_error::<GptNeoX>(&dir).contains("yarn"));
     let dir = altered("pythia", |c| {
         c.insert("layer_norm_eps".into(), (-1.0).into());
     }, |_| {});
-    assert!(config_error(&dir).contains("layer_norm_eps"));
+    assert!(config_error::<GptNeoX>(&dir).contains("layer_norm_eps"));
     // Another family's config.
     let err = GptNeoX::load_with(&fixture("llama"), &LoadOptions::default()).unwrap_err();
     assert!(matches!(err, Error::Config { ref path, ref message } if path.ends_with("config.json") && message.contains("gpt_neox")), "{err}");
@@ -555,7 +340,7 @@ fn bad_configs_are_errors_naming_the_key() {
 /// model as transformers 5's `rope_parameters`; the base and the fraction are really read.
 #[test]
 fn rotary_config_spellings() {
-    let v5 = load("pythia");
+    let v5 = load::<GptNeoX>("pythia");
     assert_eq!(v5.config.rotary().unwrap(), Rotary { rope: Rope::Default { theta: 1000.0 }, ndims: 4 });
     let reference = logits_of(&v5, "pythia");
     let dir = altered("pythia", |c| {
@@ -606,7 +391,7 @@ fn bf16_logits_close_to_f32_and_generate_runs() {
     for name in FIXTURES {
         let e = expected(name);
         let (input, mask) = (ids(&e["input_ids"]), ids(&e["attention_mask"]));
-        let f32_logits = logits_of(&load(name), name);
+        let f32_logits = logits_of(&load::<GptNeoX>(name), name);
         let scale = f32_logits.abs().max().double_value(&[]);
         let opts = LoadOptions { device: Device::Cpu, dtype: Some(Kind::BFloat16), ..Default::default() };
         let bf16 = Hooked::with_path("", GptNeoX::load_with(&fixture(name), &opts).unwrap());
@@ -629,7 +414,7 @@ fn bf16_logits_close_to_f32_and_generate_runs() {
 /// `gpt_neox.` prefix (a bare `GPTNeoXModel` plus `embed_out`) load too.
 #[test]
 fn legacy_buffers_and_unprefixed_keys_load() {
-    let reference = logits_of(&load("pythia"), "pythia");
+    let reference = logits_of(&load::<GptNeoX>("pythia"), "pythia");
     let dir = altered("pythia", |_| {}, |t| {
         for l in 0..2 {
             let p = format!("gpt_neox.layers.{l}.attention");
@@ -658,7 +443,7 @@ fn legacy_buffers_and_unprefixed_keys_load() {
 /// q kᵀ / 4 by hand (the new token sees every key); the generated tokens are the greedy ones.
 #[test]
 fn hook_points_with_the_kv_cache_during_generation() {
-    let model = lm("pythia");
+    let model = lm::<GptNeoX>("pythia");
     let prompt: Vec<i64> = vec![5, 17, 230, 9];
     let s = prompt.len() as i64;
     let saved = generate!(model, prompt.clone(), max_new_tokens = 2, stop_at_eos = false, {
