@@ -1138,7 +1138,7 @@ impl Ctx {
 /// The input of an invoke written inside a loop or block (the labeled block
 /// `'__nn_invoke: { __nn_invoke_input(input); .. }` of [`crate::ast::INVOKE_LABEL`]).
 pub(crate) fn invoke_input(b: &syn::ExprBlock) -> Option<&Expr> {
-    if !b.label.as_ref().is_some_and(|l| l.name.ident == crate::ast::INVOKE_LABEL) {
+    if b.label.as_ref().is_none_or(|l| l.name.ident != crate::ast::INVOKE_LABEL) {
         return None;
     }
     match b.block.stmts.first() {
