@@ -235,6 +235,66 @@ fn weights_that_disagree_with_the_config_are_named_before_reading() {
     Tensor::write_safetensors(&w, t.path().join("sae_weights.safetensors")).unwrap();
     let e = Sae::load(t.path(), Device::Cpu).unwrap_err();
     assert!(matches!(e, Error::WeightDtype { ref key, .. } if key == "b_enc"), "{e}");
+
+    // A standard config over JumpReLU weights: the threshold would be dropped silently.
+    let t = Tmp::copy_of("jumprelu");
+    t.edit_cfg(|c| {
+        c.insert("architecture".into(), "standard".into());
+    });
+    let e = Sae::load(t.path(), Device::Cpu).unwrap_err();
+    assert!(matches!(e, Error::UnusedWeight { ref key, .. } if key == "threshold"), "{e}");
+
+    // A NaN weight: refused at load, naming it, rather than NaN latents later.
+    let t = Tmp::copy_of("standard");
+    let mut w: Vec<(String, Tensor)> = Tensor::read_safetensors(t.path().join("sae_weights.safetensors")).unwrap();
+    for (k, v) in &mut w {
+        if k == "b_enc" {
+            *v = v.full_like(f64::NAN);
+        }
+    }
+    Tensor::write_safetensors(&w, t.path().join("sae_weights.safetensors")).unwrap();
+    let e = Sae::load(t.path(), Device::Cpu).unwrap_err();
+    assert!(matches!(e, Error::Input(ref m) if m.contains("b_enc") && m.contains("NaN")), "{e}");
+}
+
+#[test]
+fn from_weights_checks_k_and_finiteness_as_loading_does() {
+    let n = 8;
+    let eye = Tensor::eye(n, (Kind::Float, Device::Cpu));
+    let zeros = Tensor::zeros([n], (Kind::Float, Device::Cpu));
+    let build = |architecture: Architecture, w_dec: Tensor| {
+        let config = SaeConfig {
+            d_in: n,
+            d_sae: n,
+            architecture,
+            apply_b_dec_to_input: false,
+            normalize_activations: Normalization::None,
+            hook_name: None,
+            model_name: None,
+        };
+        let w = SaeWeights { w_enc: eye.copy(), b_enc: zeros.copy(), w_dec, b_dec: zeros.copy(), threshold: None };
+        Sae::from_weights(config, w, Kind::Float, Device::Cpu).map(drop)
+    };
+    for k in [0, 9, -1] {
+        let e = build(Architecture::TopK { k }, eye.copy()).unwrap_err();
+        assert!(matches!(e, Error::Input(ref m) if m.contains("from 1 to d_sae = 8")), "k {k}: {e}");
+    }
+    build(Architecture::TopK { k: 8 }, eye.copy()).unwrap();
+    let e = build(Architecture::Standard, &eye * f64::NAN).unwrap_err();
+    assert!(matches!(e, Error::Input(ref m) if m.contains("W_dec") && m.contains("NaN")), "{e}");
+    // Finite in f32, infinite in f16: refused for that kind.
+    let config = SaeConfig {
+        d_in: n,
+        d_sae: n,
+        architecture: Architecture::Standard,
+        apply_b_dec_to_input: false,
+        normalize_activations: Normalization::None,
+        hook_name: None,
+        model_name: None,
+    };
+    let w = SaeWeights { w_enc: &eye * 1e6, b_enc: zeros.copy(), w_dec: eye.copy(), b_dec: zeros.copy(), threshold: None };
+    let e = Sae::from_weights(config, w, Kind::Half, Device::Cpu).map(drop).unwrap_err();
+    assert!(matches!(e, Error::Input(ref m) if m.contains("W_enc") && m.contains("Half")), "{e}");
 }
 
 #[test]

@@ -93,6 +93,31 @@ fn splice_with_error_term_leaves_the_model_output_unchanged_bit_for_bit() {
 }
 
 #[test]
+fn a_zero_ablated_row_spliced_stays_the_plain_value_under_every_normalization() {
+    // A zero row (position 1 zero-ablated before the splice): SAELens' constant-norm rescale
+    // divides by its zero norm; the splice must still give back exactly the activation.
+    let model = common::minilm::minilm();
+    let ablated_plain = trace!(model, &TEXTS, {
+        model.encoder.layer[2].output[.., 1] = 0.0;
+        model.output.save()
+    })
+    .unwrap();
+    for norm in [Normalization::None, Normalization::ConstantNormRescale, Normalization::LayerNorm] {
+        let (sae, _) = random_sae(Architecture::Standard, norm, 4);
+        let out = trace!(model, &TEXTS, {
+            model.encoder.layer[2].output[.., 1] = 0.0;
+            model.encoder.layer[2].output = sae::splice(&sae, &model.encoder.layer[2].output);
+            model.output.save()
+        })
+        .unwrap();
+        assert!(out.isfinite().all().int64_value(&[]) == 1, "{norm:?}: NaN after splicing a zero row");
+        assert!(out.equal(&ablated_plain), "{norm:?}: differs by {}", max_diff(&out, &ablated_plain));
+        let zero = Tensor::zeros([2, 384], (Kind::Float, Device::Cpu));
+        assert!(sae::splice(&sae, &zero).equal(&zero), "{norm:?}");
+    }
+}
+
+#[test]
 fn reconstruction_and_edited_splices_give_the_by_hand_values() {
     let model = common::minilm::minilm();
     let (sae, raw) = random_sae(Architecture::Standard, Normalization::None, 3);

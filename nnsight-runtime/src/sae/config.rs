@@ -43,7 +43,8 @@ pub enum Architecture {
 pub enum Normalization {
     /// The input as it is.
     None,
-    /// `x * sqrt(d_in) / ||x||` per row; the reconstruction is divided by the same factor.
+    /// `x * sqrt(d_in) / ||x||` per row; the reconstruction is divided by the same factor. A zero
+    /// row stays zero (SAELens divides by its zero norm and gives NaN).
     ConstantNormRescale,
     /// `(x - mean) / (std + 1e-5)` per row (`std` with Bessel's correction, as `torch.std`);
     /// the reconstruction is multiplied by `std` and `mean` added back.

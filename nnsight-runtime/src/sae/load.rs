@@ -57,13 +57,15 @@ impl Sae {
     /// Loads a SAELens folder: `cfg.json` (see [`SaeConfig::from_saelens_json`]) and
     /// `sae_weights.safetensors` with `W_enc [d_in, d_sae]`, `b_enc [d_sae]`,
     /// `W_dec [d_sae, d_in]`, `b_dec [d_in]` and, for JumpReLU, `threshold [d_sae]`. Weights are
-    /// converted to f32 on `device`; other keys are ignored.
+    /// converted to f32 on `device`.
     ///
     /// Errors, each naming the file (and key): [`Error::Io`] (missing folder or file, a file
     /// that is not a regular file inside the folder, a bad safetensors header),
     /// [`Error::Config`] (see [`SaeConfig::from_saelens_json`]), [`Error::MissingWeight`],
     /// [`Error::WeightShape`] (a shape other than the config implies, found from the header
-    /// before anything is read), [`Error::WeightDtype`] (not a float tensor).
+    /// before anything is read), [`Error::WeightDtype`] (not a float tensor),
+    /// [`Error::UnusedWeight`] (a tensor the config does not use, e.g. a `threshold` in a
+    /// standard SAE), [`Error::Input`] (a weight holding NaN or infinite values).
     pub fn from_saelens(dir: impl AsRef<Path>, device: Device) -> Result<Hooked<Sae>> {
         let dir = dir.as_ref();
         let folder = ModelDir::new(dir)?;
@@ -74,6 +76,9 @@ impl Sae {
         for (key, shape) in &shapes {
             ckpt.check(key, shape, &[])?;
         }
+        // A tensor the config does not use (a `threshold` beside `"architecture": "standard"`)
+        // would load and compute another SAE than the file's.
+        ckpt.check_all_used(&shapes.iter().map(|(k, _)| k.to_string()).collect())?;
         let mut read = shapes.iter().map(|(key, shape)| ckpt.read(key, shape));
         let mut next = || read.next().expect("one tensor per shape");
         let w = SaeWeights {

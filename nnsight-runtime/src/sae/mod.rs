@@ -137,7 +137,11 @@ pub(crate) fn normalize(x: &Tensor, mode: Normalization) -> (Tensor, Undo) {
         Normalization::None => (x.shallow_clone(), Undo::None),
         Normalization::ConstantNormRescale => {
             let d_in = *x.size().last().unwrap_or(&1) as f64;
-            let coeff = x.norm_scalaropt_dim(2, [-1i64].as_slice(), true).reciprocal() * d_in.sqrt();
+            let norm = x.norm_scalaropt_dim(2, [-1i64].as_slice(), true);
+            // A zero row (after a zero ablation, say) stays zero: SAELens' `sqrt(d) / ‖x‖` is
+            // infinite there and would turn the row, and its spliced error term, into NaN.
+            let norm = norm.masked_fill(&norm.eq(0.0), 1.0);
+            let coeff = norm.reciprocal() * d_in.sqrt();
             (x * &coeff, Undo::Divide(coeff))
         }
         Normalization::LayerNorm => {
@@ -183,8 +187,9 @@ impl Sae {
     /// The weights are converted to `kind` (a float kind) and moved to `device`.
     ///
     /// Errors: [`Error::Input`] when a weight's shape is not the one the config implies (naming
-    /// the key and both shapes), when a JumpReLU SAE has no threshold or another one has one,
-    /// or for a non-float `kind`; [`Error::Device`] for a device this build or machine lacks
+    /// the key and both shapes), when a weight holds NaN or infinite values (as `kind`), when a
+    /// JumpReLU SAE has no threshold or another one has one, for a TopK `k` outside
+    /// `1..=d_sae`, or for a non-float `kind`; [`Error::Device`] for a device this build or machine lacks
     /// (see `models::checkpoint::check_device`); [`Error::Tch`] when the conversion fails.
     pub fn from_weights(config: SaeConfig, w: SaeWeights, kind: Kind, device: Device) -> Result<Hooked<Sae>> {
         crate::models::checkpoint::check_device(device)?;
@@ -199,11 +204,21 @@ impl Sae {
                 format!("`threshold` is only used by JumpReLU SAEs, this one is {:?}", config.architecture)
             }));
         }
+        if let Architecture::TopK { k } = config.architecture {
+            if k < 1 || k > config.d_sae {
+                return Err(Error::Input(format!("a TopK SAE keeps k latents per row: k must be from 1 to d_sae = {}, not {k}", config.d_sae)));
+            }
+        }
         let given = [("W_enc", &w.w_enc), ("b_enc", &w.b_enc), ("W_dec", &w.w_dec), ("b_dec", &w.b_dec)];
         let given = given.into_iter().chain(w.threshold.as_ref().map(|t| ("threshold", t)));
         for ((key, t), (_, shape)) in given.zip(config.weight_shapes()) {
             if t.size() != shape {
                 return Err(Error::Input(format!("SAE weight `{key}` has shape {:?}, the config implies {shape:?}", t.size())));
+            }
+            // A NaN or infinite weight (as stored, or overflowing `kind`) gives NaN latents later.
+            let finite = t.f_to_kind(kind)?.isfinite().all().int64_value(&[]) != 0;
+            if !finite {
+                return Err(Error::Input(format!("SAE weight `{key}` holds NaN or infinite values (as {kind:?})")));
             }
         }
         let conv = |t: &Tensor| -> Result<Tensor> { Ok(t.f_to_kind(kind)?.f_to_device(device)?.detach()) };
