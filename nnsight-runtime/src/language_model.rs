@@ -274,7 +274,8 @@ impl<M: TextModel> LanguageModel<M> {
     /// inference: it runs under `no_grad` (for gradients, trace with `.backward()`). For BERT
     /// the result is `last_hidden_state [batch, seq, hidden]`. Errors as
     /// [`LanguageModel::tokenize`]; a panic inside the model becomes [`Error::Model`] (nothing
-    /// printed).
+    /// printed). It runs the model as loaded: persistent edits (`edit!`) apply to `trace!`,
+    /// `generate!`, `generate` and the activation cache, not to this plain call.
     pub fn forward(&self, texts: &[&str]) -> Result<M::Output> {
         let batch = self.tokenize(texts)?;
         let input = self.root.text_input(&batch);
