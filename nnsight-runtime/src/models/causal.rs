@@ -294,6 +294,13 @@ impl TokenIds {
     }
 }
 
+/// What every family's `load_with` does first, before `config.json` is read: the devices
+/// ([`LoadOptions::check_devices`]), then that `dir` is a folder ([`crate::Error::Io`]).
+pub(crate) fn check_load(dir: &Path, options: &LoadOptions) -> Result<()> {
+    options.check_devices()?;
+    super::check_model_dir(dir)
+}
+
 /// Loads a checkpoint folder into a model built by `build` (see
 /// [`super::checkpoint::load_model_strict`]: every weight is checked against the safetensors headers
 /// (and a checkpoint tensor the model does not take is [`crate::Error::UnusedWeight`])
@@ -301,6 +308,7 @@ impl TokenIds {
 /// (`transformer.`, `model.`), see [`super::checkpoint::Checkpoint::check`]. With
 /// `options.device_map` the model is built on the CPU and its variables are placed by the map
 /// (`parts`: the family's variable names, see [`device_map::place`]) before the weights are read.
+/// The devices are checked by the caller first ([`check_load`]).
 pub(crate) fn load_model<M: CausalLm>(
     dir: &Path,
     options: &LoadOptions,
@@ -308,7 +316,6 @@ pub(crate) fn load_model<M: CausalLm>(
     parts: &Parts,
     build: impl Fn(&nn::Path) -> Result<M>,
 ) -> Result<M> {
-    options.check_devices()?;
     let Some(map) = &options.device_map else {
         return super::checkpoint::load_model_strict(dir, options.device, options.dtype, strip_prefixes, build);
     };

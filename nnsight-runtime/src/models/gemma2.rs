@@ -124,8 +124,7 @@ impl HookModule for Gemma2 {
 
 impl CausalLm for Gemma2 {
     fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        options.check_devices()?;
-        super::check_model_dir(dir)?;
+        causal::check_load(dir, options)?;
         let config = Gemma2Config::from_file(&dir.join("config.json"))?;
         causal::load_model(dir, options, &["model."], &causal::Parts::MODEL, |p| Gemma2::new(p, &config))
     }

@@ -117,8 +117,7 @@ impl HookModule for Gemma3 {
 
 impl CausalLm for Gemma3 {
     fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        options.check_devices()?;
-        super::check_model_dir(dir)?;
+        causal::check_load(dir, options)?;
         let config = Gemma3TextConfig::from_file(&dir.join("config.json"))?;
         causal::load_model(dir, options, &["model."], &causal::Parts::MODEL, |p| Gemma3::new(p, &config))
     }

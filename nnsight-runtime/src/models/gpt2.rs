@@ -99,8 +99,7 @@ const GPT2_PARTS: causal::Parts = causal::Parts { embedding: &["transformer.wte.
 
 impl CausalLm for Gpt2 {
     fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        options.check_devices()?;
-        super::check_model_dir(dir)?;
+        causal::check_load(dir, options)?;
         let config = Gpt2Config::from_file(&dir.join("config.json"))?;
         causal::load_model(dir, options, &["transformer."], &GPT2_PARTS, |p| Gpt2::new(p, &config))
     }

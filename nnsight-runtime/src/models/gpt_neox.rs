@@ -111,8 +111,7 @@ impl CausalLm for GptNeoX {
     /// Checkpoints saved from `GPTNeoXForCausalLM` (`gpt_neox.layers.0...`, `embed_out.weight`)
     /// load; so do keys without the `gpt_neox.` prefix.
     fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        options.check_devices()?;
-        super::check_model_dir(dir)?;
+        causal::check_load(dir, options)?;
         let config = GptNeoXConfig::from_file(&dir.join("config.json"))?;
         causal::load_model(dir, options, &["gpt_neox."], &NEOX_PARTS, |p| GptNeoX::new(p, &config))
     }

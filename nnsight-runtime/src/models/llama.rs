@@ -33,7 +33,7 @@ use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
 use super::act::HiddenAct;
-use super::causal::{self, CausalInput, CausalLm, Decoder, KvCacheHandle, LmHead, LoadOptions, TokenIds};
+use super::causal::{self, CausalInput, CausalLm, KvCacheHandle, LmHead, LoadOptions, TokenIds};
 use super::params;
 use super::point::{AttentionPoints, HookPoint};
 
@@ -103,8 +103,7 @@ impl HookModule for Llama {
 
 impl CausalLm for Llama {
     fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        options.check_devices()?;
-        super::check_model_dir(dir)?;
+        causal::check_load(dir, options)?;
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
         causal::load_model(dir, options, &["model."], &causal::Parts::MODEL, |p| Llama::new(p, &config))
     }
@@ -132,34 +131,44 @@ impl CausalLm for Llama {
 }
 
 /// `model.layers`, `model.layers.{i}.self_attn`, `.mlp`, `.mlp.act`, `model.norm`, `lm_head`.
-impl Decoder for Llama {
-    type Layer = LlamaDecoderLayer;
-    type Attn = LlamaAttention;
-    type Mlp = LlamaMlp;
-    type MlpAct = HookPoint;
-    type Norm = RmsNorm;
-    fn layers(&self) -> &Vec<Hooked<LlamaDecoderLayer>> {
-        &self.model.layers
-    }
-    fn layer_attn(layer: &Hooked<Self::Layer>) -> &Hooked<LlamaAttention> {
-        &layer.self_attn
-    }
-    fn layer_mlp(layer: &Hooked<Self::Layer>) -> &Hooked<LlamaMlp> {
-        &layer.mlp
-    }
-    fn layer_mlp_act(layer: &Hooked<Self::Layer>) -> &Hooked<HookPoint> {
-        &layer.mlp.act
-    }
-    fn final_norm(&self) -> &Hooked<RmsNorm> {
-        &self.model.norm
-    }
-    fn unembedding(&self) -> &Hooked<LmHead> {
-        &self.lm_head
-    }
-    fn final_norm_device(&self) -> Device {
-        self.model.norm.weight.device()
-    }
+/// `Decoder` for a family whose model is a `LlamaModel` (field `model`) under an
+/// `LmHead` (field `lm_head`): Llama, and Mistral and Qwen2, which differ from it in their
+/// config and the layers' projections only.
+macro_rules! llama_model_decoder {
+    ($family:ty) => {
+        impl $crate::models::causal::Decoder for $family {
+            type Layer = $crate::models::llama::LlamaDecoderLayer;
+            type Attn = $crate::models::llama::LlamaAttention;
+            type Mlp = $crate::models::llama::LlamaMlp;
+            type MlpAct = $crate::models::point::HookPoint;
+            type Norm = $crate::models::llama::RmsNorm;
+            fn layers(&self) -> &Vec<$crate::hook::Hooked<Self::Layer>> {
+                &self.model.layers
+            }
+            fn layer_attn(layer: &$crate::hook::Hooked<Self::Layer>) -> &$crate::hook::Hooked<Self::Attn> {
+                &layer.self_attn
+            }
+            fn layer_mlp(layer: &$crate::hook::Hooked<Self::Layer>) -> &$crate::hook::Hooked<Self::Mlp> {
+                &layer.mlp
+            }
+            fn layer_mlp_act(layer: &$crate::hook::Hooked<Self::Layer>) -> &$crate::hook::Hooked<Self::MlpAct> {
+                &layer.mlp.act
+            }
+            fn final_norm(&self) -> &$crate::hook::Hooked<Self::Norm> {
+                &self.model.norm
+            }
+            fn unembedding(&self) -> &$crate::hook::Hooked<$crate::models::causal::LmHead> {
+                &self.lm_head
+            }
+            fn final_norm_device(&self) -> tch::Device {
+                self.model.norm.weight.device()
+            }
+        }
+    };
 }
+pub(crate) use llama_model_decoder;
+
+llama_model_decoder!(Llama);
 
 /// `model`: embeddings, rotary tables, decoder layers, final RMSNorm (transformers' `LlamaModel`).
 ///

@@ -32,10 +32,9 @@ use std::path::Path;
 
 use tch::{nn, Device, Kind, Tensor};
 
-use super::causal::{self, CausalInput, CausalLm, Decoder, LmHead, LoadOptions, TokenIds};
-use super::llama::{LlamaAttention, LlamaDecoderLayer, LlamaMlp, LlamaModel, RmsNorm};
+use super::causal::{self, CausalInput, CausalLm, LmHead, LoadOptions, TokenIds};
+use super::llama::LlamaModel;
 use super::params;
-use super::point::HookPoint;
 
 use crate::activation::Layout;
 use crate::error::Result;
@@ -100,8 +99,7 @@ impl HookModule for Mistral {
 
 impl CausalLm for Mistral {
     fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        options.check_devices()?;
-        super::check_model_dir(dir)?;
+        causal::check_load(dir, options)?;
         let config = MistralConfig::from_file(&dir.join("config.json"))?;
         causal::load_model(dir, options, &["model."], &causal::Parts::MODEL, |p| Mistral::new(p, &config))
     }
@@ -128,33 +126,6 @@ impl CausalLm for Mistral {
     }
 }
 
-/// `model.layers`, `model.layers.{i}.self_attn`, `.mlp`, `.mlp.act`, `model.norm`, `lm_head`.
-impl Decoder for Mistral {
-    type Layer = LlamaDecoderLayer;
-    type Attn = LlamaAttention;
-    type Mlp = LlamaMlp;
-    type MlpAct = HookPoint;
-    type Norm = RmsNorm;
-    fn layers(&self) -> &Vec<Hooked<LlamaDecoderLayer>> {
-        &self.model.layers
-    }
-    fn layer_attn(layer: &Hooked<Self::Layer>) -> &Hooked<LlamaAttention> {
-        &layer.self_attn
-    }
-    fn layer_mlp(layer: &Hooked<Self::Layer>) -> &Hooked<LlamaMlp> {
-        &layer.mlp
-    }
-    fn layer_mlp_act(layer: &Hooked<Self::Layer>) -> &Hooked<HookPoint> {
-        &layer.mlp.act
-    }
-    fn final_norm(&self) -> &Hooked<RmsNorm> {
-        &self.model.norm
-    }
-    fn unembedding(&self) -> &Hooked<LmHead> {
-        &self.lm_head
-    }
-    fn final_norm_device(&self) -> Device {
-        self.model.norm.weight.device()
-    }
-}
+// Decoder: `model.layers`, `model.layers.{i}.self_attn`, `.mlp`, `.mlp.act`, `model.norm`, `lm_head`.
+super::llama::llama_model_decoder!(Mistral);
 

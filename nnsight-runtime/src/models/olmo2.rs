@@ -109,8 +109,7 @@ impl HookModule for Olmo2 {
 
 impl CausalLm for Olmo2 {
     fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        options.check_devices()?;
-        super::check_model_dir(dir)?;
+        causal::check_load(dir, options)?;
         let config = Olmo2Config::from_file(&dir.join("config.json"))?;
         causal::load_model(dir, options, &["model."], &causal::Parts::MODEL, |p| Olmo2::new(p, &config))
     }

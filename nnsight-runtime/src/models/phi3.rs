@@ -110,8 +110,7 @@ impl HookModule for Phi3 {
 
 impl CausalLm for Phi3 {
     fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        options.check_devices()?;
-        super::check_model_dir(dir)?;
+        causal::check_load(dir, options)?;
         let config = Phi3Config::from_file(&dir.join("config.json"))?;
         causal::load_model(dir, options, &["model."], &causal::Parts::MODEL, |p| Phi3::new(p, &config))
     }

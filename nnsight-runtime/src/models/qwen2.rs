@@ -34,10 +34,9 @@ use std::path::Path;
 
 use tch::{nn, Device, Kind, Tensor};
 
-use super::causal::{self, CausalInput, CausalLm, Decoder, LmHead, LoadOptions, TokenIds};
-use super::llama::{LlamaAttention, LlamaConfig, LlamaDecoderLayer, LlamaMlp, LlamaModel, RmsNorm};
+use super::causal::{self, CausalInput, CausalLm, LmHead, LoadOptions, TokenIds};
+use super::llama::{LlamaAttention, LlamaConfig, LlamaDecoderLayer, LlamaModel};
 use super::params;
-use super::point::HookPoint;
 
 use crate::activation::Layout;
 use crate::error::Result;
@@ -108,8 +107,7 @@ impl HookModule for Qwen2 {
 
 impl CausalLm for Qwen2 {
     fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        options.check_devices()?;
-        super::check_model_dir(dir)?;
+        causal::check_load(dir, options)?;
         let config = Qwen2Config::from_file(&dir.join("config.json"))?;
         causal::load_model(dir, options, &["model."], &causal::Parts::MODEL, |p| Qwen2::new(p, &config))
     }
@@ -136,33 +134,6 @@ impl CausalLm for Qwen2 {
     }
 }
 
-/// `model.layers`, `model.layers.{i}.self_attn`, `.mlp`, `.mlp.act`, `model.norm`, `lm_head`.
-impl Decoder for Qwen2 {
-    type Layer = LlamaDecoderLayer;
-    type Attn = LlamaAttention;
-    type Mlp = LlamaMlp;
-    type MlpAct = HookPoint;
-    type Norm = RmsNorm;
-    fn layers(&self) -> &Vec<Hooked<LlamaDecoderLayer>> {
-        &self.model.layers
-    }
-    fn layer_attn(layer: &Hooked<Self::Layer>) -> &Hooked<LlamaAttention> {
-        &layer.self_attn
-    }
-    fn layer_mlp(layer: &Hooked<Self::Layer>) -> &Hooked<LlamaMlp> {
-        &layer.mlp
-    }
-    fn layer_mlp_act(layer: &Hooked<Self::Layer>) -> &Hooked<HookPoint> {
-        &layer.mlp.act
-    }
-    fn final_norm(&self) -> &Hooked<RmsNorm> {
-        &self.model.norm
-    }
-    fn unembedding(&self) -> &Hooked<LmHead> {
-        &self.lm_head
-    }
-    fn final_norm_device(&self) -> Device {
-        self.model.norm.weight.device()
-    }
-}
+// Decoder: `model.layers`, `model.layers.{i}.self_attn`, `.mlp`, `.mlp.act`, `model.norm`, `lm_head`.
+super::llama::llama_model_decoder!(Qwen2);
 

@@ -107,8 +107,7 @@ impl HookModule for Qwen3 {
 
 impl CausalLm for Qwen3 {
     fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        options.check_devices()?;
-        super::check_model_dir(dir)?;
+        causal::check_load(dir, options)?;
         let config = Qwen3Config::from_file(&dir.join("config.json"))?;
         causal::load_model(dir, options, &["model."], &causal::Parts::MODEL, |p| Qwen3::new(p, &config))
     }
