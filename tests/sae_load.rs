@@ -262,7 +262,7 @@ fn from_weights_checks_k_and_finiteness_as_loading_does() {
     let n = 8;
     let eye = Tensor::eye(n, (Kind::Float, Device::Cpu));
     let zeros = Tensor::zeros([n], (Kind::Float, Device::Cpu));
-    let build = |architecture: Architecture, w_dec: Tensor| {
+    let build = |architecture: Architecture, w_enc: Tensor, w_dec: Tensor, kind: Kind| {
         let config = SaeConfig {
             d_in: n,
             d_sae: n,
@@ -272,28 +272,18 @@ fn from_weights_checks_k_and_finiteness_as_loading_does() {
             hook_name: None,
             model_name: None,
         };
-        let w = SaeWeights { w_enc: eye.copy(), b_enc: zeros.copy(), w_dec, b_dec: zeros.copy(), threshold: None };
-        Sae::from_weights(config, w, Kind::Float, Device::Cpu).map(drop)
+        let w = SaeWeights { w_enc, b_enc: zeros.copy(), w_dec, b_dec: zeros.copy(), threshold: None };
+        Sae::from_weights(config, w, kind, Device::Cpu).map(drop)
     };
     for k in [0, 9, -1] {
-        let e = build(Architecture::TopK { k }, eye.copy()).unwrap_err();
+        let e = build(Architecture::TopK { k }, eye.copy(), eye.copy(), Kind::Float).unwrap_err();
         assert!(matches!(e, Error::Input(ref m) if m.contains("from 1 to d_sae = 8")), "k {k}: {e}");
     }
-    build(Architecture::TopK { k: 8 }, eye.copy()).unwrap();
-    let e = build(Architecture::Standard, &eye * f64::NAN).unwrap_err();
+    build(Architecture::TopK { k: 8 }, eye.copy(), eye.copy(), Kind::Float).unwrap();
+    let e = build(Architecture::Standard, eye.copy(), &eye * f64::NAN, Kind::Float).unwrap_err();
     assert!(matches!(e, Error::Input(ref m) if m.contains("W_dec") && m.contains("NaN")), "{e}");
     // Finite in f32, infinite in f16: refused for that kind.
-    let config = SaeConfig {
-        d_in: n,
-        d_sae: n,
-        architecture: Architecture::Standard,
-        apply_b_dec_to_input: false,
-        normalize_activations: Normalization::None,
-        hook_name: None,
-        model_name: None,
-    };
-    let w = SaeWeights { w_enc: &eye * 1e6, b_enc: zeros.copy(), w_dec: eye.copy(), b_dec: zeros.copy(), threshold: None };
-    let e = Sae::from_weights(config, w, Kind::Half, Device::Cpu).map(drop).unwrap_err();
+    let e = build(Architecture::Standard, &eye * 1e6, eye.copy(), Kind::Half).unwrap_err();
     assert!(matches!(e, Error::Input(ref m) if m.contains("W_enc") && m.contains("Half")), "{e}");
 }
 
