@@ -1054,8 +1054,7 @@ fn capital_w_used_in_two_statements() {
     let vs = nn::VarStore::new(Device::Cpu);
     let model = stack(&vs, 3);
     let x = input(2, 121);
-    tch::manual_seed(5);
-    let W = Tensor::randn([4, 4], cpu());
+    let W = common::tiny::seeded(5, || Tensor::randn([4, 4], cpu()));
     let (a, b) = trace!(model, &x, {
         let a = model.layers[0].output.matmul(&W).save();
         let b = model.layers[1].output.matmul(&W).save();
@@ -1071,8 +1070,7 @@ fn capital_w_used_in_a_loop() {
     let vs = nn::VarStore::new(Device::Cpu);
     let model = stack(&vs, 3);
     let x = input(2, 122);
-    tch::manual_seed(6);
-    let W = Tensor::randn([4, 2], cpu());
+    let W = common::tiny::seeded(6, || Tensor::randn([4, 2], cpu()));
     let v = trace!(model, &x, {
         let mut v = Vec::new();
         for l in 0..3 {
