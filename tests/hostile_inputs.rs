@@ -473,6 +473,11 @@ isolated! {
         }
         let err = model.generate(&p, &m, 2, &Sampling::Sample { temperature: 1.0, top_k: Some(0), seed: 0 }, None).unwrap_err();
         assert!(err.to_string().contains("`top_k` must be at least 1"), "{err}");
+        // No new token at all is refused, as transformers does, by every entry point alike.
+        for n in [0, -1, i64::MIN] {
+            let err = model.generate(&p, &m, n, &Sampling::Greedy, None).unwrap_err();
+            assert!(matches!(err, Error::Input(ref s) if s == &format!("`max_new_tokens` must be at least 1, got {n}")), "{err}");
+        }
 
         // The same through the LanguageModel and generate!.
         let f = Folder::copy_of("llama");
@@ -482,6 +487,10 @@ isolated! {
         assert!(err.to_string().contains("`max_new_tokens`"), "{err}");
         let err = generate!(lm, "t5 t6", max_new_tokens = i64::MAX, { lm.lm_head.output.save() }).unwrap_err();
         assert!(err.to_string().contains("`max_new_tokens`"), "{err}");
+        let err = lm.generate("t5 t6", GenerateOptions { max_new_tokens: 0, ..Default::default() }).unwrap_err();
+        assert!(err.to_string().contains("`max_new_tokens` must be at least 1, got 0"), "{err}");
+        let err = generate!(lm, "t5 t6", max_new_tokens = 0, { lm.lm_head.output.save() }).unwrap_err();
+        assert!(err.to_string().contains("`max_new_tokens` must be at least 1, got 0"), "{err}");
         let err = generate!(lm, "t5 t6", max_new_tokens = 2, temperature = 0.0, { lm.lm_head.output.save() }).unwrap_err();
         assert!(err.to_string().contains("`temperature`"), "{err}");
         // NaN logits cannot be sampled or argmaxed: an error naming the step and row.

@@ -73,8 +73,9 @@ pub trait CausalLmExt {
     /// `n`). Returns `[batch, seq + n]` i64 (prompt with its padding, then the new tokens;
     /// `n = max_new_tokens` unless every row hit `eos` earlier), on the model's device.
     /// Errors as [`CausalLmExt::forward`], plus ([`Error::Input`], naming the option)
-    /// `max_new_tokens` negative or with `seq + max_new_tokens - 1` over `max_positions` (sums
-    /// checked for overflow), `temperature` not positive and finite, `top_k` below 1; and
+    /// `max_new_tokens` below 1 (transformers' `GenerationConfig` refuses it too) or with
+    /// `seq + max_new_tokens - 1` over `max_positions` (sums checked for overflow),
+    /// `temperature` not positive and finite, `top_k` below 1; and
     /// [`Error::Model`] when a step's logits hold NaN (or are all `-inf` when sampling), since
     /// no token can be chosen from them.
     fn generate(
@@ -104,13 +105,13 @@ impl<M: CausalLm> CausalLmExt for Hooked<M> {
         sampling: &Sampling,
         eos: Option<&Eos>,
     ) -> Result<Tensor> {
-        if max_new_tokens < 0 {
-            return Err(Error::Input(format!("`max_new_tokens` must not be negative, got {max_new_tokens}")));
+        if max_new_tokens < 1 {
+            return Err(Error::Input(format!("`max_new_tokens` must be at least 1, got {max_new_tokens}")));
         }
         check_sampling(sampling)?;
         let model: &M = self;
         let cache = model.new_cache();
-        let (ids, mask) = check_input(model, input_ids, attention_mask, &cache, max_new_tokens.max(1) - 1)?;
+        let (ids, mask) = check_input(model, input_ids, attention_mask, &cache, max_new_tokens - 1)?;
         let device = model.device();
         let batch = ids.size()[0];
         guarded(|| {
