@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use nnsight::harvest::{bert_hook_point, harvest, HarvestOptions, HookPoint, Input, Manifest};
 use nnsight::tch::{Kind, Tensor};
-use nnsight::{Bert, Error, LanguageModel};
+use nnsight::{edit, Bert, Error, LanguageModel};
 
 /// `n` sentences of different lengths (1 to ~14 words).
 fn sentences(n: usize) -> Vec<String> {
@@ -267,6 +267,43 @@ fn bad_input_stops_with_the_line_and_keeps_the_shards_before_it() {
     // An input that does not exist.
     let e = run(&model, &Input::lines(dir.path().join("missing.txt")), &dir.path().join("d"), &mut options(20)).unwrap_err();
     assert!(e.to_string().contains("missing.txt"), "{e}");
+}
+
+/// A float16 harvest of a value float16 cannot hold (|x| > 65504) stops with an error naming
+/// the hook point and line, instead of writing infinity; the value itself is what the float32
+/// harvest writes, and the rows below the limit convert as `Tensor::to_kind` does.
+#[test]
+fn a_value_float16_cannot_hold_is_an_error_not_infinity() {
+    let model = minilm();
+    let dir = tempfile::tempdir().unwrap();
+    let input = Input::lines(write_lines(dir.path(), "in.txt", &sentences(12)));
+    let mut half = options(1000);
+    half.dtype = Kind::Half;
+    let m = run(&model, &input, &dir.path().join("f16"), &mut half).unwrap();
+    assert_eq!(m.dtype, "float16");
+    let full = rows(&dir.path().join("f16"), "manifest.json");
+    run(&model, &input, &dir.path().join("f32"), &mut options(1000)).unwrap();
+    for (k, (_, v)) in rows(&dir.path().join("f32"), "manifest.json") {
+        assert!(full[&k].1[0].equal(&v[0].to_kind(Kind::Half)), "{k:?}");
+    }
+
+    // A persistent edit puts 1e6 at row 3 (line 4, 1-based), position 2, of each batch of 8.
+    edit!(model, { model.encoder.layer[2].output[3, 2, 0] = 1.0e6; }).unwrap();
+    let out = dir.path().join("edited");
+    let e = run(&model, &input, &out, &mut half).unwrap_err();
+    model.clear_edits();
+    let text = e.to_string();
+    assert!(matches!(e, Error::Input(_)), "{e:?}");
+    assert!(text.contains("`encoder.layer.2.output`") && text.contains("line 4") && text.contains("1e6") && text.contains("float32"), "{text}");
+    let m = Manifest::read(&out.join("manifest.json")).unwrap().unwrap();
+    assert!(!m.complete && m.shards.is_empty() && m.error.as_deref() == Some(text.as_str()), "{m:?}");
+    // float32 holds it: the edit's value is written as it is.
+    let out = dir.path().join("edited32");
+    edit!(model, { model.encoder.layer[2].output[3, 2, 0] = 1.0e6; }).unwrap();
+    run(&model, &input, &out, &mut options(1000)).unwrap();
+    model.clear_edits();
+    let r = rows(&out, "manifest.json");
+    assert_eq!(r[&(3, 2)].1[0].double_value(&[0]), 1.0e6);
 }
 
 #[test]

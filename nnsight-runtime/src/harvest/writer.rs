@@ -30,6 +30,29 @@ struct Column {
 }
 
 impl Column {
+    /// `rows [n, width]` in the column's kind. Errors ([`Error::Input`]) when a finite value
+    /// does not fit that kind (float16 holds at most 65504 in magnitude): writing `inf` would
+    /// be a silently wrong activation. `lines[k]` is the line of row `k`.
+    fn convert(&self, rows: &Tensor, lines: impl Fn(i64) -> i64) -> Result<Tensor> {
+        let out = rows.to_kind(self.kind);
+        if rows.kind() == self.kind || !rows.is_floating_point() {
+            return Ok(out);
+        }
+        let lost = out.isfinite().logical_not().logical_and(&rows.isfinite());
+        if lost.any().int64_value(&[]) == 0 {
+            return Ok(out);
+        }
+        let row = lost.any_dim(1, false).nonzero().int64_value(&[0, 0]);
+        let largest = rows.abs().max().double_value(&[]);
+        Err(Error::Input(format!(
+            "hook point `{}`: line {} holds a value of magnitude {largest:e}, which {:?} cannot hold (it would be written as \
+             infinity); harvest with dtype float32 or bfloat16",
+            self.name,
+            lines(row) + 1,
+            self.kind
+        )))
+    }
+
     /// Appends the elements of `t` (converted to the column's kind).
     fn push(&mut self, t: &Tensor) {
         let t = t.to_kind(self.kind).contiguous();
@@ -74,14 +97,18 @@ impl Shard {
     /// Appends the rows of the real tokens of batch `p` (`attention_mask != 0`), from `values`:
     /// one `[rows, seq, width]` tensor per hook point. Returns the rows added.
     ///
-    /// Errors: [`Error::Input`] naming the hook point when a value is not `[rows, seq, width]`
-    /// or its width differs from an earlier batch's.
+    /// Errors: [`Error::Input`] naming the hook point when a value is not `[rows, seq, width]`,
+    /// its width differs from an earlier batch's, or a value does not fit the written dtype.
+    /// Every column is checked before any changes: a refused batch leaves the shard as it was
+    /// (its earlier rows are still written, every column with the same rows).
     pub(crate) fn add(&mut self, p: &Prepared, values: &[Tensor]) -> Result<u64> {
         let mask = p.attention_mask.view([-1]).ne(0);
         let flat = mask.nonzero().view([-1]);
         let seq = p.attention_mask.size()[1];
+        let line_of = |row: i64| p.lines[(flat.int64_value(&[row]) / seq) as usize];
         let points = self.columns.len() - 3;
-        for (col, v) in self.columns[..points].iter_mut().zip(values) {
+        let mut gathered = Vec::with_capacity(points);
+        for (col, v) in self.columns[..points].iter().zip(values) {
             let size = v.size();
             let width = size.get(2).copied().unwrap_or(0);
             if size.len() != 3 || size[..2] != p.attention_mask.size()[..] || col.width.is_some_and(|w| w != 0 && w != width) {
@@ -92,8 +119,11 @@ impl Shard {
                     col.width.filter(|&w| w != 0).map_or("..".into(), |w| w.to_string())
                 )));
             }
+            gathered.push((width, col.convert(&v.reshape([-1, width]).index_select(0, &flat), line_of)?));
+        }
+        for (col, (width, rows)) in self.columns[..points].iter_mut().zip(gathered) {
             col.width = Some(width);
-            col.push(&v.reshape([-1, width]).index_select(0, &flat));
+            col.push(&rows);
         }
         let lines = Tensor::from_slice(&p.lines).view([-1, 1]).expand([-1, seq], false).reshape([-1]);
         // Position among the row's real tokens (also when padding is on the left).
@@ -209,4 +239,42 @@ fn write_atomically<'a>(file: &Path, views: impl IntoIterator<Item = (&'a str, C
         },
     })?;
     std::fs::rename(&tmp, file).map_err(|source| Error::Io { path: file.display().to_string(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two rows of two positions; the second row's last position is padding (3 real tokens).
+    fn batch(index: u64, lines: [i64; 2]) -> Prepared {
+        let ids = Tensor::from_slice(&[1i64, 2, 3, 0]).view([2, 2]);
+        Prepared {
+            batch: index,
+            lines: lines.to_vec(),
+            attention_mask: ids.ne(0).to_kind(Kind::Int64),
+            token_type_ids: ids.zeros_like(),
+            input_ids: ids,
+        }
+    }
+
+    #[test]
+    fn a_refused_batch_leaves_every_column_as_it_was() {
+        let mut shard = Shard::new(&["a".into(), "b".into()], Kind::Half);
+        let ok = Tensor::ones([2, 2, 3], (Kind::Float, tch::Device::Cpu));
+        assert_eq!(shard.add(&batch(0, [0, 1]), &[ok.copy(), ok.copy()]).unwrap(), 3);
+        let lengths = |s: &Shard| s.columns.iter().map(|c| c.bytes.len()).collect::<Vec<_>>();
+        let before = lengths(&shard);
+        // Column `a` is fine, `b` holds 1e5 at row 1 (line 10, 0-based 9), position 0.
+        let big = ok.copy();
+        let _ = big.get(1).get(0).fill_(1.0e5);
+        let e = shard.add(&batch(1, [8, 9]), &[ok.copy(), big]).unwrap_err().to_string();
+        assert!(e.starts_with("hook point `b`: line 10 holds a value of magnitude 1e5"), "{e}");
+        assert_eq!(lengths(&shard), before, "no column took the refused batch's rows");
+        assert_eq!((shard.rows, shard.last_batch), (3, 0));
+        // The same values in float32 are taken whole.
+        let mut f32_shard = Shard::new(&["a".into(), "b".into()], Kind::Float);
+        let big = ok.copy();
+        let _ = big.get(1).get(0).fill_(1.0e5);
+        assert_eq!(f32_shard.add(&batch(1, [8, 9]), &[ok, big]).unwrap(), 3);
+    }
 }
