@@ -196,3 +196,44 @@ fn an_sae_of_another_width_is_an_error_of_its_node_and_nothing_stays_hooked() {
     assert!(small.reconstruct(&Tensor::zeros([2, 6], (Kind::Int64, Device::Cpu))).is_err());
     assert!(model.forward(&TEXTS).unwrap().equal(&common::minilm::minilm().forward(&TEXTS).unwrap()));
 }
+
+/// A float16 SAE given an activation it cannot hold (a value over 65504, or a row whose norm
+/// overflows under constant-norm rescaling) refuses it, naming the value and the fix, instead
+/// of returning NaN or infinity; the same SAE in float32 gives the by-hand value.
+#[test]
+fn an_activation_a_float16_sae_cannot_hold_is_an_error_not_nan() {
+    let (sae, raw) = random_sae(Architecture::Standard, Normalization::None, 6);
+    let half = |norm| {
+        let w = SaeWeights { w_enc: raw.w_enc.copy(), b_enc: raw.b_enc.copy(), w_dec: raw.w_dec.copy(), b_dec: raw.b_dec.copy(), threshold: None };
+        let mut config = sae.config.clone();
+        config.normalize_activations = norm;
+        Sae::from_weights(config, w, Kind::Half, Device::Cpu).unwrap()
+    };
+    let x = Tensor::randn([2, 384], (Kind::Float, Device::Cpu));
+    let _ = x.get(1).get(5).fill_(1.0e5);
+    let h = half(Normalization::None);
+    for e in [h.encode(&x).unwrap_err(), h.reconstruct(&x).unwrap_err()] {
+        assert!(matches!(e, Error::Input(ref m) if m.contains("largest magnitude 1e5") && m.contains("Half") && m.contains("Kind::Float")), "{e}");
+    }
+    // A float32 SAE holds it: the by-hand value.
+    let expected = by_hand_decode(&raw, &by_hand_latents(&raw, &x));
+    let scale = expected.abs().max().double_value(&[]);
+    assert!(max_diff(&sae.reconstruct(&x).unwrap(), &expected) <= 1e-5 * scale, "float32 SAE");
+    // Values that each fit float16 but whose norm (3400 * sqrt(384) = 66626) does not: the
+    // constant-norm rescale would divide by infinity and encode a zero row.
+    let y = Tensor::full([1, 384], 3400.0, (Kind::Float, Device::Cpu));
+    assert!(half(Normalization::None).encode(&y).is_ok(), "3400 fits float16");
+    let e = half(Normalization::ConstantNormRescale).encode(&y).unwrap_err();
+    assert!(e.to_string().contains("ConstantNormRescale"), "{e}");
+
+    // Inside a trace the splice's node fails with the same message, and nothing stays hooked.
+    let model = common::minilm::minilm();
+    let e = trace!(model, &TEXTS, {
+        model.encoder.layer[2].output[0, 1, 3] = 1.0e5;
+        model.encoder.layer[2].output = sae::splice(&h, &model.encoder.layer[2].output);
+        model.output.save()
+    })
+    .unwrap_err();
+    assert!(matches!(e, Error::Node { ref message, .. } if message.contains("overflows the SAE's dtype Half")), "{e}");
+    assert!(model.forward(&TEXTS).unwrap().equal(&common::minilm::minilm().forward(&TEXTS).unwrap()));
+}

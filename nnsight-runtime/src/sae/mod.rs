@@ -107,10 +107,8 @@ impl HookModule for Sae {
     /// The reconstruction `[.., d_in]` in the input's dtype.
     type Output = Tensor;
     fn forward(&self, x: Tensor) -> Tensor {
-        let kind = x.kind();
-        let (xn, undo) = normalize(&x.to_kind(self.kind()), self.config.normalize_activations);
-        let z = self.encoder.call(xn);
-        undo.apply(self.decoder.call(z)).to_kind(kind)
+        let prepared = self.prepare(&x).unwrap_or_else(|e| panic!("{e}"));
+        self.reconstruct_prepared(prepared, x.kind())
     }
 }
 
@@ -122,6 +120,17 @@ pub(crate) enum Undo {
 }
 
 impl Undo {
+    /// Whether undoing is possible: its factors finite, the divisor not 0 (a row whose norm
+    /// overflowed to infinity gets the divisor 0).
+    fn finite(&self) -> bool {
+        let all = |t: &Tensor| t.isfinite().all().int64_value(&[]) != 0;
+        match self {
+            Undo::None => true,
+            Undo::Divide(c) => all(c) && c.eq(0.0).any().int64_value(&[]) == 0,
+            Undo::Affine { std, mean } => all(std) && all(mean),
+        }
+    }
+
     pub(crate) fn apply(&self, y: Tensor) -> Tensor {
         match self {
             Undo::None => y,
@@ -266,16 +275,40 @@ impl Sae {
         Ok(())
     }
 
+    /// `x [.., d_in]` in the SAE's dtype, normalized (the encoder's input), and how to undo the
+    /// normalization. Errs (the message) when a finite activation becomes infinite or NaN on
+    /// the way: a value over a float16 SAE's 65504, or a row whose norm or spread overflows.
+    /// The SAE would give NaN or infinity for such a row, which is never the activation's
+    /// reconstruction.
+    pub(crate) fn prepare(&self, x: &Tensor) -> std::result::Result<(Tensor, Undo), String> {
+        let (xn, undo) = normalize(&x.to_kind(self.kind()), self.config.normalize_activations);
+        let broken = xn.isfinite().all().int64_value(&[]) == 0 || !undo.finite();
+        if broken && x.isfinite().all().int64_value(&[]) != 0 {
+            return Err(format!(
+                "the activation (largest magnitude {:e}) overflows the SAE's dtype {:?} (normalization {:?}): \
+                 load the SAE with Kind::Float",
+                x.abs().max().double_value(&[]),
+                self.kind(),
+                self.config.normalize_activations
+            ));
+        }
+        Ok((xn, undo))
+    }
+
+    /// The reconstruction in `kind` from what [`Sae::prepare`] gave.
+    fn reconstruct_prepared(&self, (xn, undo): (Tensor, Undo), kind: Kind) -> Tensor {
+        let z = self.encoder.call(xn);
+        undo.apply(self.decoder.call(z)).to_kind(kind)
+    }
+
     /// The latents `[.., d_sae]` of `x [.., d_in]` (SAELens `encode`: normalization, `b_dec`,
     /// encoder, activation), in the SAE's dtype. Errors: [`Sae::check_input`]'s;
-    /// [`Error::Model`] if libtorch fails.
+    /// [`Error::Input`] when the activation overflows the SAE's dtype (a value over 65504 for
+    /// a float16 SAE); [`Error::Model`] if libtorch fails.
     pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
         self.check_input(x)?;
-        catch_quiet(|| {
-            let (xn, _) = normalize(&x.to_kind(self.kind()), self.config.normalize_activations);
-            self.encoder.call(xn)
-        })
-        .map_err(Error::Model)
+        let (xn, _) = catch_quiet(|| self.prepare(x)).map_err(Error::Model)?.map_err(Error::Input)?;
+        catch_quiet(|| self.encoder.call(xn)).map_err(Error::Model)
     }
 
     /// `z @ W_dec + b_dec` for latents `z [.., d_sae]` (SAELens `decode`, before it undoes the
@@ -298,7 +331,8 @@ impl Sae {
     /// [`Sae::encode`].
     pub fn reconstruct(&self, x: &Tensor) -> Result<Tensor> {
         self.check_input(x)?;
-        catch_quiet(|| HookModule::forward(self, x.shallow_clone())).map_err(Error::Model)
+        let prepared = catch_quiet(|| self.prepare(x)).map_err(Error::Model)?.map_err(Error::Input)?;
+        catch_quiet(|| self.reconstruct_prepared(prepared, x.kind())).map_err(Error::Model)
     }
 }
 

@@ -9,9 +9,9 @@
 //!
 //! They take the value as it is (`[.., d_in]`, any float dtype) and return the same shape and
 //! dtype, so the result can be swapped back in. A bad activation (another last dimension, an
-//! integer tensor, another device) stops them with a message naming the SAE's `d_in` and the
-//! shape; inside `trace!` that is an [`crate::Error::Node`] naming the node, and the trace
-//! returns it.
+//! integer tensor, another device, a value over 65504 for a float16 SAE) stops them with a
+//! message naming the SAE's `d_in` and the shape, or the value; inside `trace!` that is an
+//! [`crate::Error::Node`] naming the node, and the trace returns it.
 //!
 //! The error term (`x - reconstruct(x)`, SAELens' `use_error_term`) is added as
 //! `x + (decode(edited latents) - decode(latents))`, which is the same sum
@@ -21,7 +21,7 @@
 
 use tch::Tensor;
 
-use super::{normalize, Sae};
+use super::Sae;
 use crate::hook::HookModule;
 
 fn check(sae: &Sae, x: &Tensor) {
@@ -34,7 +34,7 @@ fn check(sae: &Sae, x: &Tensor) {
 /// Panics on a bad `x` (module docs).
 pub fn latents(sae: &Sae, x: &Tensor) -> Tensor {
     check(sae, x);
-    let (xn, _) = normalize(&x.to_kind(sae.kind()), sae.config.normalize_activations);
+    let (xn, _) = sae.prepare(x).unwrap_or_else(|e| panic!("{e}"));
     sae.encoder.call(xn)
 }
 
@@ -60,7 +60,7 @@ pub fn splice(sae: &Sae, x: &Tensor) -> Tensor {
 pub fn splice_edited(sae: &Sae, x: &Tensor, edit: impl FnOnce(&mut Tensor)) -> Tensor {
     check(sae, x);
     let kind = x.kind();
-    let (xn, undo) = normalize(&x.to_kind(sae.kind()), sae.config.normalize_activations);
+    let (xn, undo) = sae.prepare(x).unwrap_or_else(|e| panic!("{e}"));
     let z = sae.encoder.call(xn);
     let mut edited = z.copy();
     edit(&mut edited);
