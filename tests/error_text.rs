@@ -94,3 +94,25 @@ fn a_dtype_error_loses_its_stack_frames() {
         "{msg}"
     );
 }
+
+#[test]
+fn an_index_out_of_range_names_the_call_and_invoke_its_input_came_from_when_not_the_first() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = common::tiny::twice(&vs);
+    let (a, b) = (input(1, 64), input(2, 65));
+    let err = trace!(model, {
+        invoke(&a) {
+            let fine = model.lin.output.save();
+        }
+        invoke(&b) {
+            let _first = model.lin.output.save();
+            let bad = model.lin.next().output.i((.., 9)).save();
+            (fine, bad)
+        }
+    })
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Node { .. }), "{msg}");
+    assert!(msg.contains("index 9 out of range for tensor of size [2, 4] at dimension 1"), "{msg}");
+    assert!(msg.ends_with("(inputs: %2 lin.output [invoke 1] [call 1] = Tensor[2, 4] Float Cpu)"), "{msg}");
+}
