@@ -398,25 +398,16 @@ pub fn marker_holds(marker: &str, extras: &[String]) -> Result<bool> {
 }
 
 fn compare(l: &str, op: &str, r: &str, versions: bool) -> Result<bool> {
-    use std::cmp::Ordering::*;
     Ok(match op {
         "in" => r.contains(l),
         "not in" => !r.contains(l),
         "==" | "===" if !versions => l == r,
         "!=" if !versions => l != r,
-        _ if versions => {
-            let o = cmp_versions(l, r);
-            match op {
-                "==" | "===" => o == Equal,
-                "!=" => o != Equal,
-                "<" => o == Less,
-                "<=" => o != Greater,
-                ">" => o == Greater,
-                ">=" => o != Less,
-                "~=" => o != Less,
-                _ => bail!("unknown marker operator `{op}`"),
-            }
-        }
+        // PEP 440 semantics (`~=`, `==3.*`) as in a Requires-Dist version clause.
+        _ if versions => match op {
+            "==" | "===" | "!=" | "<" | "<=" | ">" | ">=" | "~=" => version_matches(&format!("{op}{r}"), l),
+            _ => bail!("unknown marker operator `{op}`"),
+        },
         "<" => l < r,
         "<=" => l <= r,
         ">" => l > r,
@@ -872,6 +863,12 @@ Requires-Dist: nvidia-nvjitlink<14,>=13.0.88; (sys_platform == 'linux' and platf
         .unwrap());
         assert!(!marker_holds("python_version >= '3.12'", none).unwrap());
         assert!(marker_holds("python_version > '3.9'", none).unwrap());
+        // `~=3.9` is `>= 3.9, == 3.*`; `~=3.9.1` is `>= 3.9.1, == 3.9.*` (PEP 440).
+        assert!(marker_holds("python_version ~= '3.9'", none).unwrap());
+        assert!(!marker_holds("python_version ~= '3.9.1'", none).unwrap());
+        assert!(!marker_holds("python_version ~= '3.12'", none).unwrap());
+        assert!(marker_holds("python_version == '3.*'", none).unwrap());
+        assert!(!marker_holds("python_version != '3.*'", none).unwrap());
         assert!(!marker_holds(
             "sys_platform == 'win32' or platform_machine == 'aarch64'",
             none
