@@ -1,6 +1,5 @@
-//! Embeds libtorch's library folder as an rpath in this crate's tests, examples and benches, so
-//! they run without LD_LIBRARY_PATH (cargo replaces LD_LIBRARY_PATH for the programs it starts).
-//! LIBTORCH comes from `.cargo/config.toml`, pointing at the link `cargo xtask setup` makes.
+//! Lets this crate's tests, examples and benches find libtorch (`link_libtorch.rs`: an rpath,
+//! and `libtorch_cuda` kept with a CUDA set-up).
 //!
 //! Also compiles `csrc/tensor_hooks.cpp`, the C++ shim behind `tensor_hook` (tensor backward
 //! hooks and `retain_grad`, which tch does not expose), against libtorch's headers. The libtorch
@@ -8,30 +7,15 @@
 //! falling back to `$LIBTORCH/lib`.
 use std::path::PathBuf;
 
+include!("link_libtorch.rs");
+
 fn main() {
-    println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc/tensor_hooks.cpp");
-    if let Ok(dir) = std::env::var("LIBTORCH") {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}/lib");
-        let lib = PathBuf::from(&dir).join("lib");
-        // `cargo xtask setup` touches the marker when it points `.nnsight/libtorch` at another
-        // tree (CPU <-> CUDA), so switching re-runs this script.
-        if PathBuf::from(&dir).join(".complete").is_file() {
-            println!("cargo:rerun-if-changed={dir}/.complete");
-        }
-        // A CUDA libtorch (`cargo xtask setup --cuda`): link libtorch_cuda into this crate's
-        // tests and examples with --no-as-needed, else the linker drops it (no Rust code uses
-        // its symbols) and `tch::Cuda::is_available()` is false. The CPU set-up adds nothing.
-        if lib.join("libtorch_cuda.so").is_file() {
-            println!("cargo:rustc-link-arg=-L{}", lib.display());
-            println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-            println!("cargo:rustc-link-arg=-ltorch_cuda");
-            println!("cargo:rustc-link-arg=-Wl,--as-needed");
-        }
-    }
+    println!("cargo:rerun-if-changed=link_libtorch.rs");
+    link_libtorch();
 
     let lib_dir = std::env::var_os("DEP_TCH_LIBTORCH_LIB")
         .map(PathBuf::from)

@@ -61,24 +61,12 @@ LIBTORCH_CXX11_ABI = "1"
     )
 }
 
-const BUILD_RS: &str = r#"//! Embeds libtorch's library folder as an rpath, so the binaries run without LD_LIBRARY_PATH
-//! (LIBTORCH comes from .cargo/config.toml). With a CUDA libtorch (`cargo xtask setup --cuda`)
-//! also links libtorch_cuda with --no-as-needed, so that `tch::Cuda::is_available()` works
-//! (no Rust code uses its symbols, and --as-needed would drop it).
-fn main() {
-    println!("cargo:rerun-if-env-changed=LIBTORCH");
-    if let Ok(dir) = std::env::var("LIBTORCH") {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}/lib");
-        let lib = std::path::Path::new(&dir).join("lib");
-        if lib.join("libtorch_cuda.so").is_file() {
-            println!("cargo:rustc-link-arg=-L{}", lib.display());
-            println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-            println!("cargo:rustc-link-arg=-ltorch_cuda");
-            println!("cargo:rustc-link-arg=-Wl,--as-needed");
-        }
-    }
-}
-"#;
+/// The new project's `build.rs`: the same libtorch linking as this repository's build scripts.
+const BUILD_RS: &str = concat!(
+    "//! Lets this crate's binaries find libtorch (LIBTORCH comes from .cargo/config.toml).\n\n",
+    include_str!("../../nnsight-runtime/link_libtorch.rs"),
+    "\nfn main() {\n    link_libtorch();\n}\n"
+);
 
 const MAIN_RS: &str = r#"//! A first experiment: the residual stream of all-MiniLM-L6-v2 at one token, layer by layer,
 //! and the same after zeroing layer 2's output there (a zero ablation), in one forward pass.
