@@ -21,6 +21,7 @@
 mod cache;
 mod decoder;
 pub mod device_map;
+mod family;
 mod generate;
 pub mod rotary;
 
@@ -38,6 +39,7 @@ use crate::language_model::{TextBatch, TextModel};
 use crate::tree::ModuleTree;
 
 pub use cache::KvCacheHandle;
+pub(crate) use family::causal_family;
 pub use decoder::{AttnHookPoints, AttnPoint, Decoder};
 pub use device_map::{DeviceMap, PartSizes, Placement};
 pub(crate) use device_map::Parts;

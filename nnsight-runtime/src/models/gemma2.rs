@@ -46,13 +46,12 @@
 //! The KV cache keeps every position, also for sliding layers (transformers 5 keeps only the
 //! window there): the sliding mask hides the older keys, so the result is the same.
 
-use std::path::Path;
 
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 use super::causal::device_map::{to, Mover};
 
 use super::act::HiddenAct;
-use super::causal::{self, CausalInput, CausalLm, Decoder, LmHead, LoadOptions, TokenIds};
+use super::causal::{self, CausalInput, LmHead};
 use super::llama::{LlamaConfig, LlamaMlp, LayerInput, LAYER_INPUT};
 use super::params;
 use super::point::{AttentionPoints, HookPoint};
@@ -104,89 +103,14 @@ impl Gemma2 {
     }
 }
 
-impl HookModule for Gemma2 {
-    /// [`CausalInput`].
-    type Input = CausalInput;
-    /// Logits `[batch, seq, vocab]`, soft-capped.
-    type Output = Tensor;
-    /// Ids, mask and position ids `[batch, ..]`; the KV cache handle shared.
-    fn input_layout(&self) -> Layout {
-        CAUSAL_INPUT
-    }
-    /// Every tensor `[batch, ..]` (rows on dim 0).
-    fn output_layout(&self) -> Layout {
-        ROWS
-    }
-    fn forward(&self, input: CausalInput) -> Tensor {
-        softcap(self.lm_head.call(self.model.call(input)), self.config.final_logit_softcapping)
-    }
-}
-
-impl CausalLm for Gemma2 {
-    fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        causal::check_load(dir, options)?;
-        let config = Gemma2Config::from_file(&dir.join("config.json"))?;
-        causal::load_model(dir, options, &["model."], &causal::Parts::MODEL, |p| Gemma2::new(p, &config))
-    }
-    fn max_positions(&self) -> i64 {
-        self.config.max_position_embeddings
-    }
-    fn num_layers(&self) -> usize {
-        self.model.layers.len()
-    }
-    fn vocab_size(&self) -> i64 {
-        self.config.vocab_size
-    }
-    fn eos_token_ids(&self) -> Vec<i64> {
-        self.config.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
-    }
-    fn pad_token_id(&self) -> Option<i64> {
-        self.config.pad_token_id
-    }
-    fn device(&self) -> Device {
-        self.model.embed_tokens.weight.device()
-    }
-    fn kind(&self) -> Kind {
-        self.model.embed_tokens.weight.kind()
-    }
-}
-
-/// `model.layers`, `model.layers.{i}.self_attn`, `.mlp`, `.mlp.act`, `model.norm`, `lm_head`;
-/// [`Decoder::unembed`] applies the final soft-cap after `lm_head`, as the model does.
-impl Decoder for Gemma2 {
-    type Layer = Gemma2DecoderLayer;
-    type Attn = Gemma2Attention;
-    type Mlp = LlamaMlp;
-    type MlpAct = HookPoint;
-    type Norm = GemmaRmsNorm;
-    fn layers(&self) -> &Vec<Hooked<Gemma2DecoderLayer>> {
-        &self.model.layers
-    }
-    fn layer_attn(layer: &Hooked<Self::Layer>) -> &Hooked<Gemma2Attention> {
-        &layer.self_attn
-    }
-    fn layer_mlp(layer: &Hooked<Self::Layer>) -> &Hooked<LlamaMlp> {
-        &layer.mlp
-    }
-    fn layer_mlp_act(layer: &Hooked<Self::Layer>) -> &Hooked<HookPoint> {
-        &layer.mlp.act
-    }
-    fn final_norm(&self) -> &Hooked<GemmaRmsNorm> {
-        &self.model.norm
-    }
-    fn unembedding(&self) -> &Hooked<LmHead> {
-        &self.lm_head
-    }
-    fn final_norm_device(&self) -> Device {
-        self.model.norm.weight.device()
-    }
-    /// `softcap(lm_head(norm(h)))`, `[batch, seq, hidden]` → `[batch, seq, vocab]`.
-    fn unembed(&self, h: &Tensor) -> Tensor {
-        let h = to(h.shallow_clone(), self.final_norm_device());
-        let logits = self.unembedding().call(self.final_norm().call(h));
-        softcap(logits, self.config.final_logit_softcapping)
-    }
-}
+super::causal::causal_family!(Gemma2, Gemma2Config {
+    layer: Gemma2DecoderLayer,
+    attn: Gemma2Attention,
+    mlp: LlamaMlp,
+    norm: GemmaRmsNorm,
+    embedding: weight,
+    logits: softcap => final_logit_softcapping,
+});
 
 /// `tanh(x / cap) · cap` (Gemma's soft-capping: about `x` for `|x| ≪ cap`, never beyond `±cap`),
 /// or `x` unchanged when `cap` is `None`. Computed in `x`'s dtype, as transformers does.

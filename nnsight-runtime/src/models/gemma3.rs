@@ -42,12 +42,11 @@
 //! (`rotary_emb_local` is the name transformers 4.50–4.5x gave the local table; transformers 5
 //! keeps both tables in one `rotary_emb` module. Neither has weights.)
 
-use std::path::Path;
 
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Tensor};
 use super::causal::device_map::{to, Mover};
 
-use super::causal::{self, CausalInput, CausalLm, Decoder, LmHead, LoadOptions, TokenIds};
+use super::causal::{self, CausalInput, LmHead};
 use super::gemma2::{gemma_mlp, repeat_kv, softcap, GemmaRmsNorm, LayerType, Masks, ScaledEmbedding};
 use super::llama::{LayerInput, LlamaMlp, LAYER_INPUT};
 use super::params;
@@ -97,89 +96,14 @@ impl Gemma3 {
     }
 }
 
-impl HookModule for Gemma3 {
-    /// [`CausalInput`].
-    type Input = CausalInput;
-    /// Logits `[batch, seq, vocab]`.
-    type Output = Tensor;
-    /// Ids, mask and position ids `[batch, ..]`; the KV cache handle shared.
-    fn input_layout(&self) -> Layout {
-        CAUSAL_INPUT
-    }
-    /// Every tensor `[batch, ..]` (rows on dim 0).
-    fn output_layout(&self) -> Layout {
-        ROWS
-    }
-    fn forward(&self, input: CausalInput) -> Tensor {
-        softcap(self.lm_head.call(self.model.call(input)), self.config.final_logit_softcapping)
-    }
-}
-
-impl CausalLm for Gemma3 {
-    fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        causal::check_load(dir, options)?;
-        let config = Gemma3TextConfig::from_file(&dir.join("config.json"))?;
-        causal::load_model(dir, options, &["model."], &causal::Parts::MODEL, |p| Gemma3::new(p, &config))
-    }
-    fn max_positions(&self) -> i64 {
-        self.config.max_position_embeddings
-    }
-    fn num_layers(&self) -> usize {
-        self.model.layers.len()
-    }
-    fn vocab_size(&self) -> i64 {
-        self.config.vocab_size
-    }
-    fn eos_token_ids(&self) -> Vec<i64> {
-        self.config.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
-    }
-    fn pad_token_id(&self) -> Option<i64> {
-        self.config.pad_token_id
-    }
-    fn device(&self) -> Device {
-        self.model.embed_tokens.weight.device()
-    }
-    fn kind(&self) -> Kind {
-        self.model.embed_tokens.weight.kind()
-    }
-}
-
-/// `model.layers`, `model.layers.{i}.self_attn`, `.mlp`, `.mlp.act`, `model.norm`, `lm_head`;
-/// [`Decoder::unembed`] applies the final soft-cap when the config sets one.
-impl Decoder for Gemma3 {
-    type Layer = Gemma3DecoderLayer;
-    type Attn = Gemma3Attention;
-    type Mlp = LlamaMlp;
-    type MlpAct = HookPoint;
-    type Norm = GemmaRmsNorm;
-    fn layers(&self) -> &Vec<Hooked<Gemma3DecoderLayer>> {
-        &self.model.layers
-    }
-    fn layer_attn(layer: &Hooked<Self::Layer>) -> &Hooked<Gemma3Attention> {
-        &layer.self_attn
-    }
-    fn layer_mlp(layer: &Hooked<Self::Layer>) -> &Hooked<LlamaMlp> {
-        &layer.mlp
-    }
-    fn layer_mlp_act(layer: &Hooked<Self::Layer>) -> &Hooked<HookPoint> {
-        &layer.mlp.act
-    }
-    fn final_norm(&self) -> &Hooked<GemmaRmsNorm> {
-        &self.model.norm
-    }
-    fn unembedding(&self) -> &Hooked<LmHead> {
-        &self.lm_head
-    }
-    fn final_norm_device(&self) -> Device {
-        self.model.norm.weight.device()
-    }
-    /// `softcap(lm_head(norm(h)))` (no cap unless `final_logit_softcapping`).
-    fn unembed(&self, h: &Tensor) -> Tensor {
-        let h = to(h.shallow_clone(), self.final_norm_device());
-        let logits = self.unembedding().call(self.final_norm().call(h));
-        softcap(logits, self.config.final_logit_softcapping)
-    }
-}
+super::causal::causal_family!(Gemma3, Gemma3TextConfig {
+    layer: Gemma3DecoderLayer,
+    attn: Gemma3Attention,
+    mlp: LlamaMlp,
+    norm: GemmaRmsNorm,
+    embedding: weight,
+    logits: softcap => final_logit_softcapping,
+});
 
 /// `model`: scaled embeddings, two rotary tables, decoder layers, final RMSNorm (transformers'
 /// `Gemma3TextModel`).

@@ -28,12 +28,11 @@
 //! and `"llama3"` frequency scalings ([`Rope`]).
 //! Shapes: `batch` rows, `seq` new tokens, `past` cached tokens, `hidden` = `hidden_size`.
 
-use std::path::Path;
 
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 
 use super::act::HiddenAct;
-use super::causal::{self, CausalInput, CausalLm, KvCacheHandle, LmHead, LoadOptions, TokenIds};
+use super::causal::{self, CausalInput, KvCacheHandle, LmHead};
 use super::params;
 use super::point::{AttentionPoints, HookPoint};
 
@@ -83,92 +82,13 @@ impl Llama {
     }
 }
 
-impl HookModule for Llama {
-    /// [`CausalInput`].
-    type Input = CausalInput;
-    /// Logits `[batch, seq, vocab]`.
-    type Output = Tensor;
-    /// Ids, mask and position ids `[batch, ..]`; the KV cache handle shared.
-    fn input_layout(&self) -> Layout {
-        CAUSAL_INPUT
-    }
-    /// Every tensor `[batch, ..]` (rows on dim 0).
-    fn output_layout(&self) -> Layout {
-        ROWS
-    }
-    fn forward(&self, input: CausalInput) -> Tensor {
-        self.lm_head.call(self.model.call(input))
-    }
-}
-
-impl CausalLm for Llama {
-    fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        causal::check_load(dir, options)?;
-        let config = LlamaConfig::from_file(&dir.join("config.json"))?;
-        causal::load_model(dir, options, &["model."], &causal::Parts::MODEL, |p| Llama::new(p, &config))
-    }
-    fn max_positions(&self) -> i64 {
-        self.config.max_position_embeddings
-    }
-    fn num_layers(&self) -> usize {
-        self.model.layers.len()
-    }
-    fn vocab_size(&self) -> i64 {
-        self.config.vocab_size
-    }
-    fn eos_token_ids(&self) -> Vec<i64> {
-        self.config.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
-    }
-    fn pad_token_id(&self) -> Option<i64> {
-        self.config.pad_token_id
-    }
-    fn device(&self) -> Device {
-        self.model.embed_tokens.ws.device()
-    }
-    fn kind(&self) -> Kind {
-        self.model.embed_tokens.ws.kind()
-    }
-}
-
-/// `model.layers`, `model.layers.{i}.self_attn`, `.mlp`, `.mlp.act`, `model.norm`, `lm_head`.
-/// `Decoder` for a family whose model is a `LlamaModel` (field `model`) under an
-/// `LmHead` (field `lm_head`): Llama, and Mistral and Qwen2, which differ from it in their
-/// config and the layers' projections only.
-macro_rules! llama_model_decoder {
-    ($family:ty) => {
-        impl $crate::models::causal::Decoder for $family {
-            type Layer = $crate::models::llama::LlamaDecoderLayer;
-            type Attn = $crate::models::llama::LlamaAttention;
-            type Mlp = $crate::models::llama::LlamaMlp;
-            type MlpAct = $crate::models::point::HookPoint;
-            type Norm = $crate::models::llama::RmsNorm;
-            fn layers(&self) -> &Vec<$crate::hook::Hooked<Self::Layer>> {
-                &self.model.layers
-            }
-            fn layer_attn(layer: &$crate::hook::Hooked<Self::Layer>) -> &$crate::hook::Hooked<Self::Attn> {
-                &layer.self_attn
-            }
-            fn layer_mlp(layer: &$crate::hook::Hooked<Self::Layer>) -> &$crate::hook::Hooked<Self::Mlp> {
-                &layer.mlp
-            }
-            fn layer_mlp_act(layer: &$crate::hook::Hooked<Self::Layer>) -> &$crate::hook::Hooked<Self::MlpAct> {
-                &layer.mlp.act
-            }
-            fn final_norm(&self) -> &$crate::hook::Hooked<Self::Norm> {
-                &self.model.norm
-            }
-            fn unembedding(&self) -> &$crate::hook::Hooked<$crate::models::causal::LmHead> {
-                &self.lm_head
-            }
-            fn final_norm_device(&self) -> tch::Device {
-                self.model.norm.weight.device()
-            }
-        }
-    };
-}
-pub(crate) use llama_model_decoder;
-
-llama_model_decoder!(Llama);
+causal::causal_family!(Llama, LlamaConfig {
+    layer: LlamaDecoderLayer,
+    attn: LlamaAttention,
+    mlp: LlamaMlp,
+    norm: RmsNorm,
+    embedding: ws,
+});
 
 /// `model`: embeddings, rotary tables, decoder layers, final RMSNorm (transformers' `LlamaModel`).
 ///

@@ -28,18 +28,15 @@
 //! The `probs` hook point of a layer is exactly 0 outside the window.
 //! Shapes: `batch` rows, `seq` new tokens, `past` cached tokens, `hidden` = `hidden_size`.
 
-use std::path::Path;
 
-use tch::{nn, Device, Kind, Tensor};
+use tch::nn;
 
-use super::causal::{self, CausalInput, CausalLm, LmHead, LoadOptions, TokenIds};
-use super::llama::LlamaModel;
+use super::causal::{self, LmHead};
+use super::llama::{LlamaAttention, LlamaDecoderLayer, LlamaMlp, LlamaModel, RmsNorm};
 use super::params;
 
-use crate::activation::Layout;
 use crate::error::Result;
-use crate::hook::{HookModule, Hooked};
-use crate::models::{CAUSAL_INPUT, ROWS};
+use crate::hook::Hooked;
 use nnsight_macros::ModuleTree;
 
 mod config;
@@ -47,7 +44,7 @@ pub use config::MistralConfig;
 
 /// A Mistral model with its language-model head (transformers' `MistralForCausalLM`).
 ///
-/// Input [`CausalInput`], output logits `[batch, seq, vocab]`.
+/// Input [`CausalInput`](super::causal::CausalInput), output logits `[batch, seq, vocab]`.
 #[derive(Debug, ModuleTree)]
 #[module(crate = "crate")]
 pub struct Mistral {
@@ -79,53 +76,11 @@ impl Mistral {
     }
 }
 
-impl HookModule for Mistral {
-    /// [`CausalInput`].
-    type Input = CausalInput;
-    /// Logits `[batch, seq, vocab]`.
-    type Output = Tensor;
-    /// Ids, mask and position ids `[batch, ..]`; the KV cache handle shared.
-    fn input_layout(&self) -> Layout {
-        CAUSAL_INPUT
-    }
-    /// Every tensor `[batch, ..]` (rows on dim 0).
-    fn output_layout(&self) -> Layout {
-        ROWS
-    }
-    fn forward(&self, input: CausalInput) -> Tensor {
-        self.lm_head.call(self.model.call(input))
-    }
-}
-
-impl CausalLm for Mistral {
-    fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        causal::check_load(dir, options)?;
-        let config = MistralConfig::from_file(&dir.join("config.json"))?;
-        causal::load_model(dir, options, &["model."], &causal::Parts::MODEL, |p| Mistral::new(p, &config))
-    }
-    fn max_positions(&self) -> i64 {
-        self.config.max_position_embeddings
-    }
-    fn num_layers(&self) -> usize {
-        self.model.layers.len()
-    }
-    fn vocab_size(&self) -> i64 {
-        self.config.vocab_size
-    }
-    fn eos_token_ids(&self) -> Vec<i64> {
-        self.config.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
-    }
-    fn pad_token_id(&self) -> Option<i64> {
-        self.config.pad_token_id
-    }
-    fn device(&self) -> Device {
-        self.model.embed_tokens.ws.device()
-    }
-    fn kind(&self) -> Kind {
-        self.model.embed_tokens.ws.kind()
-    }
-}
-
-// Decoder: `model.layers`, `model.layers.{i}.self_attn`, `.mlp`, `.mlp.act`, `model.norm`, `lm_head`.
-super::llama::llama_model_decoder!(Mistral);
+super::causal::causal_family!(Mistral, MistralConfig {
+    layer: LlamaDecoderLayer,
+    attn: LlamaAttention,
+    mlp: LlamaMlp,
+    norm: RmsNorm,
+    embedding: ws,
+});
 

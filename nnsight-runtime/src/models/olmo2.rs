@@ -35,12 +35,11 @@
 //!
 //! Shapes: `batch` rows, `seq` new tokens, `past` cached tokens, `hidden` = `hidden_size`.
 
-use std::path::Path;
 
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 use super::causal::device_map::{to, Mover};
 
-use super::causal::{self, CausalInput, CausalLm, Decoder, LmHead, LoadOptions, TokenIds};
+use super::causal::{self, CausalInput, LmHead};
 use super::llama::{repeat_kv, LayerInput, LlamaConfig, LlamaMlp, RotaryEmbedding, LAYER_INPUT};
 use super::params;
 use super::point::{AttentionPoints, HookPoint};
@@ -89,82 +88,13 @@ impl Olmo2 {
     }
 }
 
-impl HookModule for Olmo2 {
-    /// [`CausalInput`].
-    type Input = CausalInput;
-    /// Logits `[batch, seq, vocab]`.
-    type Output = Tensor;
-    /// Ids, mask and position ids `[batch, ..]`; the KV cache handle shared.
-    fn input_layout(&self) -> Layout {
-        CAUSAL_INPUT
-    }
-    /// Every tensor `[batch, ..]` (rows on dim 0).
-    fn output_layout(&self) -> Layout {
-        ROWS
-    }
-    fn forward(&self, input: CausalInput) -> Tensor {
-        self.lm_head.call(self.model.call(input))
-    }
-}
-
-impl CausalLm for Olmo2 {
-    fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        causal::check_load(dir, options)?;
-        let config = Olmo2Config::from_file(&dir.join("config.json"))?;
-        causal::load_model(dir, options, &["model."], &causal::Parts::MODEL, |p| Olmo2::new(p, &config))
-    }
-    fn max_positions(&self) -> i64 {
-        self.config.max_position_embeddings
-    }
-    fn num_layers(&self) -> usize {
-        self.model.layers.len()
-    }
-    fn vocab_size(&self) -> i64 {
-        self.config.vocab_size
-    }
-    fn eos_token_ids(&self) -> Vec<i64> {
-        self.config.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
-    }
-    fn pad_token_id(&self) -> Option<i64> {
-        self.config.pad_token_id
-    }
-    fn device(&self) -> Device {
-        self.model.embed_tokens.ws.device()
-    }
-    fn kind(&self) -> Kind {
-        self.model.embed_tokens.ws.kind()
-    }
-}
-
-/// `model.layers`, `model.layers.{i}.self_attn`, `.mlp`, `.mlp.act`, `model.norm`, `lm_head`.
-impl Decoder for Olmo2 {
-    type Layer = Olmo2DecoderLayer;
-    type Attn = Olmo2Attention;
-    type Mlp = LlamaMlp;
-    type MlpAct = HookPoint;
-    type Norm = Olmo2RmsNorm;
-    fn layers(&self) -> &Vec<Hooked<Olmo2DecoderLayer>> {
-        &self.model.layers
-    }
-    fn layer_attn(layer: &Hooked<Self::Layer>) -> &Hooked<Olmo2Attention> {
-        &layer.self_attn
-    }
-    fn layer_mlp(layer: &Hooked<Self::Layer>) -> &Hooked<LlamaMlp> {
-        &layer.mlp
-    }
-    fn layer_mlp_act(layer: &Hooked<Self::Layer>) -> &Hooked<HookPoint> {
-        &layer.mlp.act
-    }
-    fn final_norm(&self) -> &Hooked<Olmo2RmsNorm> {
-        &self.model.norm
-    }
-    fn unembedding(&self) -> &Hooked<LmHead> {
-        &self.lm_head
-    }
-    fn final_norm_device(&self) -> Device {
-        self.model.norm.weight.device()
-    }
-}
+super::causal::causal_family!(Olmo2, Olmo2Config {
+    layer: Olmo2DecoderLayer,
+    attn: Olmo2Attention,
+    mlp: LlamaMlp,
+    norm: Olmo2RmsNorm,
+    embedding: ws,
+});
 
 /// `model`: as [`super::llama::LlamaModel`] with [`Olmo2DecoderLayer`]s (transformers'
 /// `Olmo2Model`).

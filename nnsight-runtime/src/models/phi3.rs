@@ -36,12 +36,11 @@
 //!
 //! Shapes: `batch` rows, `seq` new tokens, `past` cached tokens, `hidden` = `hidden_size`.
 
-use std::path::Path;
 
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Tensor};
 use super::causal::device_map::{to, Mover};
 
-use super::causal::{self, CausalInput, CausalLm, Decoder, LmHead, LoadOptions, TokenIds};
+use super::causal::{self, CausalInput, LmHead};
 use super::bert::HiddenAct;
 use super::llama::{repeat_kv, LayerInput, RmsNorm, RotaryEmbedding, LAYER_INPUT};
 use super::params;
@@ -90,82 +89,13 @@ impl Phi3 {
     }
 }
 
-impl HookModule for Phi3 {
-    /// [`CausalInput`].
-    type Input = CausalInput;
-    /// Logits `[batch, seq, vocab]`.
-    type Output = Tensor;
-    /// Ids, mask and position ids `[batch, ..]`; the KV cache handle shared.
-    fn input_layout(&self) -> Layout {
-        CAUSAL_INPUT
-    }
-    /// Every tensor `[batch, ..]` (rows on dim 0).
-    fn output_layout(&self) -> Layout {
-        ROWS
-    }
-    fn forward(&self, input: CausalInput) -> Tensor {
-        self.lm_head.call(self.model.call(input))
-    }
-}
-
-impl CausalLm for Phi3 {
-    fn load_with(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        causal::check_load(dir, options)?;
-        let config = Phi3Config::from_file(&dir.join("config.json"))?;
-        causal::load_model(dir, options, &["model."], &causal::Parts::MODEL, |p| Phi3::new(p, &config))
-    }
-    fn max_positions(&self) -> i64 {
-        self.config.max_position_embeddings
-    }
-    fn num_layers(&self) -> usize {
-        self.model.layers.len()
-    }
-    fn vocab_size(&self) -> i64 {
-        self.config.vocab_size
-    }
-    fn eos_token_ids(&self) -> Vec<i64> {
-        self.config.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
-    }
-    fn pad_token_id(&self) -> Option<i64> {
-        self.config.pad_token_id
-    }
-    fn device(&self) -> Device {
-        self.model.embed_tokens.ws.device()
-    }
-    fn kind(&self) -> Kind {
-        self.model.embed_tokens.ws.kind()
-    }
-}
-
-/// `model.layers`, `model.layers.{i}.self_attn`, `.mlp`, `.mlp.act`, `model.norm`, `lm_head`.
-impl Decoder for Phi3 {
-    type Layer = Phi3DecoderLayer;
-    type Attn = Phi3Attention;
-    type Mlp = Phi3Mlp;
-    type MlpAct = HookPoint;
-    type Norm = RmsNorm;
-    fn layers(&self) -> &Vec<Hooked<Phi3DecoderLayer>> {
-        &self.model.layers
-    }
-    fn layer_attn(layer: &Hooked<Self::Layer>) -> &Hooked<Phi3Attention> {
-        &layer.self_attn
-    }
-    fn layer_mlp(layer: &Hooked<Self::Layer>) -> &Hooked<Phi3Mlp> {
-        &layer.mlp
-    }
-    fn layer_mlp_act(layer: &Hooked<Self::Layer>) -> &Hooked<HookPoint> {
-        &layer.mlp.act
-    }
-    fn final_norm(&self) -> &Hooked<RmsNorm> {
-        &self.model.norm
-    }
-    fn unembedding(&self) -> &Hooked<LmHead> {
-        &self.lm_head
-    }
-    fn final_norm_device(&self) -> Device {
-        self.model.norm.weight.device()
-    }
-}
+super::causal::causal_family!(Phi3, Phi3Config {
+    layer: Phi3DecoderLayer,
+    attn: Phi3Attention,
+    mlp: Phi3Mlp,
+    norm: RmsNorm,
+    embedding: ws,
+});
 
 /// `model`: as [`super::llama::LlamaModel`] with [`Phi3DecoderLayer`]s and, when the config
 /// has a `sliding_window`, a sliding-window mask for every layer (transformers' `Phi3Model`).
