@@ -88,7 +88,9 @@ pub struct HarvestOptions<'a> {
     pub rows_per_shard: usize,
     /// `(i, n)`: harvest batches `b` with `b % n == i` (default `(0, 1)`: all).
     pub shard: (usize, usize),
-    /// Element type written: `Kind::Float` (default), `Kind::Half` or `Kind::BFloat16`.
+    /// Element type written: `Kind::Float` (default), `Kind::Half` or `Kind::BFloat16`. A value
+    /// the type cannot hold (over 65504 in magnitude for `Kind::Half`) stops the harvest with
+    /// [`Error::Input`] naming the hook point and line, rather than being written as infinity.
     pub dtype: Kind,
     /// Skip empty lines (and empty JSONL fields) instead of stopping with an error.
     pub skip_empty: bool,
