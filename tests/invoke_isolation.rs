@@ -19,7 +19,7 @@ use nnsight::tch::nn;
 use nnsight::tokenizers::models::wordlevel::WordLevel;
 use nnsight::tokenizers::pre_tokenizers::whitespace::Whitespace;
 use nnsight::tokenizers::Tokenizer;
-use nnsight::{Bert, Error, GenerateOptions, Generator, LanguageModel, Layout, TextModel};
+use nnsight::{Bert, Error, GenerateOptions, Generator, Group, LanguageModel, Layout, TextModel, Tracer};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size());
@@ -413,6 +413,68 @@ fn reads_and_swaps_outside_the_invokes_address_the_whole_batch() {
     assert!(before.equal(&want.0));
     assert!(whole.equal(&want.1));
     assert!(out_a.equal(&want.1.narrow(0, 0, 1)) && out_b.equal(&want.1.narrow(0, 1, 2)));
+}
+
+/// A read of a hook point written after an invoke changed it sees the change, also when the
+/// same point was read before the change in an overlapping group: the whole batch after an
+/// invoke's edit or swap, and an invoke after a whole-batch edit. (The second read had reused
+/// the first read's node and gave the value from before the change.)
+#[test]
+fn a_read_after_a_change_in_an_overlapping_group_sees_the_change() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = common::tiny::stack(&vs, 2);
+    let (a, b) = (common::tiny::input(1, 42), common::tiny::input(2, 43));
+    let x = Tensor::cat(&[&a, &b], 0);
+    let layer = |i: usize, h: &Tensor| nn::Module::forward(model.layers[i].inner(), h);
+    let h0 = tch::no_grad(|| layer(0, &x));
+    // Rows 1..3 are invoke 1's.
+    let zeroed_b = h0.copy();
+    let _ = zeroed_b.narrow(0, 1, 2).fill_(0.0);
+
+    // The whole batch, before and after invoke 1's in-place edit.
+    let (before, after, n_before) = trace!(model, {
+        let before = model.layers[0].output.save();
+        let n_before = model.layers[0].output.abs().sum(Kind::Float).double_value(&[]);
+        invoke(&a) {}
+        invoke(&b) { model.layers[0].output[..] = 0.0; }
+        (before, model.layers[0].output.save(), n_before)
+    })
+    .unwrap();
+    assert!(before.equal(&h0), "the read before the edit");
+    assert!(after.equal(&zeroed_b), "the read after invoke 1's edit");
+    assert_eq!(n_before, h0.abs().sum(Kind::Float).double_value(&[]));
+
+    // The same with a swap in invoke 0, and a value computed from the first read.
+    let doubled_a = h0.copy();
+    let _ = doubled_a.narrow(0, 0, 1).mul_(2.0);
+    let (before, after) = trace!(model, {
+        let before = model.layers[0].output.sum(Kind::Float).save();
+        invoke(&a) { model.layers[0].output = model.layers[0].output * 2.0; }
+        invoke(&b) {}
+        (before, model.layers[0].output.save())
+    })
+    .unwrap();
+    assert!(before.equal(&h0.sum(Kind::Float)) && after.equal(&doubled_a));
+
+    // An invoke's read, a whole-batch edit, the invoke's read again (`trace!` cannot go back
+    // into an invoke after the whole-batch statements; the Tracer can).
+    let mut tr = Tracer::new(&model);
+    let (_, gb) = (tr.invoke(&a), tr.invoke(&b));
+    let first = tr.output(gb, 0, || Ok(&model.layers[0]));
+    let first = tr.save(first);
+    let whole = tr.output(Group::ALL, 0, || Ok(&model.layers[0]));
+    let zero = tr.apply1(whole, |h: &Tensor| {
+        let _ = h.shallow_clone().fill_(0.0);
+        h.shallow_clone()
+    });
+    tr.edits(whole, zero);
+    let second = tr.output(gb, 0, || Ok(&model.layers[0]));
+    let second = tr.save(second);
+    let (first, second): (Tensor, Tensor) = tr.finish((first, second)).unwrap();
+    assert!(first.equal(&h0.narrow(0, 1, 2)), "invoke 1's read before the edit");
+    assert!(second.equal(&h0.narrow(0, 1, 2).zeros_like()), "invoke 1's read after the whole-batch edit");
+    // And nothing stays hooked.
+    assert!(tch::no_grad(|| model.call(x.shallow_clone())).equal(&tch::no_grad(|| layer(1, &h0.tanh()).tanh())));
 }
 
 // ----- the bundled models declare every hook point ----------------------------------------

@@ -244,6 +244,15 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         false
     }
 
+    /// After a swap, skip or edit of `(module, io, call)` in `group`: reads of that point
+    /// written later get new nodes (which see the change), in this group and in every group
+    /// whose rows overlap it — the whole batch ([`Group::ALL`]) overlaps each invoke. Reusing
+    /// an earlier read there would give the value from before the change.
+    fn forget_reads(&mut self, module: usize, io: Io, call: usize, group: usize) {
+        let overlaps = |g: usize| g == group || g == Group::ALL.0 || group == Group::ALL.0;
+        self.reads.retain(|&(k, i, _, c, g), _| !(k == module && i == io && c == call && overlaps(g)));
+    }
+
     #[track_caller]
     fn read<Mo: AsModule + 'env, T>(
         &mut self,
@@ -331,7 +340,7 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         let Some((h, call)) = self.module(call.into(), path) else { return };
         let group = self.helper_group(group, h.key());
         // Reads after this swap see the new value: they get new nodes.
-        self.reads.retain(|&(k, i, _, c, g), _| !(k == h.key() && i == io && c == call && g == group.0));
+        self.forget_reads(h.key(), io, call, group.0);
         self.graph.nodes[value].swap_uses += 1;
         self.graph.add_effect(h.key(), h.path(), io, Effect { call, group: group.0, kind: EffectKind::Swap(value, part) });
     }
@@ -421,7 +430,7 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         }
         let Some((h, call)) = self.module(call.into(), path) else { return };
         let group = self.helper_group(group, h.key());
-        self.reads.retain(|&(k, i, _, c, g), _| !(k == h.key() && i == Io::Output && c == call && g == group.0));
+        self.forget_reads(h.key(), Io::Output, call, group.0);
         self.graph.nodes[v].swap_uses += 1;
         self.graph.add_effect(h.key(), h.path(), Io::Output, Effect { call, group: group.0, kind: EffectKind::Skip(v) });
     }
@@ -474,7 +483,7 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
             root = t;
         }
         if let NodeKind::Hook { module, io, call, group, .. } = self.graph.nodes[root].kind {
-            self.reads.retain(|&(k, i, _, c, g), _| !(k == module && i == io && c == call && g == group));
+            self.forget_reads(module, io, call, group);
             let path = self.graph.modules.get(&module).map(|m| m.path.clone()).unwrap_or_default();
             self.graph.add_effect(module, &path, io, Effect { call, group, kind: EffectKind::Require(edit) });
         }
