@@ -196,6 +196,9 @@ isolated! {
         std::fs::create_dir(f.file("model.safetensors")).unwrap();
         let err = fails(llama(&f), "directory");
         assert!(err.to_string().contains("model.safetensors") && err.to_string().contains("is a directory"), "{err}");
+        // The model's config file given instead of its folder.
+        let err = Llama::from_pretrained(f.file("config.json")).unwrap_err();
+        assert!(matches!(err, Error::Io { .. }) && err.to_string().contains("is a file, expected a model folder"), "{err}");
 
         let f = Folder::copy_of("llama");
         std::fs::remove_file(f.file("model.safetensors")).unwrap();
@@ -602,4 +605,32 @@ isolated! {
         let x = Tensor::from_slice(&[5i64, 6]).view([1, 2]);
         assert!(logits.forward(&x, &x.ones_like(), &KvCacheHandle::disabled()).unwrap().isfinite().all().int64_value(&[]) == 1);
     }
+}
+
+// ---------------------------------------------------------------- edits of integer values
+
+/// Writing a number into token ids (or any integer slice) that the ids cannot hold — a
+/// fraction, or a number outside the kind's range — is an error of that node, not a silent
+/// truncation (`1.5` became token 1); a whole number in range is written as it is.
+#[test]
+fn a_fraction_written_into_token_ids_is_an_error_not_a_truncation() {
+    let f = Folder::copy_of("llama");
+    let lm = LanguageModel::<Llama>::from_pretrained(f.dir()).unwrap();
+    let plain = trace!(lm, "t5 t6 t7", { lm.output.save() }).unwrap();
+    for bad in [1.5, -0.5, f64::NAN, 1e30] {
+        let err = trace!(lm, "t5 t6 t7", {
+            lm.model.embed_tokens.input[.., 1] = bad;
+            lm.output.save()
+        })
+        .unwrap_err();
+        assert!(matches!(err, Error::Node { .. }), "{err}");
+        assert!(err.to_string().contains("cannot be stored in a Int64 slice without changing it"), "{bad}: {err}");
+    }
+    let swapped = trace!(lm, "t5 t6 t7", {
+        lm.model.embed_tokens.input[.., 1] = 9.0;
+        lm.output.save()
+    })
+    .unwrap();
+    assert!(swapped.equal(&trace!(lm, "t5 t9 t7", { lm.output.save() }).unwrap()));
+    assert!(trace!(lm, "t5 t6 t7", { lm.output.save() }).unwrap().equal(&plain), "nothing stays hooked");
 }

@@ -193,3 +193,29 @@ fn an_edit_reading_a_call_that_never_happens_says_it_is_the_edit() {
     let after = trace!(model, PROMPT, { model.lm_head.output.save() }).unwrap();
     assert!(after.equal(&before));
 }
+
+/// A persistent swap of the wrong shape fails every later trace with the swap's layouts, and
+/// the error says the value comes from a persistent edit (the trace itself holds no swap).
+#[test]
+fn a_persistent_swap_of_the_wrong_shape_says_it_is_the_edit() {
+    let model = lm();
+    let before = trace!(model, PROMPT, { model.lm_head.output.save() }).unwrap();
+    edit!(model, { model.transformer.h[0].output = Tensor::zeros([1, 2, 64], (Kind::Float, Device::Cpu)); }).unwrap();
+    let err = trace!(model, PROMPT, { model.lm_head.output.save() }).unwrap_err();
+    model.clear_edits();
+    match &err {
+        Error::SwapMismatch { point, actual, .. } => {
+            assert_eq!(point, "transformer.h.0.output");
+            assert!(actual.starts_with("Tensor[1, 2, 64] Float Cpu from a persistent edit") && actual.contains("clear_edits"), "{err}");
+        }
+        other => panic!("expected SwapMismatch naming the edit, got {other}"),
+    }
+    // The same swap in the trace's own block does not blame an edit.
+    let err = trace!(model, PROMPT, {
+        model.transformer.h[0].output = Tensor::zeros([1, 2, 64], (Kind::Float, Device::Cpu));
+        model.lm_head.output.save()
+    })
+    .unwrap_err();
+    assert!(matches!(&err, Error::SwapMismatch { actual, .. } if !actual.contains("persistent edit")), "{err}");
+    assert!(trace!(model, PROMPT, { model.lm_head.output.save() }).unwrap().equal(&before));
+}

@@ -574,7 +574,18 @@ impl<'env> Interleaver<'env> {
     fn splice<A: Activation>(&self, v: Value, node: NodeId, part: Part, act: &A, layout: Layout, key: usize, io: Io, e: &Effect) -> Result<A> {
         let rows = self.batch.rows(e.group);
         let by = || format!("the swap with node {}", self.node_name(node));
-        let refused = |r: Refusal, layout: Layout| self.refused(r, key, io, e, layout, &|| act.describe(), by);
+        // A swap replayed from a persistent edit says so: the trace itself may hold no swap.
+        let from_edit = node < self.graph.borrow().edit_nodes;
+        let refused = |r: Refusal, layout: Layout| match self.refused(r, key, io, e, layout, &|| act.describe(), by) {
+            Error::SwapMismatch { point, call, invoke, expected, actual } if from_edit => Error::SwapMismatch {
+                point,
+                call,
+                invoke,
+                expected,
+                actual: format!("{actual} from a persistent edit (`edit!`; `model.clear_edits()` removes it)"),
+            },
+            other => other,
+        };
         match part {
             Part::Whole => {
                 let new = activation_from::<A>(v, || self.node_name(node))?;

@@ -353,11 +353,37 @@ macro_rules! scalar_assign {
     ($($t:ty),*) => {$(
         impl AssignValue for $t {
             fn write_into(self, dst: &Tensor) -> std::result::Result<(), tch::TchError> {
+                let v = self as f64;
+                check_fits(v, dst.kind())?;
                 let mut d = dst.shallow_clone();
-                d.f_fill_(self as f64).map(|_| ())
+                d.f_fill_(v).map(|_| ())
             }
         }
     )*};
+}
+
+/// `Err` when filling a `kind` slice with `v` would store another number: a fraction or a
+/// non-finite value in an integer or bool slice (libtorch truncates `1.5` to `1` in token
+/// ids), or a whole number outside the kind's range (it would wrap). Float slices are checked
+/// by libtorch itself (`1e5` into float16 is its overflow error).
+fn check_fits(v: f64, kind: tch::Kind) -> std::result::Result<(), tch::TchError> {
+    use tch::Kind::*;
+    let range = match kind {
+        Bool => Some((0.0, 1.0)),
+        Uint8 => Some((0.0, 255.0)),
+        Int8 => Some((-128.0, 127.0)),
+        Int16 => Some((-32768.0, 32767.0)),
+        Int => Some((i32::MIN as f64, i32::MAX as f64)),
+        Int64 => Some((i64::MIN as f64, i64::MAX as f64)),
+        _ => None,
+    };
+    match range {
+        Some((lo, hi)) if !(v.is_finite() && v.fract() == 0.0 && (lo..=hi).contains(&v)) => Err(tch::TchError::Kind(format!(
+            "{v} cannot be stored in a {kind:?} slice without changing it (a whole number in {lo}..={hi} can): \
+             an integer slice holds token ids, positions or a mask"
+        ))),
+        _ => Ok(()),
+    }
 }
 scalar_assign!(f64, f32, i64, i32);
 impl AssignValue for &Tensor {

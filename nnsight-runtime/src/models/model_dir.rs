@@ -48,6 +48,9 @@ impl ModelDir {
         let io = |kind: io::ErrorKind, message: String| Error::Io { path: dir.display().to_string(), source: io::Error::new(kind, message) };
         let canonical = std::fs::canonicalize(dir).map_err(|e| io(e.kind(), format!("model folder not found ({})", describe_os_error(&e))))?;
         let meta = std::fs::metadata(&canonical).map_err(|e| io(e.kind(), e.to_string()))?;
+        if meta.is_file() {
+            return Err(io(io::ErrorKind::InvalidInput, "is a file, expected a model folder (the folder that holds config.json)".into()));
+        }
         if !meta.is_dir() {
             return Err(io(io::ErrorKind::InvalidInput, format!("{}, expected a model folder", file_type(&meta))));
         }
