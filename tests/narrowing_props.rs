@@ -971,13 +971,6 @@ fn mixer_trace(
 ) -> nnsight::Result<(Vec<Tensor>, Vec<Tensor>)> {
     let mut tr = Tracer::new(model);
     let groups: Vec<_> = xs.iter().map(|x| tr.invoke(x)).collect();
-    let saved: Vec<_> = groups
-        .iter()
-        .map(|&g| {
-            let o = tr.output(g, 0, || Ok(model));
-            tr.save(o)
-        })
-        .collect();
     let before: Vec<_> = groups
         .iter()
         .map(|&g| match point {
@@ -1031,6 +1024,14 @@ fn mixer_trace(
             }
         }
     }
+    // The model's outputs, read after the change (read before it, they would be out of order).
+    let saved: Vec<_> = groups
+        .iter()
+        .map(|&g| {
+            let o = tr.output(g, 0, || Ok(model));
+            tr.save(o)
+        })
+        .collect();
     tr.finish((saved, before))
 }
 

@@ -191,8 +191,8 @@ fn values_written_before_an_edit_see_the_activation_before_it() {
         let h = model.layers[0].output[.., 1];
         let n = h.norm().double_value(&[]);
         let big = h.abs().max().double_value(&[]) > -1.0; // always true before the edit
-        let keep = model.layers[1].output[.., 2] * 1.0;
         model.layers[0].output[.., 1] = 0.0;
+        let keep = model.layers[1].output[.., 2] * 1.0; // after the layer-0 edit (see below)
         model.layers[1].output[.., 2] = 0.0;
         let mut flag = 0;
         if big {
@@ -217,19 +217,41 @@ fn values_written_before_an_edit_see_the_activation_before_it() {
         h2
     });
     assert!(restored.equal(&want));
+    // Written before the layer-0 edit, `keep` (layer 1, computed after layer 0) could only be
+    // the edited path's value: out of order, as in nnsight.
+    let err = trace!(model, &x, {
+        let keep = model.layers[1].output[.., 2] * 1.0;
+        model.layers[0].output[.., 1] = 0.0;
+        model.layers[2].output[.., 2] = keep;
+    })
+    .unwrap_err();
+    assert!(matches!(err, nnsight::Error::OutOfOrder { .. }), "{err}");
 }
 
-/// A node built before an edit that also waits for a later hook point reads the earlier
-/// activation as it was before the edit (the edit runs first, at the earlier hook point).
+/// A node built before an edit that also waits for a later hook point cannot have the values
+/// from before the edit for both: the edit runs first, at the earlier hook point. An error
+/// (as nnsight's out-of-order error); the same statements with the edit first compute.
 #[test]
-fn a_read_built_before_an_edit_keeps_the_old_value_while_it_waits_for_a_later_hook() {
+fn a_read_built_before_an_edit_that_waits_for_a_later_hook_is_out_of_order() {
     let vs = nn::VarStore::new(Device::Cpu);
     let model = stack(&vs, 3);
     let x = input(2, 12);
-    let (d, after) = trace!(model, &x, {
+    let err = trace!(model, &x, {
         let h = model.layers[0].output[.., 1];
         let d = h - model.layers[1].output[.., 1];
         model.layers[0].output[.., 1] = 0.0;
+        d
+    })
+    .unwrap_err();
+    match &err {
+        nnsight::Error::OutOfOrder { point, changed, .. } => assert!(point == "layers.1.output" && changed == "layers.0.output", "{err}"),
+        other => panic!("expected OutOfOrder, got {other}"),
+    }
+    let (d, after) = trace!(model, &x, {
+        let h = model.layers[0].output[.., 1];
+        let clean = h.copy();
+        model.layers[0].output[.., 1] = 0.0;
+        let d = clean - model.layers[1].output[.., 1];
         let after = h * 1.0; // built after the edit: the edited memory, as tch's aliasing gives
         (d, after)
     })

@@ -54,6 +54,33 @@ pub enum Error {
         node: String,
     },
 
+    /// A swap, skip or in-place edit written *after* a read of a hook point that the model
+    /// computes *later* (in the same invoke, or one whose rows overlap): run in the model's
+    /// order, the read would see the change, though in the block it comes before it. nnsight
+    /// raises its out-of-order error here too. Write the change before the read, or read in a
+    /// trace of its own.
+    #[error(
+        "node {node} reads `{point}` (call {call}, {invoke}), which the model computes after `{changed}` (call \
+         {changed_call}, {changed_invoke}); that change is written after the read, so the read would see it: write \
+         the change before the read (the model runs `{changed}` first), or make the read in a trace of its own"
+    )]
+    OutOfOrder {
+        /// The read written first, with its source location.
+        node: String,
+        /// Its hook point, e.g. `model.layers.1.output`.
+        point: String,
+        /// Its call.
+        call: usize,
+        /// Its batch group.
+        invoke: Group,
+        /// The hook point changed, e.g. `model.layers.0.output`.
+        changed: String,
+        /// The call changed.
+        changed_call: usize,
+        /// The batch group changed.
+        changed_invoke: Group,
+    },
+
     /// A swap's new value does not have the layout of the value it replaces.
     #[error(
         "swap at `{point}` (call {call}, {invoke}) has the wrong layout: expected {expected}, got {actual}"

@@ -86,6 +86,11 @@ pub(crate) struct Effect {
     pub call: usize,
     pub group: usize,
     pub kind: EffectKind,
+    /// The number of nodes built before the statement that added this effect: nodes with a
+    /// smaller id were written before it in the block.
+    pub order: usize,
+    /// Effects added before this one (their statements were written before it).
+    pub seq: usize,
 }
 
 /// The hook points of one module that the graph uses.
@@ -187,6 +192,8 @@ pub(crate) struct Graph<'env> {
     pub helpers: std::collections::HashSet<usize>,
     /// Nodes `0..edit_nodes` were replayed from the model's persistent edits (`edit!`).
     pub edit_nodes: usize,
+    /// How many effects were added so far ([`Effect::seq`]).
+    pub effects_added: usize,
 }
 
 impl<'env> Graph<'env> {
@@ -246,7 +253,9 @@ impl<'env> Graph<'env> {
         self.modules.entry(key).or_insert_with(|| ModuleEffects { path: path.to_string(), ..Default::default() })
     }
 
-    pub fn add_effect(&mut self, key: usize, path: &str, io: Io, effect: Effect) {
+    pub fn add_effect(&mut self, key: usize, path: &str, io: Io, call: usize, group: usize, kind: EffectKind) {
+        let effect = Effect { call, group, kind, order: self.nodes.len(), seq: self.effects_added };
+        self.effects_added += 1;
         let m = self.module_mut(key, path);
         match io {
             Io::Input => m.input.push(effect),

@@ -407,13 +407,17 @@ impl<'env> Interleaver<'env> {
             }
         }
         let mut requires = Vec::new();
+        let mut changes = Vec::new();
         for e in effects {
             let r = match e.kind {
                 EffectKind::Read(node, part) => self.read(node, part, &act, layout, key, io, &e),
                 EffectKind::Swap(node, part) => match self.swap_value(node, key, io, &e) {
                     Ok(None) => Ok(()),
                     Err(err) => Err(err),
-                    Ok(Some(v)) => self.splice(v, node, part, &act, layout, key, io, &e).map(|new_act| act = new_act),
+                    Ok(Some(v)) => {
+                        changes.push(e);
+                        self.splice(v, node, part, &act, layout, key, io, &e).map(|new_act| act = new_act)
+                    }
                 },
                 EffectKind::Require(node) => {
                     requires.push((node, e));
@@ -427,9 +431,20 @@ impl<'env> Interleaver<'env> {
             }
         }
         for (node, e) in requires {
-            let missing = matches!(self.state.borrow().slots[node], Slot::Empty);
+            let (missing, ran) = {
+                let st = self.state.borrow();
+                (matches!(st.slots[node], Slot::Empty), !matches!(st.slots[node], Slot::Skipped))
+            };
             if missing {
                 let err = self.not_ready(node, key, io, &e);
+                self.interrupt(err);
+            }
+            if ran {
+                changes.push(e);
+            }
+        }
+        for e in changes {
+            if let Err(err) = self.check_order(key, io, &e) {
                 self.interrupt(err);
             }
         }
@@ -488,6 +503,9 @@ impl<'env> Interleaver<'env> {
             }
         }
         let (v, node, e) = chosen?;
+        if let Err(err) = self.check_order(key, Io::Output, &e) {
+            self.interrupt(err);
+        }
         let point = || self.graph.borrow().point_name(key, Io::Output);
         let rows = self.batch.rows(e.group);
         if !rows.is_all() {
@@ -539,6 +557,47 @@ impl<'env> Interleaver<'env> {
             self.interrupt(Error::SwapMismatch { point: point(), call, invoke: Group(e.group), expected, actual });
         }
         Some(out)
+    }
+
+    /// After change `e` (a swap, skip or edit that ran) at `(key, io, e.call)`: an error
+    /// ([`Error::OutOfOrder`]) when a read written before it in the same batch group (the same
+    /// invoke, or both outside the invokes) waits for a hook point the model has not reached
+    /// yet, and the block uses that read's value as one from before the change
+    /// ([`observed_before`]): the block says the read comes first, the model would show it the
+    /// change. As in nnsight, where each invoke is a program run in order and the invokes run
+    /// side by side: across groups the model's order holds (a statement outside the invokes
+    /// changes the rows an invoke reads at a later hook point, wherever that read is written).
+    /// Changes alone, written in any order, are a set applied in the model's order (a read
+    /// that only feeds an edit or swap written before `e` is part of such a change). Reads
+    /// replayed from persistent edits are part of the model; reads of the same point and call
+    /// were given the value from before the change already.
+    fn check_order(&self, key: usize, io: Io, e: &Effect) -> Result<()> {
+        let g = self.graph.borrow();
+        let st = self.state.borrow();
+        for (&k, m) in &g.modules {
+            for (side, reads) in [(Io::Input, &m.input), (Io::Output, &m.output)] {
+                for r in reads {
+                    let EffectKind::Read(node, _) = r.kind else { continue };
+                    let before_change = node < e.order && node >= g.edit_nodes;
+                    let same_point = k == key && side == io && r.call == e.call;
+                    // A skipped module's own modules never run: their reads are never provided.
+                    let inside_skip = matches!(e.kind, EffectKind::Skip(_)) && m.path.starts_with(&format!("{}.", g.modules[&key].path));
+                    let waiting = matches!(st.slots[node], Slot::Empty);
+                    if before_change && !same_point && !inside_skip && r.group == e.group && waiting && observed_before(&g, node, e) {
+                        return Err(Error::OutOfOrder {
+                            node: g.nodes[node].name(node),
+                            point: g.point_name(k, side),
+                            call: r.call,
+                            invoke: Group(r.group),
+                            changed: g.point_name(key, io),
+                            changed_call: e.call,
+                            changed_invoke: Group(e.group),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Hands read `node` its group's share of `act` (`.output`/`.inputs`, or `.input`).
@@ -899,4 +958,31 @@ impl activation::Leaves for RowsCheck {
         }
         Ok(t.shallow_clone())
     }
+}
+
+/// Whether the block uses read `read`'s value as one from before `change` (written after the
+/// first `change.order` nodes): the read, or a value computed from it by nodes also written
+/// before the change, is saved (returned), used by a node written after the change, or put in
+/// by a swap or skip written after it. Values that only feed edits and swaps written before
+/// the change are changes themselves, applied in the model's order.
+fn observed_before(g: &Graph, read: NodeId, change: &Effect) -> bool {
+    let order = change.order;
+    let swapped_after = |n: NodeId| {
+        g.modules.values().flat_map(|m| m.input.iter().chain(&m.output)).any(|e| {
+            e.seq > change.seq && matches!(e.kind, EffectKind::Swap(v, _) | EffectKind::Skip(v) if v == n)
+        })
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![read];
+    while let Some(n) = stack.pop() {
+        if !seen.insert(n) {
+            continue;
+        }
+        let node = &g.nodes[n];
+        if n >= order || node.saved || (node.swap_uses > 0 && swapped_after(n)) {
+            return true;
+        }
+        stack.extend(node.listeners.iter().copied());
+    }
+    false
 }

@@ -20,7 +20,7 @@ use tch::Tensor;
 
 use crate::activation::Activation;
 use crate::error::{Error, Result};
-use crate::graph::{Effect, EffectKind, Graph, Io, NodeKind, Part};
+use crate::graph::{EffectKind, Graph, Io, NodeKind, Part};
 use crate::hook::{AsModule, HookModule, Hooked};
 use crate::interleave::{Batch, HookPointLayout, Interleaver};
 use crate::proxy::{NodeId, Proxy, ProxyRef, Saved, SavedIfRan};
@@ -286,7 +286,7 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
             vec![],
             vec![],
         );
-        self.graph.add_effect(h.key(), h.path(), io, Effect { call, group: group.0, kind: EffectKind::Read(id, part) });
+        self.graph.add_effect(h.key(), h.path(), io, call, group.0, EffectKind::Read(id, part));
         self.reads.insert(key, id);
         self.proxy(id)
     }
@@ -342,7 +342,7 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         // Reads after this swap see the new value: they get new nodes.
         self.forget_reads(h.key(), io, call, group.0);
         self.graph.nodes[value].swap_uses += 1;
-        self.graph.add_effect(h.key(), h.path(), io, Effect { call, group: group.0, kind: EffectKind::Swap(value, part) });
+        self.graph.add_effect(h.key(), h.path(), io, call, group.0, EffectKind::Swap(value, part));
     }
 
     /// Replaces the invoke's rows of the module's output with `value` (`model.x.output = v`).
@@ -432,7 +432,7 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         let group = self.helper_group(group, h.key());
         self.forget_reads(h.key(), Io::Output, call, group.0);
         self.graph.nodes[v].swap_uses += 1;
-        self.graph.add_effect(h.key(), h.path(), Io::Output, Effect { call, group: group.0, kind: EffectKind::Skip(v) });
+        self.graph.add_effect(h.key(), h.path(), Io::Output, call, group.0, EffectKind::Skip(v));
     }
 
     /// [`Tracer::swap_inputs`] with the value built by `value` (see [`Tracer::swap_output_with`]).
@@ -485,7 +485,7 @@ impl<'env, M: ?Sized + Traced> Tracer<'env, M> {
         if let NodeKind::Hook { module, io, call, group, .. } = self.graph.nodes[root].kind {
             self.forget_reads(module, io, call, group);
             let path = self.graph.modules.get(&module).map(|m| m.path.clone()).unwrap_or_default();
-            self.graph.add_effect(module, &path, io, Effect { call, group, kind: EffectKind::Require(edit) });
+            self.graph.add_effect(module, &path, io, call, group, EffectKind::Require(edit));
         }
     }
 
