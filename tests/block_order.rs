@@ -35,7 +35,7 @@ fn assert_out_of_order(err: Error, point: &str, changed: &str) {
         Error::OutOfOrder { point: p, changed: c, .. } => assert!(p == point && c == changed, "{msg}"),
         _ => panic!("expected OutOfOrder, got {msg}"),
     }
-    assert!(msg.contains("tests/block_order.rs:") && msg.contains("write the change before the read"), "{msg}");
+    assert!(msg.contains("tests/block_order.rs:") && msg.contains("write the change before the read") && msg.contains("one forward pass cannot give the value from before that change"), "{msg}");
 }
 
 #[test]
@@ -159,6 +159,73 @@ fn changes_alone_may_come_in_any_order_but_a_value_carried_across_a_change_may_n
     })
     .unwrap_err();
     assert_out_of_order(err, "layers.2.output", "layers.0.output");
+}
+
+/// A value read before a change and written into *another* hook point by a swap or an edit
+/// written before that change is carried across it: out of order. A change of the read's own
+/// hook point computed from it (`h3[.., 0] = h3[.., 1]`) is a change, applied in the model's
+/// order. A read of a module's output written before its `.skip` cannot have the value from
+/// before the skip (it never exists): out of order too.
+#[test]
+fn values_carried_to_another_hook_point_and_reads_before_a_skip_are_out_of_order() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = stack(&vs, 4);
+    let x = input(2, 205);
+    let err = trace!(model, &x, {
+        model.layers[3].output = model.layers[2].output.copy();
+        model.layers[1].output *= 0.0;
+        model.output.save()
+    })
+    .unwrap_err();
+    assert_out_of_order(err, "layers.2.output", "layers.1.output");
+    let err = trace!(model, &x, {
+        model.layers[3].output[..] = model.layers[2].output;
+        model.layers[1].output *= 0.0;
+        model.output.save()
+    })
+    .unwrap_err();
+    assert_out_of_order(err, "layers.2.output", "layers.1.output");
+    let out = trace!(model, &x, {
+        model.layers[2].output[.., 0] = model.layers[2].output[.., 1];
+        model.layers[1].output *= 0.5;
+        model.output.save()
+    })
+    .unwrap();
+    let want = by_hand(&model, &x, |i, o| match i {
+        1 => o * 0.5,
+        2 => {
+            let col = o.narrow(1, 1, 1).copy();
+            let _ = o.narrow(1, 0, 1).copy_(&col);
+            o
+        }
+        _ => o,
+    });
+    assert!(out.equal(&want[3].tanh()));
+    let err = trace!(model, &x, {
+        let o = model.layers[2].output.save();
+        model.layers[2].skip(model.layers[2].input);
+        o
+    })
+    .unwrap_err();
+    assert_out_of_order(err, "layers.2.output", "layers.2.output");
+}
+
+/// An `edit!` block is checked like a trace's own: its read of a later layer, carried across
+/// its own change of an earlier one, fails the traces it is replayed in.
+#[test]
+fn a_persistent_edit_out_of_order_fails_the_traces_that_replay_it() {
+    let model = minilm();
+    let plain = trace!(model, &[PARIS, ROME], { model.output.save() }).unwrap();
+    edit!(model, {
+        let c = model.encoder.layer[3].output.copy();
+        model.encoder.layer[1].output *= 0.5;
+        model.encoder.layer[4].output = c;
+    })
+    .unwrap();
+    let err = trace!(model, &[PARIS, ROME], { model.output.save() }).unwrap_err();
+    model.clear_edits();
+    assert!(matches!(&err, Error::OutOfOrder { point, changed, .. } if point == "encoder.layer.3.output" && changed == "encoder.layer.1.output"), "{err}");
+    assert!(trace!(model, &[PARIS, ROME], { model.output.save() }).unwrap().equal(&plain));
 }
 
 /// A persistent edit is part of the model: its own read of a later layer is not "written

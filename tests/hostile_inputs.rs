@@ -632,5 +632,20 @@ fn a_fraction_written_into_token_ids_is_an_error_not_a_truncation() {
     })
     .unwrap();
     assert!(swapped.equal(&trace!(lm, "t5 t9 t7", { lm.output.save() }).unwrap()));
+    // Integers are written exactly, whole floats up to the kind's range; 2^63 is refused.
+    let ids = trace!(lm, "t5 t6 t7", {
+        lm.model.embed_tokens.input[.., 1] = 9007199254740993i64;
+        let big = lm.model.embed_tokens.input.copy().save();
+        lm.model.embed_tokens.input[.., 1] = 6i64; // a real token again, so the forward runs
+        big
+    })
+    .unwrap();
+    assert_eq!(ids.int64_value(&[0, 1]), 9007199254740993);
+    let err = trace!(lm, "t5 t6 t7", {
+        lm.model.embed_tokens.input[.., 1] = 9223372036854775808.0;
+        lm.output.save()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("in -9223372036854775808..=9223372036854775807"), "{err}");
     assert!(trace!(lm, "t5 t6 t7", { lm.output.save() }).unwrap().equal(&plain), "nothing stays hooked");
 }

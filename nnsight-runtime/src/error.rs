@@ -60,9 +60,10 @@ pub enum Error {
     /// raises its out-of-order error here too. Write the change before the read, or read in a
     /// trace of its own.
     #[error(
-        "node {node} reads `{point}` (call {call}, {invoke}), which the model computes after `{changed}` (call \
-         {changed_call}, {changed_invoke}); that change is written after the read, so the read would see it: write \
-         the change before the read (the model runs `{changed}` first), or make the read in a trace of its own"
+        "node {node} reads `{point}` (call {call}, {invoke}) before the change of `{changed}` (call {changed_call}, \
+         {changed_invoke}) written after it, but the model computes `{point}` after `{changed}`, so one forward pass \
+         cannot give the value from before that change: write the change before the read, or make the read in a \
+         trace of its own"
     )]
     OutOfOrder {
         /// The read written first, with its source location.

@@ -578,12 +578,16 @@ impl<'env> Interleaver<'env> {
             for (side, reads) in [(Io::Input, &m.input), (Io::Output, &m.output)] {
                 for r in reads {
                     let EffectKind::Read(node, _) = r.kind else { continue };
-                    let before_change = node < e.order && node >= g.edit_nodes;
-                    let same_point = k == key && side == io && r.call == e.call;
+                    // Reads replayed from persistent edits are part of the model, except against
+                    // those edits' own changes (an `edit!` block is checked like a trace's).
+                    let before_change = node < e.order && (node >= g.edit_nodes || e.order <= g.edit_nodes);
+                    // At the changed point itself a read written first got the value from before
+                    // the change, except before a skip: that value never exists.
+                    let same_point = k == key && side == io && r.call == e.call && !matches!(e.kind, EffectKind::Skip(_));
                     // A skipped module's own modules never run: their reads are never provided.
                     let inside_skip = matches!(e.kind, EffectKind::Skip(_)) && m.path.starts_with(&format!("{}.", g.modules[&key].path));
                     let waiting = matches!(st.slots[node], Slot::Empty);
-                    if before_change && !same_point && !inside_skip && r.group == e.group && waiting && observed_before(&g, node, e) {
+                    if before_change && !same_point && !inside_skip && r.group == e.group && waiting && observed_before(&g, node, (k, side, r.call), e) {
                         return Err(Error::OutOfOrder {
                             node: g.nodes[node].name(node),
                             point: g.point_name(k, side),
@@ -960,29 +964,53 @@ impl activation::Leaves for RowsCheck {
     }
 }
 
-/// Whether the block uses read `read`'s value as one from before `change` (written after the
-/// first `change.order` nodes): the read, or a value computed from it by nodes also written
-/// before the change, is saved (returned), used by a node written after the change, or put in
-/// by a swap or skip written after it. Values that only feed edits and swaps written before
-/// the change are changes themselves, applied in the model's order.
-fn observed_before(g: &Graph, read: NodeId, change: &Effect) -> bool {
+/// Whether the block uses read `read`'s value (of hook point `(module, io, call)`) as one from
+/// before `change` (written after the first `change.order` nodes): the read, or a value
+/// computed from it by nodes also written before the change, is saved (returned), used by a
+/// node written after the change, put in by a swap or skip written after it, or written into
+/// another hook point's activation. Values that only feed changes of the read's own hook point
+/// written before the change (`l3.output = l3.output * 2.0`) are changes themselves, applied
+/// in the model's order.
+fn observed_before(g: &Graph, read: NodeId, (module, io, call): (usize, Io, usize), change: &Effect) -> bool {
     let order = change.order;
-    let swapped_after = |n: NodeId| {
-        g.modules.values().flat_map(|m| m.input.iter().chain(&m.output)).any(|e| {
-            e.seq > change.seq && matches!(e.kind, EffectKind::Swap(v, _) | EffectKind::Skip(v) if v == n)
+    // Put in by a swap or skip written after the change, or at another hook point than the
+    // read's (the value carried to another activation: `l4.output = l3.output.copy()`).
+    let carried = |n: NodeId| {
+        g.modules.iter().any(|(&k, m)| {
+            [(Io::Input, &m.input), (Io::Output, &m.output)].into_iter().any(|(side, effects)| {
+                effects.iter().any(|e| {
+                    matches!(e.kind, EffectKind::Swap(v, _) | EffectKind::Skip(v) if v == n)
+                        && (e.seq > change.seq || (k, side, e.call) != (module, io, call))
+                })
+            })
         })
     };
     let mut seen = std::collections::HashSet::new();
-    let mut stack = vec![read];
-    while let Some(n) = stack.pop() {
+    let mut stack = vec![(read, None::<NodeId>)];
+    while let Some((n, from)) = stack.pop() {
         if !seen.insert(n) {
             continue;
         }
         let node = &g.nodes[n];
-        if n >= order || node.saved || (node.swap_uses > 0 && swapped_after(n)) {
+        // An edit reached through its value rather than its target writes the read's value
+        // into another activation (`l4.output[..] = l3.output`).
+        let edit_value = node.edit && from.is_some_and(|f| node.args.as_slice().first() != Some(&f)) && edit_target(g, n) != Some((module, io, call));
+        if n >= order || node.saved || edit_value || (node.swap_uses > 0 && carried(n)) {
             return true;
         }
-        stack.extend(node.listeners.iter().copied());
+        stack.extend(node.listeners.iter().map(|&l| (l, Some(n))));
     }
     false
+}
+
+/// The hook point an in-place edit node writes into: its target (first argument), followed
+/// back through the views taken of it to the hook read.
+fn edit_target(g: &Graph, edit: NodeId) -> Option<(usize, Io, usize)> {
+    let mut n = *g.nodes[edit].args.as_slice().first()?;
+    loop {
+        match g.nodes[n].kind {
+            NodeKind::Hook { module, io, call, .. } => return Some((module, io, call)),
+            _ => n = *g.nodes[n].args.as_slice().first()?,
+        }
+    }
 }

@@ -349,43 +349,65 @@ pub trait AssignValue {
     /// Writes `self` into `dst`.
     fn write_into(self, dst: &Tensor) -> std::result::Result<(), tch::TchError>;
 }
-macro_rules! scalar_assign {
+macro_rules! float_assign {
     ($($t:ty),*) => {$(
         impl AssignValue for $t {
             fn write_into(self, dst: &Tensor) -> std::result::Result<(), tch::TchError> {
                 let v = self as f64;
-                check_fits(v, dst.kind())?;
-                let mut d = dst.shallow_clone();
-                d.f_fill_(v).map(|_| ())
+                if let Some((lo, hi)) = int_range(dst.kind()) {
+                    // Whole and in range: exact as i64 (`hi + 1` is a power of two, exact in f64).
+                    if !(v.is_finite() && v.fract() == 0.0 && v >= lo as f64 && v < hi as f64 + 1.0) {
+                        return Err(refused(v, dst.kind(), lo, hi));
+                    }
+                    return dst.shallow_clone().f_fill_(v as i64).map(|_| ());
+                }
+                dst.shallow_clone().f_fill_(v).map(|_| ())
             }
         }
     )*};
 }
+float_assign!(f64, f32);
 
-/// `Err` when filling a `kind` slice with `v` would store another number: a fraction or a
-/// non-finite value in an integer or bool slice (libtorch truncates `1.5` to `1` in token
-/// ids), or a whole number outside the kind's range (it would wrap). Float slices are checked
-/// by libtorch itself (`1e5` into float16 is its overflow error).
-fn check_fits(v: f64, kind: tch::Kind) -> std::result::Result<(), tch::TchError> {
+macro_rules! int_assign {
+    ($($t:ty),*) => {$(
+        impl AssignValue for $t {
+            fn write_into(self, dst: &Tensor) -> std::result::Result<(), tch::TchError> {
+                let v = self as i64;
+                if let Some((lo, hi)) = int_range(dst.kind()) {
+                    if !(lo..=hi).contains(&v) {
+                        return Err(refused(v, dst.kind(), lo, hi));
+                    }
+                }
+                dst.shallow_clone().f_fill_(v).map(|_| ())
+            }
+        }
+    )*};
+}
+int_assign!(i64, i32);
+
+/// The values an integer or bool slice holds; `None` for float kinds (libtorch checks those
+/// itself: `1e5` into float16 is its overflow error). Filling such a slice with a fraction,
+/// a non-finite value or a number outside this range would store another number (libtorch
+/// truncates `1.5` to `1` in token ids, and wraps).
+fn int_range(kind: tch::Kind) -> Option<(i64, i64)> {
     use tch::Kind::*;
-    let range = match kind {
-        Bool => Some((0.0, 1.0)),
-        Uint8 => Some((0.0, 255.0)),
-        Int8 => Some((-128.0, 127.0)),
-        Int16 => Some((-32768.0, 32767.0)),
-        Int => Some((i32::MIN as f64, i32::MAX as f64)),
-        Int64 => Some((i64::MIN as f64, i64::MAX as f64)),
+    match kind {
+        Bool => Some((0, 1)),
+        Uint8 => Some((0, 255)),
+        Int8 => Some((-128, 127)),
+        Int16 => Some((-32768, 32767)),
+        Int => Some((i32::MIN as i64, i32::MAX as i64)),
+        Int64 => Some((i64::MIN, i64::MAX)),
         _ => None,
-    };
-    match range {
-        Some((lo, hi)) if !(v.is_finite() && v.fract() == 0.0 && (lo..=hi).contains(&v)) => Err(tch::TchError::Kind(format!(
-            "{v} cannot be stored in a {kind:?} slice without changing it (a whole number in {lo}..={hi} can): \
-             an integer slice holds token ids, positions or a mask"
-        ))),
-        _ => Ok(()),
     }
 }
-scalar_assign!(f64, f32, i64, i32);
+
+fn refused(v: impl std::fmt::Display, kind: tch::Kind, lo: i64, hi: i64) -> tch::TchError {
+    tch::TchError::Kind(format!(
+        "{v} cannot be stored in a {kind:?} slice without changing it (a whole number in {lo}..={hi} can): an integer \
+         slice holds token ids, positions or a mask"
+    ))
+}
 impl AssignValue for &Tensor {
     fn write_into(self, dst: &Tensor) -> std::result::Result<(), tch::TchError> {
         if self.kind() != dst.kind() || self.device() != dst.device() {
