@@ -248,3 +248,22 @@ fn a_persistent_edits_reads_follow_the_model() {
     .unwrap();
     assert!(out.equal(&expected));
 }
+
+/// A saved value is the value at the moment it was saved, for the trace's result and for its
+/// later uses in the block alike (a swap of it into another layer put the edited tensor in).
+#[test]
+fn a_saved_value_used_after_an_edit_is_the_saved_value() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = stack(&vs, 4);
+    let x = input(2, 206);
+    let (a, b, l3) = trace!(model, &x, {
+        let a = model.layers[1].output.save();
+        model.layers[1].output *= 0.0;
+        let b = (a * 1.0).save();
+        model.layers[2].output = a;
+        (a, b, model.layers[2].output.save())
+    })
+    .unwrap();
+    let clean = by_hand(&model, &x, |_, o| o);
+    assert!(a.equal(&clean[1]) && b.equal(&clean[1]) && l3.equal(&clean[1]), "the saved value, not the edited one");
+}

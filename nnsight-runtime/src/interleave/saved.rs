@@ -134,7 +134,7 @@ impl Interleaver<'_> {
 
     /// Before an edit node runs on `args`: copies every saved value whose memory the edit may
     /// change (any, when an argument's type is not known), so the saved value stays what it
-    /// was. (A change before this moment was caught by the check at the hook point that runs
+    /// was, for the trace's result and for every later use in the block. (A change before this moment was caught by the check at the hook point that runs
     /// the edit or after the node before it.)
     pub(super) fn protect_saved(&self, args: &[Value]) {
         if self.state.borrow().guarded.is_empty() {
@@ -157,7 +157,13 @@ impl Interleaver<'_> {
                 _ => None,
             };
             match copy {
-                Some(c) => st.snapshots.push((g.node, c)),
+                // From here on the saved node is that copy: nodes and swaps written after the
+                // edit that use the saved value get the value it was saved with, as the trace
+                // returns it (the edit itself works on the activation it was given).
+                Some(c) => {
+                    st.slots[g.node] = Slot::Ready(c.clone());
+                    st.snapshots.push((g.node, c));
+                }
                 None => st.guarded.push(g),
             }
         }
