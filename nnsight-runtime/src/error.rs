@@ -54,11 +54,11 @@ pub enum Error {
         node: String,
     },
 
-    /// A swap, skip or in-place edit written *after* a read of a hook point that the model
-    /// computes *later* (in the same invoke, or one whose rows overlap): run in the model's
-    /// order, the read would see the change, though in the block it comes before it. nnsight
-    /// raises its out-of-order error here too. Write the change before the read, or read in a
-    /// trace of its own.
+    /// A swap, skip or in-place edit written *after* a read, in the same invoke (or both
+    /// outside the invokes), of a hook point that the model computes *after* the changed one
+    /// (or of the skipped module's output): one forward pass cannot give the read the value
+    /// from before the change that the block's order asks for. nnsight raises its out-of-order
+    /// error here too. Write the change before the read, or read in a trace of its own.
     #[error(
         "node {node} reads `{point}` (call {call}, {invoke}) before the change of `{changed}` (call {changed_call}, \
          {changed_invoke}) written after it, but the model computes `{point}` after `{changed}`, so one forward pass \

@@ -639,15 +639,12 @@ impl<'env> Interleaver<'env> {
         let by = || format!("the swap with node {}", self.node_name(node));
         // A swap replayed from a persistent edit says so: the trace itself may hold no swap.
         let from_edit = node < self.graph.borrow().edit_nodes;
-        let refused = |r: Refusal, layout: Layout| match self.refused(r, key, io, e, layout, &|| act.describe(), by) {
-            Error::SwapMismatch { point, call, invoke, expected, actual } if from_edit => Error::SwapMismatch {
-                point,
-                call,
-                invoke,
-                expected,
-                actual: format!("{actual} from a persistent edit (`edit!`; `model.clear_edits()` removes it)"),
-            },
-            other => other,
+        let refused = |r: Refusal, layout: Layout| {
+            let mut err = self.refused(r, key, io, e, layout, &|| act.describe(), by);
+            if let (true, Error::SwapMismatch { actual, .. }) = (from_edit, &mut err) {
+                actual.push_str(" from a persistent edit (`edit!`; `model.clear_edits()` removes it)");
+            }
+            err
         };
         match part {
             Part::Whole => {

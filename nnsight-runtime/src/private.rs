@@ -349,41 +349,36 @@ pub trait AssignValue {
     /// Writes `self` into `dst`.
     fn write_into(self, dst: &Tensor) -> std::result::Result<(), tch::TchError>;
 }
-macro_rules! float_assign {
-    ($($t:ty),*) => {$(
+macro_rules! scalar_assign {
+    ($($t:ty => $fill:ident),*) => {$(
         impl AssignValue for $t {
             fn write_into(self, dst: &Tensor) -> std::result::Result<(), tch::TchError> {
-                let v = self as f64;
-                if let Some((lo, hi)) = int_range(dst.kind()) {
-                    // Whole and in range: exact as i64 (`hi + 1` is a power of two, exact in f64).
-                    if !(v.is_finite() && v.fract() == 0.0 && v >= lo as f64 && v < hi as f64 + 1.0) {
-                        return Err(refused(v, dst.kind(), lo, hi));
-                    }
-                    return dst.shallow_clone().f_fill_(v as i64).map(|_| ());
-                }
-                dst.shallow_clone().f_fill_(v).map(|_| ())
+                $fill(dst, self.into())
             }
         }
     )*};
 }
-float_assign!(f64, f32);
+scalar_assign!(f64 => fill_float, f32 => fill_float, i64 => fill_int, i32 => fill_int);
 
-macro_rules! int_assign {
-    ($($t:ty),*) => {$(
-        impl AssignValue for $t {
-            fn write_into(self, dst: &Tensor) -> std::result::Result<(), tch::TchError> {
-                let v = self as i64;
-                if let Some((lo, hi)) = int_range(dst.kind()) {
-                    if !(lo..=hi).contains(&v) {
-                        return Err(refused(v, dst.kind(), lo, hi));
-                    }
-                }
-                dst.shallow_clone().f_fill_(v).map(|_| ())
-            }
+/// Fills `dst` with `v`; into an integer or bool slice only a whole number in its range
+/// (exactly, as an integer: `hi + 1` is a power of two, exact in f64).
+fn fill_float(dst: &Tensor, v: f64) -> std::result::Result<(), tch::TchError> {
+    match int_range(dst.kind()) {
+        Some((lo, hi)) if !(v.is_finite() && v.fract() == 0.0 && v >= lo as f64 && v < hi as f64 + 1.0) => {
+            Err(refused(v, dst.kind(), lo, hi))
         }
-    )*};
+        Some(_) => fill_int(dst, v as i64),
+        None => dst.shallow_clone().f_fill_(v).map(|_| ()),
+    }
 }
-int_assign!(i64, i32);
+
+/// Fills `dst` with `v`, exactly; into an integer or bool slice only a number in its range.
+fn fill_int(dst: &Tensor, v: i64) -> std::result::Result<(), tch::TchError> {
+    match int_range(dst.kind()) {
+        Some((lo, hi)) if !(lo..=hi).contains(&v) => Err(refused(v, dst.kind(), lo, hi)),
+        _ => dst.shallow_clone().f_fill_(v).map(|_| ()),
+    }
+}
 
 /// The values an integer or bool slice holds; `None` for float kinds (libtorch checks those
 /// itself: `1e5` into float16 is its overflow error). Filling such a slice with a fraction,

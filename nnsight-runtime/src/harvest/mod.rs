@@ -157,14 +157,15 @@ pub fn harvest<'a, M: TextModel>(
     let (manifest_name, prefix) = opts.names();
     let manifest_file = out.join(&manifest_name);
     std::fs::create_dir_all(out).map_err(|source| Error::Io { path: out.display().to_string(), source })?;
+    let (input_bytes, input_modified) = fingerprint(&input.path);
     let fresh = Manifest {
         format: manifest::FORMAT.into(),
         model: opts.model_name.clone(),
         hook_points: points.iter().map(|p| HookPointEntry { name: p.name().to_string(), width: 0 }).collect(),
         dtype: dtype.into(),
         input: canonical(&input.path),
-        input_bytes: 0,
-        input_modified: 0,
+        input_bytes,
+        input_modified,
         field: input.field.clone(),
         skip_empty: opts.skip_empty,
         batch_size: opts.batch_size,
@@ -177,8 +178,6 @@ pub fn harvest<'a, M: TextModel>(
         complete: false,
         error: None,
     };
-    let (input_bytes, input_modified) = fingerprint(&input.path);
-    let fresh = Manifest { input_bytes, input_modified, ..fresh };
     let manifest = match Manifest::read(&manifest_file)? {
         Some(old) => {
             // As written by an older version (the path as given, no fingerprint), or before any

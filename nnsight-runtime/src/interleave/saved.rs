@@ -134,8 +134,9 @@ impl Interleaver<'_> {
 
     /// Before an edit node runs on `args`: copies every saved value whose memory the edit may
     /// change (any, when an argument's type is not known), so the saved value stays what it
-    /// was, for the trace's result and for every later use in the block. (A change before this moment was caught by the check at the hook point that runs
-    /// the edit or after the node before it.)
+    /// was, for the trace's result and for every later use in the block. (A change before
+    /// this moment was caught by the check at the hook point that runs the edit or after the
+    /// node before it.)
     pub(super) fn protect_saved(&self, args: &[Value]) {
         if self.state.borrow().guarded.is_empty() {
             return;

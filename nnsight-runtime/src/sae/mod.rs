@@ -295,8 +295,16 @@ impl Sae {
         Ok((xn, undo))
     }
 
+    /// [`Sae::check_input`], then [`Sae::prepare`]: the encoder's input and the undoing of its
+    /// normalization. Errors: `check_input`'s; [`Error::Input`] when the activation overflows
+    /// the SAE's dtype; [`Error::Model`] if libtorch fails.
+    pub(crate) fn checked_input(&self, x: &Tensor) -> Result<(Tensor, Undo)> {
+        self.check_input(x)?;
+        catch_quiet(|| self.prepare(x)).map_err(Error::Model)?.map_err(Error::Input)
+    }
+
     /// The reconstruction in `kind` from what [`Sae::prepare`] gave.
-    fn reconstruct_prepared(&self, (xn, undo): (Tensor, Undo), kind: Kind) -> Tensor {
+    pub(crate) fn reconstruct_prepared(&self, (xn, undo): (Tensor, Undo), kind: Kind) -> Tensor {
         let z = self.encoder.call(xn);
         undo.apply(self.decoder.call(z)).to_kind(kind)
     }
@@ -306,8 +314,7 @@ impl Sae {
     /// [`Error::Input`] when the activation overflows the SAE's dtype (a value over 65504 for
     /// a float16 SAE); [`Error::Model`] if libtorch fails.
     pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
-        self.check_input(x)?;
-        let (xn, _) = catch_quiet(|| self.prepare(x)).map_err(Error::Model)?.map_err(Error::Input)?;
+        let (xn, _) = self.checked_input(x)?;
         catch_quiet(|| self.encoder.call(xn)).map_err(Error::Model)
     }
 
@@ -330,8 +337,7 @@ impl Sae {
     /// The reconstruction of `x [.., d_in]` (the module's forward), in `x`'s dtype. Errors as
     /// [`Sae::encode`].
     pub fn reconstruct(&self, x: &Tensor) -> Result<Tensor> {
-        self.check_input(x)?;
-        let prepared = catch_quiet(|| self.prepare(x)).map_err(Error::Model)?.map_err(Error::Input)?;
+        let prepared = self.checked_input(x)?;
         catch_quiet(|| self.reconstruct_prepared(prepared, x.kind())).map_err(Error::Model)
     }
 }

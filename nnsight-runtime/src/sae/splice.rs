@@ -21,28 +21,24 @@
 
 use tch::Tensor;
 
-use super::Sae;
-use crate::hook::HookModule;
+use super::{Sae, Undo};
 
-fn check(sae: &Sae, x: &Tensor) {
-    if let Err(e) = sae.check_input(x) {
-        panic!("{e}");
-    }
+/// [`Sae::checked_input`], panicking with its error (module docs).
+fn checked(sae: &Sae, x: &Tensor) -> (Tensor, Undo) {
+    sae.checked_input(x).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The latents `[.., d_sae]` of `x [.., d_in]`, in the SAE's dtype (see [`Sae::encode`]).
 /// Panics on a bad `x` (module docs).
 pub fn latents(sae: &Sae, x: &Tensor) -> Tensor {
-    check(sae, x);
-    let (xn, _) = sae.prepare(x).unwrap_or_else(|e| panic!("{e}"));
+    let (xn, _) = checked(sae, x);
     sae.encoder.call(xn)
 }
 
 /// The SAE's reconstruction of `x [.., d_in]`, in `x`'s dtype, without the error term: swapping
 /// it in replaces the activation by what the SAE keeps of it. Panics on a bad `x` (module docs).
 pub fn reconstruct(sae: &Sae, x: &Tensor) -> Tensor {
-    check(sae, x);
-    HookModule::forward(sae, x.shallow_clone())
+    sae.reconstruct_prepared(checked(sae, x), x.kind())
 }
 
 /// `x` through the SAE with the error term added back: equal to `x` bit for bit (module docs).
@@ -58,9 +54,8 @@ pub fn splice(sae: &Sae, x: &Tensor) -> Tensor {
 /// Returns `x`'s shape and dtype. Panics on a bad `x` (module docs) or when `edit` changes the
 /// latents' shape.
 pub fn splice_edited(sae: &Sae, x: &Tensor, edit: impl FnOnce(&mut Tensor)) -> Tensor {
-    check(sae, x);
     let kind = x.kind();
-    let (xn, undo) = sae.prepare(x).unwrap_or_else(|e| panic!("{e}"));
+    let (xn, undo) = checked(sae, x);
     let z = sae.encoder.call(xn);
     let mut edited = z.copy();
     edit(&mut edited);
