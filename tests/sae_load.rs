@@ -158,6 +158,13 @@ impl Tmp {
         edit(v.as_object_mut().unwrap());
         std::fs::write(p, v.to_string()).unwrap();
     }
+    /// Rewrites weight `key` of `sae_weights.safetensors` as `edit` makes it.
+    fn edit_weight(&self, key: &str, edit: impl Fn(&Tensor) -> Tensor) {
+        let p = self.path().join("sae_weights.safetensors");
+        let w: Vec<(String, Tensor)> =
+            Tensor::read_safetensors(&p).unwrap().into_iter().map(|(k, v)| if k == key { (k, edit(&v)) } else { (k, v) }).collect();
+        Tensor::write_safetensors(&w, &p).unwrap();
+    }
     fn load_err(&self) -> String {
         match Sae::load(self.path(), Device::Cpu) {
             Ok(_) => panic!("loaded a broken SAE folder"),
@@ -226,13 +233,7 @@ fn weights_that_disagree_with_the_config_are_named_before_reading() {
 
     // Integer weights.
     let t = Tmp::copy_of("standard");
-    let mut w: Vec<(String, Tensor)> = Tensor::read_safetensors(t.path().join("sae_weights.safetensors")).unwrap();
-    for (k, v) in &mut w {
-        if k == "b_enc" {
-            *v = v.to_kind(Kind::Int);
-        }
-    }
-    Tensor::write_safetensors(&w, t.path().join("sae_weights.safetensors")).unwrap();
+    t.edit_weight("b_enc", |v| v.to_kind(Kind::Int));
     let e = Sae::load(t.path(), Device::Cpu).unwrap_err();
     assert!(matches!(e, Error::WeightDtype { ref key, .. } if key == "b_enc"), "{e}");
 
@@ -246,13 +247,7 @@ fn weights_that_disagree_with_the_config_are_named_before_reading() {
 
     // A NaN weight: refused at load, naming it, rather than NaN latents later.
     let t = Tmp::copy_of("standard");
-    let mut w: Vec<(String, Tensor)> = Tensor::read_safetensors(t.path().join("sae_weights.safetensors")).unwrap();
-    for (k, v) in &mut w {
-        if k == "b_enc" {
-            *v = v.full_like(f64::NAN);
-        }
-    }
-    Tensor::write_safetensors(&w, t.path().join("sae_weights.safetensors")).unwrap();
+    t.edit_weight("b_enc", |v| v.full_like(f64::NAN));
     let e = Sae::load(t.path(), Device::Cpu).unwrap_err();
     assert!(matches!(e, Error::Input(ref m) if m.contains("b_enc") && m.contains("NaN")), "{e}");
 }
